@@ -77,6 +77,12 @@ class LayerParts:
     mlp: str | None  # e.g. "mlp"; None when the MLP is a span of bare linears
     mlp_in: str | None  # module whose *input* is the MLP input (== mlp when there is an MLP module)
     mlp_out: str | None  # module whose *output* is the MLP output
+    attention_out: str | None = None  # module whose output is the attention branch (== attention unless the
+    # attention module adds the residual itself, as Bloom's does: then its last projection; see probe_dataflow)
+
+    def __post_init__(self):
+        if self.attention_out is None:
+            self.attention_out = self.attention
 
 
 @dataclass
@@ -98,6 +104,9 @@ class Architecture:
     layers: list[LayerParts] = field(default_factory=list)
     parallel: bool = False  # attention and MLP read the same layer input (GPT-J, Phi, Falcon, Cohere, NeoX)
     logit_postprocessing: dict[str, float] = field(default_factory=dict)
+    # standardized outputs the model later modifies in place (Falcon: ``mlp_output += attention_output``);
+    # accessors return a copy of these, or a saved tensor would silently change after it was read
+    mutated_in_place: set[str] = field(default_factory=set)
 
     @property
     def num_layers(self) -> int:
@@ -416,28 +425,56 @@ def probe_parallel(model: nn.Module, arch: Architecture) -> bool:
     return bool(torch.equal(seen[0], seen[1]))
 
 
-@torch.no_grad()
-def probe_final_norm(model: nn.Module, arch: Architecture) -> str | None:
-    """The final norm, found from data flow: the norm module outside the layers whose output feeds ``lm_head``.
+def _last_projection(module: nn.Module, calls: list[tuple[str, torch.Tensor]], prefix: str) -> tuple[str, torch.Tensor] | None:
+    inside = [(n, out) for n, out in calls if n.startswith(prefix + ".")]
+    return inside[-1] if inside else None
 
-    Registration order is not enough (OPT registers ``final_layer_norm`` before its layers; OLMo's norm has no
-    parameters), so this runs one 4-token forward and picks the norm whose output *is* the unembedding input.
-    Returns ``None`` when the unembedding reads the last layer's output directly.
+
+@torch.no_grad()
+def probe_dataflow(model: nn.Module, arch: Architecture) -> None:
+    """Settle, from one 4-token forward, what structure alone cannot tell (updates ``arch`` in place).
+
+    * the final norm: the norm module outside the layers whose output *is* the unembedding input
+      (registration order is not enough: OPT registers ``final_layer_norm`` before its layers, OLMo's norm has
+      no parameters); ``None`` when the unembedding reads the last layer's output directly;
+    * branch modules that add the residual themselves (Bloom's attention and MLP end in ``dropout_add(x,
+      residual)``): their standardized output moves to their last projection, so ``attentions_output`` /
+      ``mlps_output`` are the branch, never branch + residual.
     """
-    candidates = {
-        name: module
-        for name, module in model.named_modules()
-        if name
-        and _NORM_CLASS.search(type(module).__name__)
-        and not (name == arch.layers_path or name.startswith(arch.layers_path + "."))
+    layers_prefix = arch.layers_path + "."
+    norms = {
+        name: m
+        for name, m in model.named_modules()
+        if name and _NORM_CLASS.search(type(m).__name__) and not (name == arch.layers_path or name.startswith(layers_prefix))
     }
+    index = next((i for i, p in enumerate(arch.layers) if p.attention is not None), 0)
+    layer_path = f"{arch.layers_path}.{index}"
+    layer = model.get_submodule(layer_path)
+    parts = arch.layers[index]
+    branches = {k: v for k, v in (("attention", parts.attention), ("mlp", parts.mlp)) if v}
     outputs: dict[str, torch.Tensor] = {}
-    seen: list[torch.Tensor] = []
+    versions: dict[str, tuple[torch.Tensor, int]] = {}
+    projection_calls: list[tuple[str, torch.Tensor]] = []
+    unembed_input: list[torch.Tensor] = []
     handles = [
-        m.register_forward_hook(lambda mod, args, out, name=name: outputs.__setitem__(name, out))
-        for name, m in candidates.items()
+        m.register_forward_hook(lambda mod, a, out, name=name: outputs.__setitem__(name, out)) for name, m in norms.items()
     ]
-    handles.append(model.get_submodule(arch.lm_head_path).register_forward_pre_hook(lambda mod, args: seen.append(args[0])))
+    def remember(key, out):
+        first = out[0] if isinstance(out, tuple) else out
+        outputs["branch:" + key] = first.clone()
+        versions[key] = (first, first._version)
+
+    watched = dict(branches)
+    watched["layer"] = ""
+    if parts.mlp_out and parts.mlp_out != parts.mlp:
+        watched["mlp"] = parts.mlp_out
+    for key, path in watched.items():
+        module = layer.get_submodule(path) if path else layer
+        handles.append(module.register_forward_hook(lambda mod, a, out, key=key: remember(key, out)))
+    for name, m in layer.named_modules():
+        if name and _is_projection(m):
+            handles.append(m.register_forward_hook(lambda mod, a, out, name=name: projection_calls.append((name, out))))
+    handles.append(model.get_submodule(arch.lm_head_path).register_forward_pre_hook(lambda mod, a: unembed_input.append(a[0])))
     device = next(model.parameters()).device
     vocab = model.get_input_embeddings().weight.shape[0]
     try:
@@ -445,11 +482,23 @@ def probe_final_norm(model: nn.Module, arch: Architecture) -> str | None:
     finally:
         for h in handles:
             h.remove()
-    if not seen:
+    if not unembed_input:
         raise ArchitectureError(f"{arch.model_type}: the unembedding {arch.lm_head_path} did not run in a forward pass.")
-    feeding = [n for n, out in outputs.items() if isinstance(out, torch.Tensor) and out is seen[-1]]
-    feeding = feeding or [
+    target = unembed_input[-1]
+    feeding = [
         n for n, out in outputs.items()
-        if isinstance(out, torch.Tensor) and out.shape == seen[-1].shape and torch.equal(out, seen[-1])
+        if not n.startswith("branch:") and isinstance(out, torch.Tensor) and out.shape == target.shape and torch.equal(out, target)
     ]
-    return feeding[-1] if feeding else None
+    arch.final_norm_path = feeding[-1] if feeding else None
+    arch.mutated_in_place = {key for key, (tensor, version) in versions.items() if tensor._version != version}
+    for key, path in branches.items():
+        branch = outputs.get("branch:" + key)
+        last = _last_projection(layer, projection_calls, path)
+        if key == "layer" or branch is None or last is None or last[1].shape != branch.shape or torch.allclose(branch, last[1]):
+            continue
+        # the module's output is not its last projection's: it adds something (the residual) after it
+        for p in arch.layers:
+            if key == "attention" and p.attention == path:
+                p.attention_out = last[0]
+            elif key == "mlp" and p.mlp_out == path:
+                p.mlp_out = last[0]

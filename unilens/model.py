@@ -16,7 +16,7 @@ from .discovery import (
     apply_logit_postprocessing,
     discover,
     get_rename_dict,
-    probe_final_norm,
+    probe_dataflow,
     probe_parallel,
 )
 from .loading import default_model_path, load_hf_model
@@ -45,8 +45,11 @@ class LayerAccessor:
     The tensor is always the plain ``(batch, seq, hidden)`` tensor, never the module's tuple.
     """
 
-    def __init__(self, model: "StandardizedTransformer", name: str, envoy_of: Callable[[int], Any], io: str):
+    def __init__(
+        self, model: "StandardizedTransformer", name: str, envoy_of: Callable[[int], Any], io: str, kind: str = ""
+    ):
         self._model, self._name, self._envoy_of, self._io = model, name, envoy_of, io
+        self._copy = io == "output" and kind in model.architecture.mutated_in_place
 
     def _index(self, i: int) -> int:
         if not isinstance(i, int):
@@ -61,23 +64,24 @@ class LayerAccessor:
 
     def __getitem__(self, i: int) -> torch.Tensor:
         envoy = self._envoy_of(self._index(i))
-        return _first(envoy.output if self._io == "output" else envoy.input)
+        value = _first(envoy.output if self._io == "output" else envoy.input)
+        value = self._model._unflatten_tokens(value)
+        return value.clone() if self._copy else value
 
     def __setitem__(self, i: int, value: torch.Tensor) -> None:
         i = self._index(i)
         envoy = self._envoy_of(i)
         label = f"{self._name}[{i}]"
         if self._io == "input":
-            _check_shape(label, value, envoy.input)
-            envoy.input = value
+            current = envoy.input
+            _check_shape(label, value, self._model._unflatten_tokens(current))
+            envoy.input = value.reshape(current.shape)
             return
         current = envoy.output
-        if isinstance(current, tuple):
-            _check_shape(label, value, current[0])
-            envoy.output = (value, *current[1:])
-        else:
-            _check_shape(label, value, current)
-            envoy.output = value
+        first = _first(current)
+        _check_shape(label, value, self._model._unflatten_tokens(first))
+        value = value.reshape(first.shape)
+        envoy.output = (value, *current[1:]) if isinstance(current, tuple) else value
 
     def __iter__(self):
         return (self[i] for i in range(self._model.num_layers))
@@ -155,7 +159,7 @@ class StandardizedTransformer(LanguageModel):
         from .attention import install_attention_hooks  # attention owns its hook points
 
         arch.parallel = probe_parallel(hf_model, arch)
-        arch.final_norm_path = probe_final_norm(hf_model, arch)
+        probe_dataflow(hf_model, arch)
         attention_setup = install_attention_hooks(
             hf_model, attention_modules, always_materialize=enable_attention_probs
         )
@@ -185,6 +189,15 @@ class StandardizedTransformer(LanguageModel):
         self._last_batch.clear()
         self._last_batch.update({"input_ids": ids, "attention_mask": kwargs.get("attention_mask")})
 
+    def _unflatten_tokens(self, value: torch.Tensor) -> torch.Tensor:
+        """``(batch * seq, d)`` -> ``(batch, seq, d)``: OPT-style MLPs run on flattened tokens."""
+        ids = self._last_batch.get("input_ids")
+        if isinstance(value, torch.Tensor) and value.dim() == 2 and ids is not None and ids.dim() == 2:
+            batch, seq = ids.shape
+            if value.shape[0] == batch * seq:
+                return value.view(batch, seq, value.shape[-1])
+        return value
+
     def _layer_envoy(self, i: int):
         return self.layers[i]
 
@@ -202,6 +215,7 @@ class StandardizedTransformer(LanguageModel):
     def _build_accessors(self) -> None:
         arch = self.architecture
         attn = lambda i: self._sub_envoy(i, arch.layers[i].attention, "attention")  # noqa: E731
+        attn_out = lambda i: self._sub_envoy(i, arch.layers[i].attention_out, "attention")  # noqa: E731
         mlp_in = lambda i: self._sub_envoy(i, arch.layers[i].mlp_in, "MLP")  # noqa: E731
         mlp_out = lambda i: self._sub_envoy(i, arch.layers[i].mlp_out, "MLP")  # noqa: E731
 
@@ -212,11 +226,11 @@ class StandardizedTransformer(LanguageModel):
 
         setters = {
             "layers_input": LayerAccessor(self, "layers_input", self._layer_envoy, "input"),
-            "layers_output": LayerAccessor(self, "layers_output", self._layer_envoy, "output"),
+            "layers_output": LayerAccessor(self, "layers_output", self._layer_envoy, "output", "layer"),
             "attentions_input": LayerAccessor(self, "attentions_input", attn, "input"),
-            "attentions_output": LayerAccessor(self, "attentions_output", attn, "output"),
+            "attentions_output": LayerAccessor(self, "attentions_output", attn_out, "output", "attention"),
             "mlps_input": LayerAccessor(self, "mlps_input", mlp_in, "input"),
-            "mlps_output": LayerAccessor(self, "mlps_output", mlp_out, "output"),
+            "mlps_output": LayerAccessor(self, "mlps_output", mlp_out, "output", "mlp"),
             "attentions": ModuleList(self, "attentions", attn),
             "mlps": ModuleList(self, "mlps", mlp_module),
         }
