@@ -40,8 +40,10 @@ def token_label(tokenizer, token_id: int) -> str:
     an id the tokenizer does not know (models often pad the vocabulary) as `[id N]`.
 
     Example:
-        >>> token_label(tokenizer, tokenizer(" Paris").input_ids[0])  # doctest: +SKIP
-        '␣Paris'
+        >>> from unilens.testing import make_tokenizer
+        >>> tok = make_tokenizer()
+        >>> token_label(tok, tok(" Paris").input_ids[0]), token_label(tok, tok("\\n").input_ids[0])
+        ('␣Paris', '\\\\n')
     """
     token_id = int(token_id)
     text = tokenizer.decode([token_id])
@@ -116,8 +118,11 @@ def plot_topk_tokens(
         a `plotly.graph_objects.Figure`.
 
     Example:
-        >>> probs = logit_lens(model, "The capital of France is")  # (1, layers, vocab)  # doctest: +SKIP
-        >>> fig = plot_topk_tokens(probs[0], model.tokenizer, k=5, file="topk.html")  # doctest: +SKIP
+        >>> from unilens.testing import make_tokenizer
+        >>> probs = torch.randn(3, 512).softmax(-1)  # (layers, vocab), e.g. logit_lens(model, prompt)[0]
+        >>> fig = plot_topk_tokens(probs, make_tokenizer(), k=5, title="top 5 tokens per layer")
+        >>> len(fig.data[0].text), len(fig.data[0].text[0])  # layers x rank
+        (3, 5)
     """
     go, make_subplots = _plotly()
     probs = _as_probs(next_token_probs, "next_token_probs", (2, 3))
@@ -183,7 +188,13 @@ def plot_logit_lens_heatmap(
         input_tokens: the `positions` input tokens, as strings or ids (ids are decoded).
 
     Example:
-        >>> fig = plot_logit_lens_heatmap(probs, tok, tok.convert_ids_to_tokens(ids))  # doctest: +SKIP
+        >>> from unilens.testing import make_tokenizer
+        >>> tok = make_tokenizer()
+        >>> ids = tok("The capital of France").input_ids
+        >>> probs = torch.randn(2, len(ids), 512).softmax(-1)  # (layers, positions, vocab)
+        >>> fig = plot_logit_lens_heatmap(probs, tok, ids, k=3)
+        >>> list(fig.layout.xaxis.ticktext)
+        ['The', '␣capital', '␣of', '␣France']
     """
     go, _ = _plotly()
     probs = _as_probs(probs, "probs", (3,))
@@ -244,7 +255,10 @@ def plot_patching_heatmap(
     """Heatmap of patching results `(layers, positions)` or `(layers, heads)`, diverging colours centred on 0.
 
     Example:
-        >>> fig = plot_patching_heatmap(effects, x_labels=tokens, title="logit diff recovered")  # doctest: +SKIP
+        >>> effects = torch.tensor([[0.1, -0.2, 0.9], [0.0, 0.3, 0.5]])  # (layers, positions)
+        >>> fig = plot_patching_heatmap(effects, x_labels=["The", " cat", " sat"], title="logit diff recovered")
+        >>> fig.data[0].zmid
+        0.0
     """
     go, _ = _plotly()
     values = torch.as_tensor(results).detach().to("cpu", torch.float32)
@@ -458,10 +472,11 @@ def attention_viewer_html(
         the HTML text.
 
     Example:
-        >>> with model.trace("The cat sat on the mat"):  # doctest: +SKIP
-        ...     probs = [model.attention_probabilities[i].save() for i in range(model.num_layers)]
-        >>> attention = torch.stack([p[0] for p in probs])  # (layers, heads, query, key)  # doctest: +SKIP
-        >>> html_text = attention_viewer_html(attention, tokens, path="attention.html")  # doctest: +SKIP
+        >>> scores = torch.randn(2, 4, 3, 3).masked_fill(torch.ones(3, 3).triu(1).bool(), float("-inf"))
+        >>> attention = scores.softmax(-1)  # (layers, heads, query, key), e.g. model.attention_probabilities[i][0]
+        >>> page = attention_viewer_html(attention, ["The", " cat", " sat"])
+        >>> page.startswith("<!DOCTYPE html>"), "https://" in page
+        (True, False)
     """
     tokens = [str(t) for t in tokens]
     layers = _attention_layers(attention)

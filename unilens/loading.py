@@ -5,8 +5,11 @@ from __future__ import annotations
 import copy
 import importlib.metadata
 import os
+import shutil
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
@@ -38,6 +41,52 @@ def default_model_path() -> Path:
     return Path(dist.locate_file(ggufs[0])).resolve()
 
 
+def gguf_cache_dir(path: Path) -> Path:
+    """Where the dequantized copy of a ``.gguf`` file is kept (``$UNILENS_CACHE`` or ``~/.cache/unilens``).
+
+    Keyed by file name, size and modification time, so an edited or replaced file is converted again.
+    """
+    root = Path(os.environ.get("UNILENS_CACHE", Path.home() / ".cache" / "unilens"))
+    stat = path.stat()
+    return root / "gguf" / f"{path.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+
+
+def _load_gguf(path: Path, trust_remote_code: bool, cache: bool, **kwargs):
+    """Load a GGUF file (transformers dequantizes it); keep a safetensors copy so later loads take a second.
+
+    Converting GGUF costs about a minute on 2 CPU cores (tokenizer rebuild + dequantization); the cached
+    copy holds the very same dequantized float32 weights and tokenizer, so results are identical.
+    """
+    cached = gguf_cache_dir(path)
+    plain_kwargs = {k: v for k, v in kwargs.items() if k != "local_files_only"}
+    if cache and (cached / "config.json").exists():
+        model = _from_pretrained(AutoModelForCausalLM, str(cached), "model", trust_remote_code=trust_remote_code, **plain_kwargs)
+        return model, AutoTokenizer.from_pretrained(str(cached))
+    folder, name = str(path.parent), path.name
+    model = _from_pretrained(
+        AutoModelForCausalLM, folder, "model", trust_remote_code=trust_remote_code, gguf_file=name, **plain_kwargs
+    )
+    tokenizer = _from_pretrained(AutoTokenizer, folder, "tokenizer", gguf_file=name)
+    if cache and not plain_kwargs.get("device_map") and next(model.parameters()).dtype == torch.float32:
+        tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
+        try:
+            # the weights are plain dequantized float32 tensors; only the quantizer marker blocks saving
+            quantizer = getattr(model, "hf_quantizer", None)
+            marker = model.config.__dict__.pop("quantization_config", None)
+            model.hf_quantizer = None
+            try:
+                model.save_pretrained(str(tmp))
+            finally:
+                model.hf_quantizer = quantizer
+                if marker is not None:
+                    model.config.quantization_config = marker
+            tokenizer.save_pretrained(str(tmp))
+            os.replace(tmp, cached)  # atomic: a half-written copy is never read
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)  # no cache (read-only home, disk full): still correct
+    return model, tokenizer
+
+
 def _is_hub_id(source: str) -> bool:
     parts = source.split("/")
     return len(parts) <= 2 and all(p and not p.startswith(".") for p in parts) and not source.endswith(".gguf")
@@ -67,13 +116,15 @@ def load_hf_model(
     *,
     tokenizer_kwargs: dict | None = None,
     trust_remote_code: bool = False,
+    cache_gguf: bool = True,
     **kwargs: Any,
 ) -> tuple[PreTrainedModel, Any]:
     """Load ``source`` as an eval-mode HF causal LM and its tokenizer.
 
     ``source`` is a hub id (read from the local cache: this never downloads when offline), a local folder
     (``config.json`` + weights, or a single ``.gguf`` file), a ``.gguf`` file, or an already-loaded
-    ``PreTrainedModel`` (then pass ``tokenizer=``). ``kwargs`` go to ``from_pretrained`` (``dtype``,
+    ``PreTrainedModel`` (then pass ``tokenizer=``). A GGUF file is dequantized once and kept as safetensors
+    in ``$UNILENS_CACHE`` (``cache_gguf=False`` converts every time). ``kwargs`` go to ``from_pretrained`` (``dtype``,
     ``device_map``, ``attn_implementation``...). A tokenizer passed in is copied, never mutated.
 
     Example:
@@ -116,15 +167,16 @@ def load_hf_model(
             kwargs.setdefault("local_files_only", bool(os.environ.get("HF_HUB_OFFLINE", "1") != "0"))
         else:
             raise FileNotFoundError(f"model path {source!r} does not exist; pass an existing folder or .gguf file, or a hub id.")
-        extra = {"gguf_file": gguf_file} if gguf_file else {}
-        local_only = {"local_files_only": kwargs["local_files_only"]} if "local_files_only" in kwargs else {}
-        model = _from_pretrained(
-            AutoModelForCausalLM, folder, "model", trust_remote_code=trust_remote_code, **extra, **kwargs
-        )
-        if tokenizer is None:
-            tokenizer = _from_pretrained(
-                AutoTokenizer, folder, "tokenizer", trust_remote_code=trust_remote_code, **extra, **local_only
-            )
+        if gguf_file:
+            model, gguf_tokenizer = _load_gguf(Path(folder) / gguf_file, trust_remote_code, cache_gguf, **kwargs)
+            tokenizer = tokenizer if tokenizer is not None else gguf_tokenizer
+        else:
+            local_only = {"local_files_only": kwargs["local_files_only"]} if "local_files_only" in kwargs else {}
+            model = _from_pretrained(AutoModelForCausalLM, folder, "model", trust_remote_code=trust_remote_code, **kwargs)
+            if tokenizer is None:
+                tokenizer = _from_pretrained(
+                    AutoTokenizer, folder, "tokenizer", trust_remote_code=trust_remote_code, **local_only
+                )
     else:
         raise TypeError(
             f"cannot load a model from a {type(source).__name__}: pass a hub id, a folder, a .gguf path or a "

@@ -119,12 +119,12 @@ class LayerWeights:
         cls = type(self.attn).__name__
         layout = "concat"
         if cls in _PER_HEAD_CLASSES:
-            layout = "concat"
+            layout = "per_head"
         elif cls == "FalconAttention":
             if getattr(self.attn, "new_decoder_architecture", False):
                 layout = "grouped"
             elif not getattr(self.attn, "multi_query", False):
-                layout = "concat"
+                layout = "per_head"
         if layout == "per_head":
             rows = torch.arange(w.shape[0], device=w.device).reshape(h, 3, d)  # (heads, [q, k, v], head_dim)
             idx = [rows[:, j].reshape(-1) for j in range(3)]

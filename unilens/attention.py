@@ -1,0 +1,661 @@
+"""The hookable attention implementation and its hook points (probabilities, scores, q/k/v, z, per-head results)."""
+
+from __future__ import annotations
+
+import inspect
+import sys
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
+
+__all__ = [
+    "HOOK_NAMES",
+    "IMPLEMENTATION_NAME",
+    "AttentionHookAccessor",
+    "AttentionHooks",
+    "AttentionSetup",
+    "HookPoint",
+    "find_output_projection",
+    "install_attention_hooks",
+    "request_materialize",
+    "unilens_attention_forward",
+]
+
+IMPLEMENTATION_NAME = "unilens"
+HOOK_NAMES = ("queries", "keys", "values", "scores", "probabilities", "heads", "head_results")
+
+# Attention backends whose fast path we can keep: the mask they receive is either a boolean / additive 4D mask
+# or None (plain causal), which the hookable eager path below can also consume.
+_SUPPORTED_ORIGINALS = ("sdpa", "eager")
+
+# The ONE table of per-class special cases. Keep it short and say why.
+#   Inline attention classes with their own `config._attn_implementation == "sdpa"` branch that calls
+#   `F.scaled_dot_product_attention` directly (so no softmax runs and no probabilities exist to hook).
+#   Installing hooks switches such models to eager (the survey shows eager and sdpa agree to 0e+00 on them).
+_INLINE_SDPA_BRANCH_CLASSES = {"FalconAttention"}
+#   Output projection names, tried in order before falling back to "the last Linear/Conv1D child".
+_OUTPUT_PROJECTION_NAMES = ("o_proj", "out_proj", "c_proj", "dense", "wo", "o")
+
+
+class HookPoint(nn.Module):
+    """Identity module: its input is its output, so nnsight and torch hooks can read or replace the tensor.
+
+    Example:
+        >>> hp = HookPoint(); hp(torch.ones(2)).tolist()
+        [1.0, 1.0]
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+class AttentionHooks(nn.Module):
+    """The `unilens_hooks` child of an attention module: one `HookPoint` per intermediate plus dispatch state.
+
+    Hook point shapes:
+        queries `(batch, heads, seq, head_dim)`, keys / values `(batch, kv_heads, seq, head_dim)` (after rotary),
+        scores `(batch, heads, query, key)` (pre-softmax, after scale / softcap / mask),
+        probabilities `(batch, heads, query, key)`, heads = z `(batch, seq, heads, head_dim)` (input of the
+        output projection), head_results `(batch, seq, heads, hidden)` (opt-in).
+
+    Example:
+        >>> hooks = AttentionHooks(route="interface", architecture="LlamaAttention")
+        >>> sorted(name for name, _ in hooks.named_children())[:3]
+        ['head_results', 'heads', 'keys']
+    """
+
+    def __init__(self, route: str, architecture: str, always_materialize: bool = False):
+        super().__init__()
+        for name in HOOK_NAMES:
+            self.add_module(name, HookPoint())
+        # "interface": the class calls ALL_ATTENTION_FUNCTIONS; "softmax": inline attention, probabilities are
+        # taken by routing the softmax call made during this module's forward.
+        self.route = route
+        self.architecture = architecture
+        self.always_materialize = always_materialize
+        # Set by `request_materialize`, reset after the attention forward that consumed it.
+        self.materialize = False
+        self.want_head_results = False
+        # Filled at install time.
+        self.original_implementation: str = "eager"
+        self.original_function: Callable | None = None
+        self.output_projection_name: str | None = None
+        # Runtime bookkeeping for one forward.
+        self._num_heads: int | None = None
+        self._probabilities_seen = False
+
+    @property
+    def active(self) -> bool:
+        return self.materialize or self.always_materialize
+
+    def extra_repr(self) -> str:
+        return f"route={self.route!r}, architecture={self.architecture!r}"
+
+
+@dataclass
+class AttentionSetup:
+    """What `install_attention_hooks` did, for the lead's model and for `print_source`."""
+
+    original_implementation: str
+    routes: list[str | None]
+    architectures: list[str | None]
+    output_projections: list[str | None]
+    switched_to_eager: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The attention function registered with transformers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(batch, kv_heads, seq, dim) -> (batch, kv_heads * n_rep, seq, dim), each kv head repeated in a block."""
+    if n_rep == 1:
+        return x
+    b, kvh, s, d = x.shape
+    return x[:, :, None].expand(b, kvh, n_rep, s, d).reshape(b, kvh * n_rep, s, d)
+
+
+def _additive_mask(
+    attention_mask: torch.Tensor | None, q_len: int, kv_len: int, dtype: torch.dtype, device, is_causal: bool
+) -> torch.Tensor | None:
+    """Turn whatever mask the backend received into eager's additive float mask `(batch|1, 1|heads, query, key)`.
+
+    - float: already additive (eager mask, finfo(dtype).min on hidden positions);
+    - bool (sdpa mask): True = attend, converted with finfo(dtype).min exactly as `masking_utils.eager_mask` does;
+    - None: sdpa would use `is_causal` (only when query length > 1), so build that causal mask.
+    """
+    min_value = torch.finfo(dtype).min
+    if attention_mask is None:
+        if not (is_causal and q_len > 1):
+            return None
+        q_pos = torch.arange(q_len, device=device)[:, None] + (kv_len - q_len)
+        allowed = torch.arange(kv_len, device=device)[None, :] <= q_pos
+        return torch.where(allowed, torch.zeros((), dtype=dtype, device=device), min_value)[None, None]
+    if attention_mask.dtype == torch.bool:
+        return torch.where(attention_mask, torch.zeros((), dtype=dtype, device=device), min_value)
+    return attention_mask.to(dtype)
+
+
+def _hookable_eager(
+    module: nn.Module,
+    hooks: AttentionHooks | None,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    softcap: float | None = None,
+    is_causal: bool | None = None,
+    position_bias: torch.Tensor | None = None,
+    **_: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """HF eager attention with every intermediate routed through `hooks` (when given)."""
+
+    def hook(name: str, x: torch.Tensor) -> torch.Tensor:
+        return getattr(hooks, name)(x) if hooks is not None else x
+
+    query = hook("queries", query)  # (batch, heads, q, head_dim)
+    key = hook("keys", key)  # (batch, kv_heads, k, head_dim)
+    value = hook("values", value)  # (batch, kv_heads, k, v_head_dim)
+    n_heads, n_kv = query.shape[1], key.shape[1]
+    if n_heads % n_kv:
+        raise ValueError(f"{n_heads} query heads cannot be grouped over {n_kv} key/value heads")
+    key_states = _repeat_kv(key, n_heads // n_kv)
+    value_states = _repeat_kv(value, n_heads // n_kv)
+
+    if scaling is None:  # GPT-2 / Gemma eager default
+        scaling = query.shape[-1] ** -0.5
+    scores = torch.matmul(query, key_states.transpose(2, 3)) * scaling  # (batch, heads, q, k)
+    if softcap is not None:  # Gemma 2: cap before the mask
+        scores = torch.tanh(scores / softcap) * softcap
+    if position_bias is not None:
+        scores = scores + position_bias
+    if is_causal is None:
+        is_causal = getattr(module, "is_causal", True)
+    mask = _additive_mask(
+        attention_mask, query.shape[2], key_states.shape[2], scores.dtype, scores.device, bool(is_causal)
+    )
+    if mask is not None:
+        scores = scores + mask[:, :, :, : key_states.shape[-2]]
+    scores = hook("scores", scores)
+
+    sinks = getattr(module, "sinks", None)
+    if isinstance(sinks, torch.Tensor):
+        # GPT-OSS eager: append one learned logit per head as an extra key, subtract the row max, softmax, drop it;
+        # rows over the real keys then sum to 1 - p_sink.
+        sink_col = sinks.reshape(1, -1, 1, 1).to(scores.dtype).expand(scores.shape[0], -1, scores.shape[2], 1)
+        combined = torch.cat([scores, sink_col], dim=-1)
+        combined = combined - combined.max(dim=-1, keepdim=True).values
+        probabilities = F.softmax(combined, dim=-1, dtype=torch.float32)[..., :-1].to(query.dtype)
+    else:
+        # Upcast to fp32 like most eager implementations (GPT-2's eager does not; identical in fp32).
+        probabilities = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    probabilities = hook("probabilities", probabilities)  # (batch, heads, q, k)
+    if hooks is not None:
+        hooks._num_heads = n_heads
+        hooks._probabilities_seen = True
+
+    dropped = F.dropout(probabilities, p=dropout, training=module.training)
+    attn_output = torch.matmul(dropped.to(value_states.dtype), value_states)  # (batch, heads, q, v_head_dim)
+    return attn_output.transpose(1, 2).contiguous(), probabilities
+
+
+def unilens_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    *args: Any,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The `"unilens"` attention implementation: hookable eager when requested, else the original fast path.
+
+    Registered with `transformers.AttentionInterface`; models call it as
+    `fn(module, query, key, value, attention_mask, scaling=..., dropout=..., **kwargs)` with query / key already
+    rotated, shaped `(batch, heads, seq, head_dim)`. Returns `(attn_output (batch, seq, heads, head_dim),
+    probabilities or None)`.
+
+    Example:
+        >>> class M(nn.Module): is_causal = True
+        >>> q = k = v = torch.randn(1, 2, 3, 4)
+        >>> out, probs = unilens_attention_forward(M(), q, k, v, None, scaling=0.5)
+        >>> out.shape, probs.shape
+        (torch.Size([1, 3, 2, 4]), torch.Size([1, 2, 3, 3]))
+    """
+    hooks = getattr(module, "unilens_hooks", None)
+    if not isinstance(hooks, AttentionHooks):
+        # An attention module we did not install on (e.g. a vision tower sharing the config): plain eager.
+        if args:
+            raise TypeError(f"unilens attention got unexpected positional arguments {args!r}")
+        return _hookable_eager(module, None, query, key, value, attention_mask, **kwargs)
+    if hooks.active:
+        if args:
+            raise TypeError(
+                f"{hooks.architecture} passed positional arguments {args!r} after attention_mask; the hookable path "
+                "expects keyword arguments (scaling=, dropout=, softcap=)."
+            )
+        return _hookable_eager(module, hooks, query, key, value, attention_mask, **kwargs)
+    return hooks.original_function(module, query, key, value, attention_mask, *args, **kwargs)
+
+
+def unilens_mask(*args: Any, config=None, **kwargs: Any):
+    """Mask for the `"unilens"` implementation: the mask the ORIGINAL backend would get (sdpa or eager)."""
+    original = getattr(config, "_unilens_original_attn_implementation", "sdpa")
+    fn = sdpa_mask if original == "sdpa" else eager_mask
+    return fn(*args, config=config, **kwargs)
+
+
+AttentionInterface.register(IMPLEMENTATION_NAME, unilens_attention_forward)
+AttentionMaskInterface.register(IMPLEMENTATION_NAME, unilens_mask)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The softmax route for inline attention classes
+# ----------------------------------------------------------------------------------------------------------------
+
+_SOFTMAX_SITES = ((F, "softmax"), (torch, "softmax"), (torch.Tensor, "softmax"))
+_softmax_lock = threading.RLock()
+
+
+class _SoftmaxRouter:
+    """While an inline attention module runs, send its first 4D last-dim softmax through `scores` / `probabilities`.
+
+    Only calls from the thread running the model are routed (nnsight runs intervention code in another thread),
+    and never re-entrantly, so user code calling softmax inside a hook is unaffected.
+    """
+
+    def __init__(self, hooks: AttentionHooks):
+        self.hooks = hooks
+        self.saved: list[tuple[Any, str, Callable]] = []
+        self.thread: int | None = None
+        self.busy = False
+
+    def _wrap(self, original: Callable) -> Callable:
+        router = self
+
+        def softmax(input, *args, **kwargs):
+            dim = kwargs.get("dim", args[0] if args else None)
+            routable = (
+                threading.get_ident() == router.thread
+                and not router.busy
+                and not router.hooks._probabilities_seen
+                and isinstance(input, torch.Tensor)
+                and input.dim() == 4
+                and dim in (-1, 3)
+            )
+            if not routable:
+                return original(input, *args, **kwargs)
+            router.busy = True
+            try:
+                scores = router.hooks.scores(input)  # (batch, heads, q, k)
+                probabilities = router.hooks.probabilities(original(scores, *args, **kwargs))
+            finally:
+                router.busy = False
+            router.hooks._num_heads = probabilities.shape[1]
+            router.hooks._probabilities_seen = True
+            return probabilities
+
+        return softmax
+
+    def enter(self) -> None:
+        _softmax_lock.acquire()
+        self.thread = threading.get_ident()
+        for owner, name in _SOFTMAX_SITES:
+            original = getattr(owner, name)
+            self.saved.append((owner, name, original))
+            setattr(owner, name, self._wrap(original))
+
+    def exit(self) -> None:
+        for owner, name, original in reversed(self.saved):
+            setattr(owner, name, original)
+        self.saved.clear()
+        self.thread = None
+        _softmax_lock.release()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Installation
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _class_source(cls: type) -> str:
+    parts = []
+    for klass in cls.__mro__:
+        if klass in (nn.Module, object):
+            break
+        try:
+            parts.append(inspect.getsource(klass))
+        except (OSError, TypeError):
+            pass
+    return "\n".join(parts)
+
+
+def _uses_attention_interface(module: nn.Module) -> bool:
+    src = _class_source(type(module))
+    return "ALL_ATTENTION_FUNCTIONS" in src or "attention_interface" in src
+
+
+def find_output_projection(attn_module: nn.Module) -> tuple[str, nn.Module]:
+    """Find the projection fed by z (per-head outputs) inside an attention module.
+
+    Tries the conventional names (`o_proj`, `out_proj`, `c_proj`, `dense`, `wo`, `o`), then the last direct
+    Linear / Conv1D child.
+
+    Example:
+        >>> from transformers import AutoConfig, AutoModelForCausalLM
+        >>> cfg = AutoConfig.for_model("llama", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        ...     num_attention_heads=4, num_key_value_heads=2, vocab_size=64)
+        >>> find_output_projection(AutoModelForCausalLM.from_config(cfg).model.layers[0].self_attn)[0]
+        'o_proj'
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    children = dict(attn_module.named_children())
+    for name in _OUTPUT_PROJECTION_NAMES:
+        if isinstance(children.get(name), (nn.Linear, Conv1D)):
+            return name, children[name]
+    linears = [(n, m) for n, m in children.items() if isinstance(m, (nn.Linear, Conv1D))]
+    if not linears:
+        raise ValueError(
+            f"{type(attn_module).__name__} has no Linear/Conv1D child to use as output projection; "
+            "heads / head_results hook points are unavailable for it."
+        )
+    return linears[-1]
+
+
+def _output_projection_weight(proj: nn.Module, n_heads: int) -> torch.Tensor:
+    """W_O `(heads, head_dim, hidden)` from a Linear (weight (out, in)) or a GPT-2 Conv1D (weight (in, out))."""
+    weight = proj.weight.t() if isinstance(proj, nn.Linear) else proj.weight  # (heads * head_dim, hidden)
+    return weight.reshape(n_heads, weight.shape[0] // n_heads, weight.shape[1])
+
+
+def _make_output_projection_hooks(hooks: AttentionHooks, proj: nn.Module):
+    def pre_hook(_proj, args, kwargs):
+        if not hooks.active:
+            return None
+        z = args[0]  # (batch, seq, heads * head_dim)
+        n_heads = hooks._num_heads
+        if n_heads is None:
+            raise RuntimeError(
+                f"unilens: the attention of {hooks.architecture} reached its output projection without exposing "
+                "attention probabilities, so the number of heads is unknown; this class is not supported."
+            )
+        z4 = hooks.heads(z.reshape(*z.shape[:-1], n_heads, z.shape[-1] // n_heads))  # (batch, seq, heads, head_dim)
+        return (z4.reshape(z.shape), *args[1:]), kwargs
+
+    def post_hook(_proj, args, kwargs, output):
+        if not (hooks.active and hooks.want_head_results):
+            return None
+        z = args[0]
+        n_heads = hooks._num_heads
+        z4 = z.reshape(*z.shape[:-1], n_heads, z.shape[-1] // n_heads)  # (batch, seq, heads, head_dim)
+        w_o = _output_projection_weight(_proj, n_heads).to(z.dtype)  # (heads, head_dim, hidden)
+        results = torch.einsum("...hd,hdm->...hm", z4, w_o)  # (batch, seq, heads, hidden)
+        results = hooks.head_results(results)
+        out = results.sum(dim=-2)
+        if getattr(_proj, "bias", None) is not None:
+            out = out + _proj.bias.to(out.dtype)
+        return out
+
+    return pre_hook, post_hook
+
+
+def _make_attention_hooks(hooks: AttentionHooks):
+    router = _SoftmaxRouter(hooks) if hooks.route == "softmax" else None
+
+    def pre_hook(_module, _args):
+        hooks._probabilities_seen = False
+        hooks._num_heads = None
+        if router is not None and hooks.active:
+            router.enter()
+
+    def post_hook(_module, _args, _output):
+        try:
+            if router is not None and router.saved:
+                router.exit()
+            if hooks.active and not hooks._probabilities_seen:
+                raise RuntimeError(
+                    f"unilens: attention hooks were requested on {hooks.architecture} but its forward computed no "
+                    f"attention probabilities (route {hooks.route!r}); this class is not supported by the hookable "
+                    "attention."
+                )
+        finally:
+            # One request serves one forward of this module: generation steps each re-request via the accessor.
+            hooks.materialize = False
+            hooks.want_head_results = False
+
+    return pre_hook, post_hook
+
+
+def _original_function(module: nn.Module, implementation: str) -> Callable:
+    if implementation == "sdpa":
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward
+    # The model's own eager function lives next to its attention class; fall back to our eager path otherwise.
+    own = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if own is not None:
+        return own
+    return lambda mod, q, k, v, mask, *a, **kw: _hookable_eager(mod, None, q, k, v, mask, **kw)
+
+
+def install_attention_hooks(
+    hf_model: nn.Module, attention_modules: list[nn.Module | None], always_materialize: bool = False
+) -> AttentionSetup:
+    """Attach `unilens_hooks` to each attention module and switch the model to the `"unilens"` implementation.
+
+    Call on the plain HF model before nnsight wraps it. Without a request (`request_materialize`) each
+    attention call runs the model's original implementation (sdpa or eager), so the fast path is kept.
+
+    Example:
+        >>> from transformers import AutoConfig, AutoModelForCausalLM
+        >>> cfg = AutoConfig.for_model("llama", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        ...     num_attention_heads=4, num_key_value_heads=2, vocab_size=64)
+        >>> m = AutoModelForCausalLM.from_config(cfg)
+        >>> attn = m.model.layers[0].self_attn
+        >>> setup = install_attention_hooks(m, [attn])
+        >>> saved = []
+        >>> _ = attn.unilens_hooks.probabilities.register_forward_hook(lambda mod, i, o: saved.append(o))
+        >>> request_materialize(attn); _ = m(torch.tensor([[1, 2, 3]]))
+        >>> saved[0].shape
+        torch.Size([1, 4, 3, 3])
+    """
+    config = hf_model.config
+    original = getattr(config, "_unilens_original_attn_implementation", None) or config._attn_implementation or "eager"
+    notes: list[str] = []
+    switched = False
+    if original not in _SUPPORTED_ORIGINALS:
+        raise NotImplementedError(
+            f"unilens attention hooks keep the model's fast path for {_SUPPORTED_ORIGINALS}, but this model uses "
+            f"attn_implementation={original!r}. Load it with attn_implementation='sdpa' (or 'eager')."
+        )
+    present = [m for m in attention_modules if m is not None]
+    if original == "sdpa" and any(type(m).__name__ in _INLINE_SDPA_BRANCH_CLASSES for m in present):
+        _force_eager(hf_model)
+        original, switched = "eager", True
+        notes.append("inline sdpa branch bypasses softmax: switched the model to eager")
+
+    routes: list[str | None] = []
+    archs: list[str | None] = []
+    projections: list[str | None] = []
+    any_interface = False
+    for module in attention_modules:
+        if module is None:
+            routes.append(None), archs.append(None), projections.append(None)
+            continue
+        if isinstance(getattr(module, "unilens_hooks", None), AttentionHooks):
+            raise RuntimeError(f"{type(module).__name__} already has unilens hooks installed")
+        route = "interface" if _uses_attention_interface(module) else "softmax"
+        any_interface |= route == "interface"
+        hooks = AttentionHooks(route=route, architecture=type(module).__name__, always_materialize=always_materialize)
+        hooks.original_implementation = original
+        hooks.original_function = _original_function(module, original)
+        module.add_module("unilens_hooks", hooks)
+        pre, post = _make_attention_hooks(hooks)
+        module.register_forward_pre_hook(pre)
+        module.register_forward_hook(post, always_call=True)
+        try:
+            proj_name, proj = find_output_projection(module)
+            p_pre, p_post = _make_output_projection_hooks(hooks, proj)
+            proj.register_forward_pre_hook(p_pre, with_kwargs=True)
+            proj.register_forward_hook(p_post, with_kwargs=True)
+            hooks.output_projection_name = proj_name
+        except ValueError as err:
+            notes.append(str(err))
+        routes.append(route), archs.append(type(module).__name__), projections.append(hooks.output_projection_name)
+
+    if any_interface:
+        for cfg in {id(c): c for c in _all_configs(config)}.values():
+            if getattr(cfg, "_attn_implementation", None) in (original, None):
+                cfg._unilens_original_attn_implementation = original
+        hf_model.set_attn_implementation(IMPLEMENTATION_NAME)
+    return AttentionSetup(original, routes, archs, projections, switched, notes)
+
+
+def _force_eager(hf_model: nn.Module) -> None:
+    """Switch to eager; inline classes refuse `set_attn_implementation`, so set the configs they read directly."""
+    for cfg in {id(c): c for c in _all_configs(hf_model.config)}.values():
+        cfg._attn_implementation = "eager"
+    for module in hf_model.modules():
+        cfg = getattr(module, "config", None)
+        if cfg is not None and getattr(cfg, "_attn_implementation", "eager") != "eager":
+            cfg._attn_implementation = "eager"
+
+
+def _all_configs(config) -> list:
+    configs = [config]
+    for key in getattr(config, "sub_configs", {}) or {}:
+        sub = getattr(config, key, None)
+        if sub is not None:
+            configs.extend(_all_configs(sub))
+    return configs
+
+
+def request_materialize(attn_module: nn.Module, head_results: bool = False) -> None:
+    """Make the next forward of `attn_module` run the hookable path (and per-head results when asked).
+
+    The flag resets after that forward, so each trace / generation step requests again through the accessor.
+
+    Example:
+        >>> from transformers import AutoConfig, AutoModelForCausalLM
+        >>> cfg = AutoConfig.for_model("gpt2", n_embd=32, n_layer=1, n_head=4, vocab_size=64)
+        >>> m = AutoModelForCausalLM.from_config(cfg); attn = m.transformer.h[0].attn
+        >>> _ = install_attention_hooks(m, [attn]); request_materialize(attn); attn.unilens_hooks.materialize
+        True
+    """
+    hooks = getattr(attn_module, "unilens_hooks", None)
+    if not isinstance(hooks, AttentionHooks):
+        raise ValueError(
+            f"{type(attn_module).__name__} has no unilens hooks; call install_attention_hooks on the model first."
+        )
+    hooks.materialize = True
+    hooks.want_head_results = hooks.want_head_results or head_results
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Accessor used by StandardizedTransformer
+# ----------------------------------------------------------------------------------------------------------------
+
+# Hook points each route can provide, with the reason for the ones it cannot.
+_SOFTMAX_ROUTE_MISSING = {
+    "queries": "the class computes q/k/v inline (no attention-interface call), so rotated queries are not exposed",
+    "keys": "the class computes q/k/v inline (no attention-interface call), so rotated keys are not exposed",
+    "values": "the class computes q/k/v inline (no attention-interface call), so values are not exposed",
+}
+
+
+class AttentionHookAccessor:
+    """`model.attention_<hook>[i]`: read (`.save()`) or assign one attention hook point of layer i inside a trace.
+
+    Example (inside `with model.trace(prompt):`):
+        probs = model.attention_probabilities[0].save()   # (batch, heads, query, key)
+        model.attention_probabilities[0] = edited
+    """
+
+    def __init__(self, model, hook_name: str):
+        if hook_name not in HOOK_NAMES:
+            raise ValueError(f"unknown attention hook {hook_name!r}; choose one of {HOOK_NAMES}")
+        self.model = model
+        self.hook_name = hook_name
+
+    def _arch_name(self) -> str:
+        name = getattr(self.model, "architecture_name", None)
+        if not isinstance(name, str):
+            arch = getattr(self.model, "architecture", None)
+            name = getattr(arch, "model_type", None) or type(self.model).__name__
+        return name
+
+    def _hooks(self, i: int) -> AttentionHooks:
+        modules = self.model._attention_modules
+        n = len(modules)
+        if not -n <= i < n:
+            raise IndexError(f"layer {i} out of range: the model has {n} layers")
+        module = modules[i]
+        if module is None:
+            with_attn = [j for j, m in enumerate(modules) if m is not None]
+            raise IndexError(
+                f"layer {i} of {self._arch_name()} has no softmax attention (hybrid model); "
+                f"layers with attention: {with_attn}"
+            )
+        hooks = getattr(module, "unilens_hooks", None)
+        if not isinstance(hooks, AttentionHooks):
+            raise ValueError(f"layer {i}: attention hooks were not installed (install_attention_hooks)")
+        if hooks.route == "softmax" and self.hook_name in _SOFTMAX_ROUTE_MISSING:
+            raise NotImplementedError(
+                f"attention_{self.hook_name} is not available for {self._arch_name()} "
+                f"({hooks.architecture}): {_SOFTMAX_ROUTE_MISSING[self.hook_name]}. Available there: "
+                "scores, probabilities, heads, head_results."
+            )
+        if self.hook_name in ("heads", "head_results") and hooks.output_projection_name is None:
+            raise NotImplementedError(
+                f"attention_{self.hook_name} is not available for {hooks.architecture}: no output projection found"
+            )
+        return hooks
+
+    def _envoy(self, i: int):
+        hooks = self._hooks(i)
+        request_materialize(self.model._attention_modules[i], head_results=self.hook_name == "head_results")
+        del hooks
+        return getattr(self.model.attentions[i].unilens_hooks, self.hook_name)
+
+    def __getitem__(self, i: int):
+        return self._envoy(i).output
+
+    def __setitem__(self, i: int, value) -> None:
+        self._envoy(i).output = value
+
+    def print_source(self, i: int | None = None) -> None:
+        """Print where the tensor comes from for layer i (default: first layer with attention)."""
+        modules = self.model._attention_modules
+        if i is None:
+            i = next(j for j, m in enumerate(modules) if m is not None)
+        hooks = self._hooks(i)
+        path = f"model.attentions[{i}].unilens_hooks.{self.hook_name}.output"
+        print(f"attention_{self.hook_name}[{i}] = {path}")
+        if self.hook_name in ("heads", "head_results"):
+            print(
+                f"  from a forward hook on {hooks.architecture}.{hooks.output_projection_name} (the output projection)"
+                + (": per-head z @ W_O[h], summed (+ bias) into its output" if self.hook_name == "head_results"
+                   else ": its input reshaped to (batch, seq, heads, head_dim)")
+            )
+        elif hooks.route == "interface":
+            print(
+                f"  from unilens.attention.unilens_attention_forward, registered as "
+                f"AttentionInterface[{IMPLEMENTATION_NAME!r}], called by {hooks.architecture}.forward; "
+                f"fast path when not requested: {hooks.original_implementation}"
+            )
+        else:
+            print(
+                f"  from the softmax call (torch.nn.functional.softmax / torch.softmax / Tensor.softmax) made inside "
+                f"{hooks.architecture}.forward, routed through the hook while that forward runs"
+            )
