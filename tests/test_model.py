@@ -5,6 +5,7 @@ import torch
 
 from unilens import StandardizedTransformer
 from unilens.testing import ZOO_REQUIRED, tiny_model
+from unilens.validation import hf_reference_forward
 
 PROMPTS = ["The capital of France is", "A cat sat on"]
 
@@ -15,18 +16,6 @@ POST_NORMS = {
     "gemma3_text": ("post_attention_layernorm", "post_feedforward_layernorm"),
     "olmo2": ("post_attention_layernorm", "post_feedforward_layernorm"),
 }
-
-
-def hf_forward(hf, enc, **kwargs):
-    """The plain HF forward on a padded batch, with padding-aware position ids (as nnsight passes them)."""
-    import inspect
-
-    mask = enc["attention_mask"]
-    extra = {}
-    if "position_ids" in inspect.signature(hf.forward).parameters:
-        extra["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
-    with torch.no_grad():
-        return hf(**enc, **extra, **kwargs)
 
 
 def _load(model_type, **kwargs):
@@ -52,7 +41,7 @@ def _collect(model, prompts):
 def test_residual_stream_and_logits_match_hf(model_type):
     hf, tok, model = _load(model_type)
     enc = model.tokenizer(PROMPTS, return_tensors="pt", padding=True)
-    ref = hf_forward(hf, enc, output_hidden_states=True)
+    ref = hf_reference_forward(hf, enc, output_hidden_states=True)
     s, logits = _collect(model, PROMPTS)
     hs = ref.hidden_states
     torch.testing.assert_close(s["li"][0], hs[0], atol=1e-5, rtol=0)

@@ -70,7 +70,10 @@ def _simple_attention(
     if getattr(module, "is_causal", True) and fault != "causal_missing":
         visible &= k_pos <= q_pos
     if sliding_window is not None:
-        visible &= (k_pos >= q_pos - sliding_window) if fault == "window_off_by_one" else (k_pos > q_pos - sliding_window)
+        if fault == "window_off_by_one":  # W + 1 keys
+            visible &= k_pos >= q_pos - sliding_window
+        else:
+            visible &= k_pos > q_pos - sliding_window
     visible = visible[None, None]
     if attention_mask is not None and fault != "padding_ignored":
         visible = visible & attention_mask.bool()[:, None, None, :]

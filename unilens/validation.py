@@ -10,13 +10,32 @@ import torch
 if TYPE_CHECKING:
     from .model import StandardizedTransformer
 
-__all__ = ["ValidationError", "ValidationReport", "validate_model", "PROBE_TEXT"]
+__all__ = ["ValidationError", "ValidationReport", "validate_model", "hf_reference_forward", "PROBE_TEXT"]
 
 PROBE_TEXT = "The quick brown fox jumps over the lazy dog"
 
 
 class ValidationError(AssertionError):
     """A standardized tensor differs from what the model computed."""
+
+
+@torch.no_grad()
+def hf_reference_forward(hf_model, encoding, **kwargs):
+    """The plain HF forward (the oracle) on a possibly padded batch, with the padding-aware position ids
+    that nnsight passes in a trace (``cumsum(mask) - 1``), so both sides see the same positions.
+
+    Example:
+        >>> enc = tok(["a b c", "a"], return_tensors="pt", padding=True)
+        >>> hf_reference_forward(hf, enc, output_hidden_states=True).logits.shape[:2]
+        torch.Size([2, 3])
+    """
+    import inspect
+
+    extra = {}
+    mask = encoding.get("attention_mask")
+    if mask is not None and "position_ids" in inspect.signature(hf_model.forward).parameters:
+        extra["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+    return hf_model(**encoding, **extra, **kwargs)
 
 
 def _tol(dtype: torch.dtype) -> float:
