@@ -39,7 +39,8 @@ class ArchitectureError(ValueError):
 
 
 _ATTENTION_CLASS = re.compile(r"attention|attn", re.IGNORECASE)
-_NOT_SELF_ATTENTION = re.compile(r"cross|norm", re.IGNORECASE)
+_NOT_SELF_ATTENTION = re.compile(r"cross|encoder_attn|encdec", re.IGNORECASE)  # decoder cross-attention
+_SIDE_TOWER = re.compile(r"vision|visual|image|audio|speech|patch_embed|encoder\.", re.IGNORECASE)
 _MLP_NAME = re.compile(r"^(mlp|feed_forward|ffn|ff|block_sparse_moe|moe|mixer_mlp)$", re.IGNORECASE)
 _MLP_CLASS = re.compile(r"mlp|feedforward|moe|experts|ffn", re.IGNORECASE)
 _NORM_CLASS = re.compile(r"norm", re.IGNORECASE)
@@ -53,6 +54,7 @@ LOGIT_POSTPROCESSING = {
     "logits_scaling": "divide",  # Granite family: logits / logits_scaling
     "final_logit_softcapping": "softcap",  # Gemma 2/3: tanh(logits / cap) * cap
     "output_multiplier_scale": "multiply",  # some MuP-style models
+    "logits_soft_cap": "softcap",  # RecurrentGemma
 }
 
 
@@ -130,11 +132,12 @@ def _path_of(root: nn.Module, target: nn.Module) -> str | None:
 
 
 def _find_layers(model: nn.Module) -> str:
-    best, best_params = None, -1
+    best, best_params = None, (-1, -1)
     for name, module in model.named_modules():
         if not isinstance(module, nn.ModuleList) or len(module) == 0:
             continue
-        params = _param_count(module)
+        # the language stack, not a vision / audio tower of a multimodal wrapper (which may be bigger)
+        params = (0 if _SIDE_TOWER.search(name + ".") else 1, _param_count(module))
         if params > best_params:
             best, best_params = name, params
     if best is None:
@@ -148,15 +151,17 @@ def _find_layers(model: nn.Module) -> str:
 def _find_attention(layer: nn.Module) -> str | None:
     # shallowest first: named_modules() is depth-first, so sort by depth
     candidates = []
-    for name, module in layer.named_modules():
+    for order, (name, module) in enumerate(layer.named_modules()):
         if not name:
             continue
         cls = type(module).__name__
-        if _ATTENTION_CLASS.search(cls) and not _NOT_SELF_ATTENTION.search(cls) and _owns_projection(module):
-            candidates.append((name.count("."), name))
+        if _NOT_SELF_ATTENTION.search(name) or _NOT_SELF_ATTENTION.search(cls):
+            continue  # cross-attention shares the class with self-attention in BART-style decoders
+        if _ATTENTION_CLASS.search(cls) and _owns_projection(module):
+            candidates.append((name.count("."), order, name))  # shallowest, then first registered
     if not candidates:
         return None
-    return min(candidates)[1]
+    return min(candidates)[2]
 
 
 def _find_mlp(layer: nn.Module, attention: str | None) -> tuple[str | None, str | None, str | None]:
@@ -225,8 +230,8 @@ def discover(model: nn.Module) -> Architecture:
         attention = _find_attention(layer)
         mlp, mlp_in, mlp_out = _find_mlp(layer, attention)
         parts.append(LayerParts(attention=attention, mlp=mlp, mlp_in=mlp_in, mlp_out=mlp_out))
-    if not any(p.attention for p in parts) and not any(p.mlp_out for p in parts):
-        raise ArchitectureError(f"{model_type}: found neither attention nor MLP modules in {layers_path}[0].")
+    # recurrent-only stacks (Mamba, RWKV) have neither: the residual stream view still holds (validated at
+    # load); attention and MLP accessors raise a clear error for them
     post = {}
     for key in LOGIT_POSTPROCESSING:
         value = getattr(config, key, None)
@@ -256,7 +261,11 @@ def apply_logit_postprocessing(logits: torch.Tensor, post: dict[str, float]) -> 
     return logits
 
 
-def get_rename_dict(model: nn.Module | None = None, rename_config: dict[str, str] | None = None) -> dict[str, str]:
+def get_rename_dict(
+    model: nn.Module | None = None,
+    rename_config: dict[str, str] | None = None,
+    architecture: Architecture | None = None,
+) -> dict[str, str]:
     """Module renames for nnsight's ``LanguageModel(..., rename=...)`` / ``NNsight(...)``.
 
     With a model, the dict is exact (built by discovery); without one, it lists the common HF names.
@@ -270,7 +279,7 @@ def get_rename_dict(model: nn.Module | None = None, rename_config: dict[str, str
         'ModuleList'
     """
     if model is not None:
-        arch = discover(model)
+        arch = architecture or discover(model)
         rename = {arch.layers_path: "layers", arch.lm_head_path: "lm_head", arch.embed_path: "embed_tokens"}
         if arch.final_norm_path:
             rename[arch.final_norm_path] = "ln_final"
@@ -305,7 +314,22 @@ def get_rename_dict(model: nn.Module | None = None, rename_config: dict[str, str
         }
     if rename_config:
         rename.update(rename_config)
+    if model is not None:
+        rename = {path: alias for path, alias in rename.items() if not _alias_collides(model, path, alias)}
     return rename
+
+
+def _alias_collides(model: nn.Module, path: str, alias: str) -> bool:
+    """Whether nnsight's alias would shadow an existing, different attribute (nnsight refuses those)."""
+    if path == alias:
+        return True
+    if "." in path:  # a full path: the alias is bound on the root
+        existing = getattr(model, alias, None)
+        return existing is not None and existing is not model.get_submodule(path)
+    for _, module in model.named_modules():  # a child name: the alias is bound on each parent having it
+        if hasattr(module, path) and isinstance(getattr(module, path), nn.Module) and alias in dict(module.named_children()):
+            return True
+    return False
 
 
 class ModuleAccessor:

@@ -167,7 +167,7 @@ class StandardizedTransformer(LanguageModel):
         # whatever the padding side (a root pre-hook runs in the model thread before any layer).
         object.__setattr__(self, "_last_batch", {})
         hf_model.register_forward_pre_hook(self._remember_batch, with_kwargs=True)
-        rename = get_rename_dict(hf_model, rename_config)
+        rename = get_rename_dict(hf_model, rename_config, architecture=arch)
         padding_side = (tokenizer_kwargs or {}).get("padding_side")
         super().__init__(hf_model, tokenizer=tok, rename=rename)
         if padding_side is not None:  # nnsight sets left padding on causal models; honour the user's choice
@@ -198,8 +198,15 @@ class StandardizedTransformer(LanguageModel):
                 return value.view(batch, seq, value.shape[-1])
         return value
 
+    def _envoy_at(self, path: str):
+        """The nnsight envoy of the module at a dotted path (original HF names, independent of renames)."""
+        envoy = self
+        for part in path.split("."):
+            envoy = envoy[int(part)] if part.isdigit() else getattr(envoy, part)
+        return envoy
+
     def _layer_envoy(self, i: int):
-        return self.layers[i]
+        return self._envoy_at(self.architecture.layers_path)[i]
 
     def _sub_envoy(self, i: int, path: str | None, what: str):
         if path is None:
@@ -207,10 +214,7 @@ class StandardizedTransformer(LanguageModel):
                 f"layer {i} of this {self.architecture.model_type} model has no {what} "
                 f"(layers with attention: {self.architecture.attention_layers})."
             )
-        envoy = self.layers[i]
-        for part in path.split("."):
-            envoy = getattr(envoy, part)
-        return envoy
+        return self._envoy_at(f"{self.architecture.layers_path}.{i}.{path}")
 
     def _build_accessors(self) -> None:
         arch = self.architecture
@@ -302,13 +306,14 @@ class StandardizedTransformer(LanguageModel):
     def attn_probs_available(self) -> bool:
         return bool(self.architecture.attention_layers)
 
-    # --- standardized modules -----------------------------------------------------------------------
-    # embed_tokens, layers, ln_final and lm_head are nnsight renames (see get_rename_dict).
+    # --- standardized modules ------------------------------------------------------------------------
+    # embed_tokens, layers, ln_final and lm_head are nnsight renames (get_rename_dict); unilens itself reaches
+    # modules by their discovered paths (_envoy_at), so an alias nnsight cannot bind never breaks an accessor.
 
     @property
     def token_embeddings(self) -> torch.Tensor:
         """Output of the token embedding, ``(batch, seq, hidden)`` (before any model-specific scaling)."""
-        return self.embed_tokens.output
+        return self._envoy_at(self.architecture.embed_path).output
 
     @property
     def logits(self) -> torch.Tensor:
@@ -349,9 +354,10 @@ class StandardizedTransformer(LanguageModel):
             ...     lens = model.project_on_vocab(model.layers_output[5]).save()
         """
         h = hidden
-        if self.architecture.final_norm_path is not None:
-            h = self.ln_final(h)
-        return apply_logit_postprocessing(self.lm_head(h), self.architecture.logit_postprocessing)
+        arch = self.architecture
+        if arch.final_norm_path is not None:
+            h = self._envoy_at(arch.final_norm_path)(h)
+        return apply_logit_postprocessing(self._envoy_at(arch.lm_head_path)(h), arch.logit_postprocessing)
 
     def get_topk_closest_tokens(self, hidden: torch.Tensor, k: int = 5) -> torch.Tensor:
         """Ids of the ``k`` most likely tokens when ``hidden`` is projected on the vocabulary."""
