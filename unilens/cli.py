@@ -70,6 +70,7 @@ def cmd_demo(args) -> int:
     print(lens_table(model, args.prompt or DEMO_PROMPT, k=args.k))
     with model.trace(args.prompt or DEMO_PROMPT):
         probs = model.next_token_probs.save()
+    probs = probs.detach()
     best = int(probs[0].argmax())
     print(f"\nmodel's next token: {_token(model.tokenizer, best)} (p = {float(probs[0, best]):.2f})")
     return 0

@@ -109,6 +109,13 @@ class Architecture:
     # standardized outputs the model later modifies in place (Falcon: ``mlp_output += attention_output``);
     # accessors return a copy of these, or a saved tensor would silently change after it was read
     mutated_in_place: set[str] = field(default_factory=set)
+    # the module that maps the (normed) final residual to logits: lm_head itself, or a head around it that
+    # does more (BERT-style ``cls``: dense + activation + LayerNorm + decoder); found by probe_dataflow
+    unembed_path: str | None = None
+
+    def __post_init__(self):
+        if self.unembed_path is None:
+            self.unembed_path = self.lm_head_path
 
     @property
     def num_layers(self) -> int:
@@ -421,9 +428,9 @@ def probe_parallel(model: nn.Module, arch: Architecture) -> bool:
     def on_attention(module, args, output):
         if not perturb[0]:
             return None
-        first = output[0] if isinstance(output, tuple) else output
-        bumped = first + 1.0
-        return (bumped, *output[1:]) if isinstance(output, tuple) else bumped
+        if isinstance(output, torch.Tensor):
+            return output + 1.0
+        return type(output)([output[0] + 1.0, *output[1:]])
 
     def on_mlp(module, args, kwargs):
         x = args[0] if args else next(iter(kwargs.values()))
@@ -447,6 +454,16 @@ def probe_parallel(model: nn.Module, arch: Architecture) -> bool:
     if len(seen) != 2:
         raise ArchitectureError(f"{arch.model_type}: the MLP of layer {layer_index} did not run in a forward pass.")
     return bool(torch.equal(seen[0], seen[1]))
+
+
+def _first_tensor(value):
+    while isinstance(value, (tuple, list)) and value:
+        value = value[0]
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a is b or (a.shape == b.shape and torch.equal(a, b))
 
 
 def _last_projection(module: nn.Module, calls: list[tuple[str, torch.Tensor]], prefix: str) -> tuple[str, torch.Tensor] | None:
@@ -480,11 +497,17 @@ def probe_dataflow(model: nn.Module, arch: Architecture) -> None:
     versions: dict[str, tuple[torch.Tensor, int]] = {}
     projection_calls: list[tuple[str, torch.Tensor]] = []
     unembed_input: list[torch.Tensor] = []
+    norm_inputs: dict[str, torch.Tensor] = {}
     handles = [
         m.register_forward_hook(lambda mod, a, out, name=name: outputs.__setitem__(name, out)) for name, m in norms.items()
+    ] + [
+        m.register_forward_pre_hook(lambda mod, a, name=name: norm_inputs.__setitem__(name, _first_tensor(a)))
+        for name, m in norms.items()
     ]
     def remember(key, out):
-        first = out[0] if isinstance(out, tuple) else out
+        first = _first_tensor(out)
+        if first is None:
+            return
         outputs["branch:" + key] = first.clone()
         versions[key] = (first, first._version)
 
@@ -497,8 +520,29 @@ def probe_dataflow(model: nn.Module, arch: Architecture) -> None:
         handles.append(module.register_forward_hook(lambda mod, a, out, key=key: remember(key, out)))
     for name, m in layer.named_modules():
         if name and _is_projection(m):
-            handles.append(m.register_forward_hook(lambda mod, a, out, name=name: projection_calls.append((name, out))))
+            handles.append(
+                m.register_forward_hook(
+                    lambda mod, a, out, name=name: projection_calls.append((name, out)) if isinstance(out, torch.Tensor) else None
+                )
+            )
     handles.append(model.get_submodule(arch.lm_head_path).register_forward_pre_hook(lambda mod, a: unembed_input.append(a[0])))
+    # heads around lm_head (BERT's cls.predictions.transform): every ancestor's input, and the last layer output
+    parts_of_head = arch.lm_head_path.split(".")
+    ancestors = [".".join(parts_of_head[:k]) for k in range(1, len(parts_of_head))]
+    ancestor_inputs: dict[str, torch.Tensor] = {}
+    for path in ancestors:
+        handles.append(
+            model.get_submodule(path).register_forward_pre_hook(
+                lambda mod, a, kw, path=path: ancestor_inputs.__setitem__(path, a[0] if a else next(iter(kw.values()), None)),
+                with_kwargs=True,
+            )
+        )
+    last_layer_output: list[torch.Tensor] = []
+    handles.append(
+        model.get_submodule(arch.layers_path)[-1].register_forward_hook(
+            lambda mod, a, out: last_layer_output.append(_first_tensor(out))
+        )
+    )
     device = next(model.parameters()).device
     vocab = model.get_input_embeddings().weight.shape[0]
     try:
@@ -509,11 +553,32 @@ def probe_dataflow(model: nn.Module, arch: Architecture) -> None:
     if not unembed_input:
         raise ArchitectureError(f"{arch.model_type}: the unembedding {arch.lm_head_path} did not run in a forward pass.")
     target = unembed_input[-1]
+    final = last_layer_output[-1] if last_layer_output else None
+    # the final norm reads the last layer's output and its output is what the unembedding reads
     feeding = [
         n for n, out in outputs.items()
-        if not n.startswith("branch:") and isinstance(out, torch.Tensor) and out.shape == target.shape and torch.equal(out, target)
+        if not n.startswith("branch:") and isinstance(out, torch.Tensor) and _same(out, target)
+        and final is not None and isinstance(norm_inputs.get(n), torch.Tensor) and _same(norm_inputs[n], final)
     ]
     arch.final_norm_path = feeding[-1] if feeding else None
+    arch.unembed_path = arch.lm_head_path
+    if not feeding and final is not None and not _same(target, final):
+        # lm_head reads neither a norm nor the last layer: find the head (an ancestor) that reads one of them
+        norm_outputs = {n: out for n, out in outputs.items() if not n.startswith("branch:") and isinstance(out, torch.Tensor)}
+        for path in reversed(ancestors):  # deepest first
+            x = ancestor_inputs.get(path)
+            if not isinstance(x, torch.Tensor):
+                continue
+            if _same(x, final):
+                arch.unembed_path = path
+                break
+            feeding_head = [
+                n for n, out in norm_outputs.items()
+                if _same(x, out) and isinstance(norm_inputs.get(n), torch.Tensor) and _same(norm_inputs[n], final)
+            ]
+            if feeding_head:
+                arch.unembed_path, arch.final_norm_path = path, feeding_head[-1]
+                break
     arch.mutated_in_place = {key for key, (tensor, version) in versions.items() if tensor._version != version}
     for key, path in branches.items():
         branch = outputs.get("branch:" + key)

