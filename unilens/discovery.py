@@ -109,13 +109,14 @@ class Architecture:
     # standardized outputs the model later modifies in place (Falcon: ``mlp_output += attention_output``);
     # accessors return a copy of these, or a saved tensor would silently change after it was read
     mutated_in_place: set[str] = field(default_factory=set)
-    # the module that maps the (normed) final residual to logits: lm_head itself, or a head around it that
-    # does more (BERT-style ``cls``: dense + activation + LayerNorm + decoder); found by probe_dataflow
-    unembed_path: str | None = None
+    # the modules applied, in order, between the last layer and lm_head: usually just the final norm; BERT-style
+    # heads add dense + activation + LayerNorm (``cls.predictions.transform``). Found by probe_dataflow.
+    head_chain: list[str] | None = field(default_factory=list)  # None: not reproducible (see head_error)
+    head_error: str | None = None
 
     def __post_init__(self):
-        if self.unembed_path is None:
-            self.unembed_path = self.lm_head_path
+        if not self.head_chain and self.final_norm_path:
+            self.head_chain = [self.final_norm_path]
 
     @property
     def num_layers(self) -> int:
@@ -398,6 +399,15 @@ class ModuleAccessor:
         path = self.architecture.final_norm_path
         return self.model.get_submodule(path) if path else None
 
+    def project_on_vocab(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Plain torch: the modules between the last layer and lm_head, lm_head, and the logit post-processing."""
+        if self.architecture.head_chain is None:
+            raise ArchitectureError(self.architecture.head_error)
+        for path in self.architecture.head_chain:
+            hidden = self.model.get_submodule(path)(hidden)
+        logits = self.get_unembed()(hidden)
+        return apply_logit_postprocessing(logits, self.architecture.logit_postprocessing)
+
     def get_unembed(self) -> nn.Module:
         return self.model.get_submodule(self.architecture.lm_head_path)
 
@@ -460,6 +470,34 @@ def _first_tensor(value):
     while isinstance(value, (tuple, list)) and value:
         value = value[0]
     return value if isinstance(value, torch.Tensor) else None
+
+
+def _head_chain(calls, final: torch.Tensor | None, target: torch.Tensor, arch: Architecture) -> list[str]:
+    """The modules that carry the last layer's output to lm_head's input, each reading the previous one's output.
+
+    Picks, step by step, the shallowest module called after the last layer whose input is the current tensor
+    (skipping lm_head's ancestors, which also read it but contain lm_head). Refuses (raises) when functional
+    code between modules breaks the chain: then project_on_vocab could not reproduce the model's logits.
+    """
+    ancestors = {arch.lm_head_path.rsplit(".", k)[0] for k in range(1, arch.lm_head_path.count(".") + 1)}
+    chain, x = [], final
+    while x is not None and not _same(x, target):
+        steps = [
+            (name.count("."), order, name, out)
+            for order, (name, inp, out) in enumerate(calls)
+            if name not in ancestors and name != arch.lm_head_path and isinstance(inp, torch.Tensor)
+            and isinstance(out, torch.Tensor) and _same(inp, x) and not any(name.startswith(c + ".") for c in chain)
+        ]
+        if not steps:
+            raise ArchitectureError(
+                f"{arch.model_type}: cannot find the modules that take the last layer's output to the unembedding "
+                f"({arch.lm_head_path}); functional code between them is not reproducible by project_on_vocab."
+            )
+        _, _, name, x = min(steps, key=lambda s: (s[0], s[1]))
+        chain.append(name)
+        if len(chain) > 8:
+            raise ArchitectureError(f"{arch.model_type}: the unembedding head is longer than 8 modules; not supported.")
+    return chain
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -526,23 +564,23 @@ def probe_dataflow(model: nn.Module, arch: Architecture) -> None:
                 )
             )
     handles.append(model.get_submodule(arch.lm_head_path).register_forward_pre_hook(lambda mod, a: unembed_input.append(a[0])))
-    # heads around lm_head (BERT's cls.predictions.transform): every ancestor's input, and the last layer output
-    parts_of_head = arch.lm_head_path.split(".")
-    ancestors = [".".join(parts_of_head[:k]) for k in range(1, len(parts_of_head))]
-    ancestor_inputs: dict[str, torch.Tensor] = {}
-    for path in ancestors:
-        handles.append(
-            model.get_submodule(path).register_forward_pre_hook(
-                lambda mod, a, kw, path=path: ancestor_inputs.__setitem__(path, a[0] if a else next(iter(kw.values()), None)),
-                with_kwargs=True,
-            )
-        )
+    head_calls: list[tuple[str, torch.Tensor | None, torch.Tensor | None]] = []  # (path, input, output) in order
+    after_last_layer = [False]
+
+    def on_call(mod, args, kwargs, out, name):
+        if after_last_layer[0]:
+            head_calls.append((name, _first_tensor(args) if args else _first_tensor(list(kwargs.values())), _first_tensor(out)))
+
+    for name, m in model.named_modules():
+        if name and not (name == arch.layers_path or name.startswith(layers_prefix)):
+            handles.append(m.register_forward_hook(lambda mod, a, kw, out, name=name: on_call(mod, a, kw, out, name), with_kwargs=True))
     last_layer_output: list[torch.Tensor] = []
-    handles.append(
-        model.get_submodule(arch.layers_path)[-1].register_forward_hook(
-            lambda mod, a, out: last_layer_output.append(_first_tensor(out))
-        )
-    )
+
+    def on_last_layer(mod, args, out) -> None:  # returns None: a hook's return value would replace the output
+        last_layer_output.append(_first_tensor(out))
+        after_last_layer[0] = True
+
+    handles.append(model.get_submodule(arch.layers_path)[-1].register_forward_hook(on_last_layer))
     device = next(model.parameters()).device
     vocab = model.get_input_embeddings().weight.shape[0]
     try:
@@ -560,25 +598,16 @@ def probe_dataflow(model: nn.Module, arch: Architecture) -> None:
         if not n.startswith("branch:") and isinstance(out, torch.Tensor) and _same(out, target)
         and final is not None and isinstance(norm_inputs.get(n), torch.Tensor) and _same(norm_inputs[n], final)
     ]
-    arch.final_norm_path = feeding[-1] if feeding else None
-    arch.unembed_path = arch.lm_head_path
-    if not feeding and final is not None and not _same(target, final):
-        # lm_head reads neither a norm nor the last layer: find the head (an ancestor) that reads one of them
-        norm_outputs = {n: out for n, out in outputs.items() if not n.startswith("branch:") and isinstance(out, torch.Tensor)}
-        for path in reversed(ancestors):  # deepest first
-            x = ancestor_inputs.get(path)
-            if not isinstance(x, torch.Tensor):
-                continue
-            if _same(x, final):
-                arch.unembed_path = path
-                break
-            feeding_head = [
-                n for n, out in norm_outputs.items()
-                if _same(x, out) and isinstance(norm_inputs.get(n), torch.Tensor) and _same(norm_inputs[n], final)
-            ]
-            if feeding_head:
-                arch.unembed_path, arch.final_norm_path = path, feeding_head[-1]
-                break
+    if feeding:
+        arch.final_norm_path, arch.head_chain = feeding[-1], [feeding[-1]]
+    elif final is not None and _same(target, final):
+        arch.final_norm_path, arch.head_chain = None, []
+    else:
+        arch.final_norm_path = None
+        try:
+            arch.head_chain = _head_chain(head_calls, final, target, arch)
+        except ArchitectureError as err:  # the residual view stays valid; only project_on_vocab is refused
+            arch.head_chain, arch.head_error = None, str(err)
     arch.mutated_in_place = {key for key, (tensor, version) in versions.items() if tensor._version != version}
     for key, path in branches.items():
         branch = outputs.get("branch:" + key)

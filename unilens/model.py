@@ -355,9 +355,11 @@ class StandardizedTransformer(LanguageModel):
         """
         h = hidden
         arch = self.architecture
-        if arch.final_norm_path is not None:
-            h = self._envoy_at(arch.final_norm_path)(h)
-        return apply_logit_postprocessing(self._envoy_at(arch.unembed_path)(h), arch.logit_postprocessing)
+        if arch.head_chain is None:
+            raise ArchitectureError(arch.head_error)
+        for path in arch.head_chain:  # usually just the final norm
+            h = self._envoy_at(path)(h)
+        return apply_logit_postprocessing(self._envoy_at(arch.lm_head_path)(h), arch.logit_postprocessing)
 
     def get_topk_closest_tokens(self, hidden: torch.Tensor, k: int = 5) -> torch.Tensor:
         """Ids of the ``k`` most likely tokens when ``hidden`` is projected on the vocabulary."""
