@@ -3,6 +3,8 @@
 from .discovery import Architecture, ArchitectureError, ModuleAccessor, get_rename_dict
 from .loading import default_model_path
 from .model import StandardizedTransformer, load_default
+from .interventions import logit_lens, patchscope_lens, activation_patching, attribution_patching, TargetPrompt
+from .prompt_utils import Prompt, run_prompts
 
 __version__ = "0.1.0"
 
@@ -10,7 +12,14 @@ __all__ = [
     "Architecture",
     "ArchitectureError",
     "ModuleAccessor",
+    "Prompt",
     "StandardizedTransformer",
+    "TargetPrompt",
+    "activation_patching",
+    "attribution_patching",
+    "logit_lens",
+    "patchscope_lens",
+    "run_prompts",
     "default_model_path",
     "get_rename_dict",
     "load_default",

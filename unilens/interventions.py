@@ -1,0 +1,714 @@
+"""Interventions on a StandardizedTransformer: logit lens, patchscope, activation / attribution patching, DLA, steer."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from .discovery import LOGIT_POSTPROCESSING
+
+__all__ = [
+    "logit_lens",
+    "TargetPrompt",
+    "TargetPromptBatch",
+    "repeat_prompt",
+    "patchscope_lens",
+    "activation_patching",
+    "attribution_patching",
+    "direct_logit_attribution",
+    "steer_all",
+    "mean_difference_vector",
+]
+
+Prompts = str | Sequence[str]
+Metric = Callable[[torch.Tensor], torch.Tensor]
+
+# Logits kept in memory per chunk of patched runs when `batch_size` is not given (bytes).
+_DEFAULT_LOGITS_BUDGET = 2**28
+
+
+# ------------------------------------------------------------------------------------------------
+# Plumbing
+# ------------------------------------------------------------------------------------------------
+
+
+def _device(model) -> torch.device:
+    return model.module_accessor.get_embed_tokens().weight.device
+
+
+def _encode(model, prompts: Prompts) -> dict[str, torch.Tensor]:
+    """Tokenize ``prompts`` with the model's tokenizer (its padding side), as the dict a trace takes.
+
+    Passing ``input_ids`` and ``attention_mask`` explicitly makes every function here see exactly the
+    tokens the model sees (nnsight adds padding-aware ``position_ids`` from the mask).
+    """
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prompts = list(prompts)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise TypeError("prompts must be a string or a non-empty list of strings.")
+    enc = model.tokenizer(prompts, padding=True, return_tensors="pt")
+    device = _device(model)
+    return {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device)}
+
+
+def _last_real(mask: torch.Tensor) -> torch.Tensor:
+    """Index of each row's last real token, ``(batch,)``, from an attention mask ``(batch, seq)``; any padding side."""
+    seq = mask.shape[1]
+    return seq - 1 - torch.flip(mask.to(torch.long), dims=[1]).argmax(dim=1)
+
+
+def _layer_list(model, layers: int | Sequence[int] | None) -> list[int]:
+    """Normalized (non-negative), checked layer indices, in the order given."""
+    n = model.num_layers
+    if layers is None:
+        return list(range(n))
+    if isinstance(layers, int):
+        layers = [layers]
+    out = []
+    for layer in layers:
+        if not isinstance(layer, int) or not -n <= layer < n:
+            raise IndexError(f"layer {layer!r} out of range: the model has {n} layers (0..{n - 1}).")
+        out.append(layer % n)
+    if len(set(out)) != len(out):
+        raise ValueError(f"layers contains duplicates: {list(layers)}.")
+    return out
+
+
+def _unembed(model, hidden: torch.Tensor) -> torch.Tensor:
+    """Final norm + unembedding + logit post-processing on plain modules (no trace): ``(..., hidden)`` -> logits."""
+    device = model.module_accessor.get_unembed().weight.device
+    with torch.no_grad():
+        return model.module_accessor.project_on_vocab(hidden.to(device))
+
+
+# ------------------------------------------------------------------------------------------------
+# Logit lens
+# ------------------------------------------------------------------------------------------------
+
+
+def logit_lens(
+    model,
+    prompts: Prompts,
+    remote: bool = False,
+    return_inv_logits: bool = False,
+    all_positions: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Next-token probabilities read from every layer's residual stream (final norm + unembedding applied to it).
+
+    Returns ``(batch, layers, vocab)`` probabilities at each prompt's last REAL token (left or right padding),
+    or ``(batch, layers, seq, vocab)`` with ``all_positions=True``. The last layer equals
+    ``model.next_token_probs``. With ``return_inv_logits=True`` also returns ``softmax(-logits)`` (same shape).
+
+    One forward saves every ``layers_output``; the norm and unembedding then run once on the stacked
+    ``(batch, layers, hidden)`` tensor (only the last position unless ``all_positions``).
+
+    Example:
+        >>> from unilens import StandardizedTransformer
+        >>> from unilens.testing import tiny_model
+        >>> model = StandardizedTransformer(*tiny_model("llama"))
+        >>> probs = logit_lens(model, ["The capital of France is", "Hi"])
+        >>> probs.shape == (2, model.num_layers, model.vocab_size)
+        True
+    """
+    batch = _encode(model, prompts)
+    saved: list[torch.Tensor] = []
+    trace_kwargs = {"remote": True} if remote else {}
+    with torch.no_grad(), model.trace(batch, **trace_kwargs):
+        for i in range(model.num_layers):
+            saved.append(model.layers_output[i].save())  # (batch, seq, hidden)
+    stacked = torch.stack(saved, dim=1)  # (batch, layers, seq, hidden)
+    if not all_positions:
+        last = _last_real(batch["attention_mask"]).to(stacked.device)
+        stacked = stacked[torch.arange(stacked.shape[0], device=stacked.device), :, last]  # (batch, layers, hidden)
+    logits = _unembed(model, stacked).float()
+    probs = torch.softmax(logits, dim=-1)
+    if return_inv_logits:
+        return probs, torch.softmax(-logits, dim=-1)
+    return probs
+
+
+# ------------------------------------------------------------------------------------------------
+# Patchscope
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TargetPrompt:
+    """A target prompt for patchscope and the token index (of its own tokens, negative allowed) to patch."""
+
+    prompt: str
+    index_to_patch: int
+
+
+@dataclass
+class TargetPromptBatch:
+    """Several target prompts, one per source prompt (or one shared by all).
+
+    Example:
+        >>> batch = TargetPromptBatch.from_target_prompts([repeat_prompt(), repeat_prompt(["cat", "dog"])])
+        >>> len(batch)
+        2
+    """
+
+    prompts: list[str]
+    index_to_patch: list[int]
+
+    @classmethod
+    def from_target_prompts(cls, targets: Sequence[TargetPrompt]) -> "TargetPromptBatch":
+        return cls([t.prompt for t in targets], [t.index_to_patch for t in targets])
+
+    @classmethod
+    def from_target_prompt(cls, target: TargetPrompt, n: int) -> "TargetPromptBatch":
+        return cls([target.prompt] * n, [target.index_to_patch] * n)
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+def repeat_prompt(
+    words: Sequence[str] | None = None, rel: str = " ", sep: str = "\n", placeholder: str = "?"
+) -> TargetPrompt:
+    """The identity target prompt: ``"w1 w1\\nw2 w2\\n...\\n?"``, patched at the placeholder (its last token).
+
+    The model learns from the examples to repeat the word it is given, so patching a hidden state at the
+    placeholder makes it say what that state encodes.
+
+    Example:
+        >>> repeat_prompt(["cat", "sun"])
+        TargetPrompt(prompt='cat cat\\nsun sun\\n?', index_to_patch=-1)
+    """
+    if words is None:
+        words = ["king", "hello", "4", "luck", "Paris"]
+    prompt = sep.join(f"{w}{rel}{w}" for w in words) + sep + placeholder
+    return TargetPrompt(prompt, -1)
+
+
+def _as_target_batch(
+    targets: TargetPrompt | TargetPromptBatch | Sequence[TargetPrompt] | None, n_sources: int
+) -> TargetPromptBatch:
+    if targets is None:
+        targets = repeat_prompt()
+    if isinstance(targets, TargetPrompt):
+        return TargetPromptBatch.from_target_prompt(targets, n_sources)
+    if not isinstance(targets, TargetPromptBatch):
+        targets = list(targets)
+        if not all(isinstance(t, TargetPrompt) for t in targets):
+            raise TypeError(
+                "target_patch_prompts must be a TargetPrompt, a TargetPromptBatch or a list of TargetPrompt."
+            )
+        targets = TargetPromptBatch.from_target_prompts(targets)
+    if len(targets) == 1 and n_sources > 1:
+        targets = TargetPromptBatch(targets.prompts * n_sources, targets.index_to_patch * n_sources)
+    if len(targets) != n_sources:
+        raise ValueError(
+            f"patchscope_lens: {len(targets)} target prompts for {n_sources} sources; give one target prompt "
+            "(shared) or one per source."
+        )
+    return targets
+
+
+def patchscope_lens(
+    model,
+    source_prompts: Prompts | None = None,
+    target_patch_prompts: TargetPrompt | TargetPromptBatch | Sequence[TargetPrompt] | None = None,
+    layers: int | Sequence[int] | None = None,
+    latents: torch.Tensor | None = None,
+    remote: bool = False,
+) -> torch.Tensor:
+    """Patchscope: patch each source's last-token residual at layer L into a target prompt at layer L.
+
+    For each source prompt and each layer L of ``layers`` (default: all), the residual ``layers_output[L]``
+    at the source's last real token replaces ``layers_output[L]`` of the target prompt at its
+    ``index_to_patch``; returns the target's next-token probabilities ``(n_sources, len(layers), vocab)``.
+    ``latents`` ``(n_sources, len(layers), hidden)`` replaces the source run. Default target: ``repeat_prompt()``.
+    All ``n_sources * len(layers)`` patched runs go through ONE forward.
+
+    Example:
+        >>> from unilens import StandardizedTransformer
+        >>> from unilens.testing import tiny_model
+        >>> model = StandardizedTransformer(*tiny_model("llama"))
+        >>> probs = patchscope_lens(model, ["Paris is", "The cat"], layers=[0, 1])
+        >>> probs.shape == (2, 2, model.vocab_size)
+        True
+    """
+    layer_list = _layer_list(model, layers)
+    trace_kwargs = {"remote": True} if remote else {}
+    if latents is None:
+        if source_prompts is None:
+            raise ValueError("patchscope_lens needs source_prompts or latents.")
+        source = _encode(model, source_prompts)
+        saved: list[torch.Tensor] = []
+        with torch.no_grad(), model.trace(source, **trace_kwargs):
+            for layer in sorted(layer_list):
+                saved.append(model._last_positions(model.layers_output[layer]).save())  # (n_sources, hidden)
+        by_layer = dict(zip(sorted(layer_list), saved))
+        latents = torch.stack([by_layer[layer] for layer in layer_list], dim=1)  # (n_sources, layers, hidden)
+    if latents.dim() != 3 or latents.shape[1] != len(layer_list) or latents.shape[2] != model.hidden_size:
+        raise ValueError(
+            f"latents must have shape (n_sources, {len(layer_list)} layers, {model.hidden_size}), got "
+            f"{tuple(latents.shape)}."
+        )
+    n_src, n_layers = latents.shape[0], len(layer_list)
+    targets = _as_target_batch(target_patch_prompts, n_src)
+    # rows are layer-major: row = layer_slot * n_src + source
+    target = _encode(model, targets.prompts * n_layers)
+    mask = target["attention_mask"]
+    lengths = mask.sum(dim=1)
+    positions = []
+    for row in range(n_src * n_layers):
+        index = targets.index_to_patch[row % n_src]
+        n_real = int(lengths[row])
+        if not -n_real <= index < n_real:
+            raise IndexError(
+                f"index_to_patch={index} is out of range for target prompt {targets.prompts[row % n_src]!r} "
+                f"({n_real} tokens)."
+            )
+        real = torch.nonzero(mask[row], as_tuple=False).flatten()
+        positions.append(int(real[index]))
+    seq = mask.shape[1]
+    values = latents.transpose(0, 1).reshape(n_src * n_layers, -1)  # (rows, hidden), layer-major
+    patches = {}
+    for slot, layer in enumerate(layer_list):
+        cell = torch.zeros(n_src * n_layers, seq, 1, dtype=torch.bool, device=mask.device)
+        for row in range(slot * n_src, (slot + 1) * n_src):
+            cell[row, positions[row]] = True
+        patches[layer] = cell
+    with torch.no_grad(), model.trace(target, **trace_kwargs):
+        for layer in sorted(layer_list):
+            out = model.layers_output[layer]  # (rows, seq, hidden)
+            new = values.to(out.device, out.dtype)[:, None, :].expand_as(out)
+            model.layers_output[layer] = torch.where(patches[layer].to(out.device), new, out)
+        probs = model.next_token_probs.save()  # (rows, vocab)
+    return probs.reshape(n_layers, n_src, -1).transpose(0, 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Activation and attribution patching
+# ------------------------------------------------------------------------------------------------
+
+_COMPONENTS = {"resid": "layers_output", "attn": "attentions_output", "mlp": "mlps_output", "head": "attention_heads"}
+
+
+def _accessor(model, component: str):
+    if component not in _COMPONENTS:
+        raise ValueError(f"component must be one of {sorted(_COMPONENTS)}, got {component!r}.")
+    return getattr(model, _COMPONENTS[component])
+
+
+def _encode_pair(model, clean: str, corrupted: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    if not isinstance(clean, str) or not isinstance(corrupted, str):
+        raise TypeError("clean and corrupted must each be one prompt string.")
+    clean_batch, corrupted_batch = _encode(model, clean), _encode(model, corrupted)
+    n_clean, n_corrupted = clean_batch["input_ids"].shape[1], corrupted_batch["input_ids"].shape[1]
+    if n_clean != n_corrupted:
+        raise ValueError(
+            f"clean and corrupted prompts must tokenize to the same length (patching swaps activations "
+            f"position by position): clean {clean!r} has {n_clean} tokens, corrupted {corrupted!r} has "
+            f"{n_corrupted}. Reword one of them."
+        )
+    return clean_batch, corrupted_batch
+
+
+def _position_list(positions: int | Sequence[int] | None, seq: int) -> list[int]:
+    if positions is None:
+        return list(range(seq))
+    if isinstance(positions, int):
+        positions = [positions]
+    out = []
+    for p in positions:
+        if not isinstance(p, int) or not -seq <= p < seq:
+            raise IndexError(f"position {p!r} out of range: the prompts have {seq} tokens (0..{seq - 1}).")
+        out.append(p % seq)
+    return out
+
+
+def _check_metric(values: torch.Tensor, n: int) -> torch.Tensor:
+    if not isinstance(values, torch.Tensor) or values.shape != (n,):
+        shape = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
+        raise ValueError(f"metric must map logits (n, seq, vocab) to a tensor of shape (n,) = ({n},); got {shape}.")
+    return values
+
+
+def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """Detached, on CPU, float32 or wider (half-precision models give float32 scores, float64 models float64)."""
+    return x.detach().to(torch.promote_types(x.dtype, torch.float32)).cpu()
+
+
+def activation_patching(
+    model,
+    clean: str,
+    corrupted: str,
+    metric: Metric,
+    component: str = "resid",
+    layers: int | Sequence[int] | None = None,
+    positions: int | Sequence[int] | None = None,
+    batch_size: int | None = None,
+    progress: bool = True,
+) -> torch.Tensor:
+    """Activation patching: the corrupted run with ONE cell's activation replaced by the clean run's, per cell.
+
+    ``component``: ``"resid"`` (``layers_output``), ``"attn"`` (``attentions_output``), ``"mlp"``
+    (``mlps_output``), cells ``(layer, position)`` -> returns ``(len(layers), len(positions))``; or
+    ``"head"`` (per-head attention output z before the output projection, ``attention_heads``, patched at
+    all ``positions`` together), cells ``(layer, head)`` -> returns ``(len(layers), num_heads)``.
+    ``metric(logits (n, seq, vocab)) -> (n,)`` is evaluated on each patched run's logits.
+
+    Many patched runs share one forward: the corrupted prompt is repeated over ``batch_size`` rows (default:
+    as many as keep ~256 MB of logits) and row r patches its own cell (a mask-based assignment per layer).
+
+    Example:
+        >>> from unilens import StandardizedTransformer
+        >>> from unilens.testing import tiny_model
+        >>> model = StandardizedTransformer(*tiny_model("llama"))
+        >>> paris = model.tokenizer(" Paris").input_ids[0]
+        >>> effect = activation_patching(model, "The capital of France is", "The capital of Italy is",
+        ...                              lambda logits: logits[:, -1, paris], progress=False)
+        >>> effect.shape[0] == model.num_layers
+        True
+    """
+    accessor = _accessor(model, component)
+    clean_batch, corrupted_batch = _encode_pair(model, clean, corrupted)
+    seq = clean_batch["input_ids"].shape[1]
+    layer_list = _layer_list(model, layers)
+    position_list = _position_list(positions, seq)
+    if component == "head":
+        cells = [(layer, h) for layer in layer_list for h in range(model.num_heads)]
+    else:
+        cells = [(layer, p) for layer in layer_list for p in position_list]
+
+    clean_acts: dict[int, torch.Tensor] = {}
+    with torch.no_grad(), model.trace(clean_batch):
+        for layer in sorted(layer_list):
+            clean_acts[layer] = accessor[layer].save()  # (1, seq, hidden) or (1, seq, heads, head_dim)
+
+    if batch_size is None:
+        batch_size = max(1, _DEFAULT_LOGITS_BUDGET // (seq * model.vocab_size * 4))
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    # cells are layer-major, so each chunk touches its layers in forward order
+    chunks = [cells[i : i + batch_size] for i in range(0, len(cells), batch_size)]
+    from tqdm.auto import tqdm
+
+    results: list[torch.Tensor] = []
+    for chunk in tqdm(chunks, desc=f"patching {component}", disable=not progress or len(chunks) == 1):
+        rows = len(chunk)
+        inputs = {k: v.expand(rows, -1) for k, v in corrupted_batch.items()}
+        masks: dict[int, torch.Tensor] = {}
+        for row, (layer, j) in enumerate(chunk):
+            if layer not in masks:
+                shape = (rows, seq, model.num_heads, 1) if component == "head" else (rows, seq, 1)
+                masks[layer] = torch.zeros(shape, dtype=torch.bool)
+            if component == "head":
+                masks[layer][row, position_list, j] = True
+            else:
+                masks[layer][row, j] = True
+        with torch.no_grad(), model.trace(inputs):
+            for layer in sorted(masks):
+                out = accessor[layer]
+                accessor[layer] = torch.where(masks[layer].to(out.device), clean_acts[layer].expand_as(out), out)
+            logits = model.logits.save()  # (rows, seq, vocab)
+        results.append(_at_least_float32(_check_metric(metric(logits), rows)))
+    n_cols = model.num_heads if component == "head" else len(position_list)
+    return torch.cat(results).reshape(len(layer_list), n_cols)
+
+
+def attribution_patching(
+    model,
+    clean: str,
+    corrupted: str,
+    metric: Metric,
+    component: str = "resid",
+    layers: int | Sequence[int] | None = None,
+) -> torch.Tensor:
+    """Attribution patching: the first-order estimate of activation patching, ``(len(layers), seq)``.
+
+    For each (layer, position): ``(clean_act - corrupted_act) . d metric / d act`` with the gradient taken
+    at the corrupted run (``metric`` is summed over its ``(n,)`` output). One clean forward, then ONE
+    corrupted forward and ONE backward for all cells. ``component``: ``"resid"``, ``"attn"`` or ``"mlp"``.
+
+    Example:
+        >>> from unilens import StandardizedTransformer
+        >>> from unilens.testing import tiny_model
+        >>> model = StandardizedTransformer(*tiny_model("llama"))
+        >>> paris = model.tokenizer(" Paris").input_ids[0]
+        >>> est = attribution_patching(model, "The capital of France is", "The capital of Italy is",
+        ...                            lambda logits: logits[:, -1, paris])
+        >>> est.shape[0] == model.num_layers
+        True
+    """
+    if component == "head":
+        raise ValueError("attribution_patching supports component 'resid', 'attn' or 'mlp'; use activation_patching "
+                         "for heads.")
+    accessor = _accessor(model, component)
+    clean_batch, corrupted_batch = _encode_pair(model, clean, corrupted)
+    layer_list = sorted(_layer_list(model, layers))
+    clean_acts: dict[int, torch.Tensor] = {}
+    with torch.no_grad(), model.trace(clean_batch):
+        for layer in layer_list:
+            clean_acts[layer] = accessor[layer].save()
+    # A zero "probe" added to each activation: d metric / d probe = d metric / d activation, whatever
+    # the module does with its own output tensor; autograd.grad leaves the parameters' .grad untouched.
+    probes = {layer: torch.zeros_like(act, requires_grad=True) for layer, act in clean_acts.items()}
+    corrupted_acts: dict[int, torch.Tensor] = {}
+    with torch.enable_grad():
+        with model.trace(corrupted_batch):
+            for layer in layer_list:
+                out = accessor[layer]
+                corrupted_acts[layer] = out.detach().save()
+                accessor[layer] = out + probes[layer].to(out.device, out.dtype)
+            logits = model.logits.save()
+        value = _check_metric(metric(logits), 1).sum()
+        grads = torch.autograd.grad(value, [probes[layer] for layer in layer_list], allow_unused=True)
+    rows = []
+    for layer, grad in zip(layer_list, grads):
+        if grad is None:
+            grad = torch.zeros_like(probes[layer])  # the metric does not depend on this activation
+        delta = (clean_acts[layer] - corrupted_acts[layer]).to(grad.dtype)
+        rows.append((delta * grad).sum(dim=-1)[0])  # (seq,)
+    order = _layer_list(model, layers)
+    by_layer = dict(zip(layer_list, rows))
+    return _at_least_float32(torch.stack([by_layer[layer] for layer in order]))
+
+
+# ------------------------------------------------------------------------------------------------
+# Direct logit attribution
+# ------------------------------------------------------------------------------------------------
+
+
+def _norm_eps(norm: nn.Module) -> float:
+    for name in ("eps", "variance_epsilon", "epsilon", "layer_norm_eps", "norm_eps"):
+        value = getattr(norm, name, None)
+        if isinstance(value, (int, float)):
+            return float(value)
+    raise ValueError(
+        f"direct_logit_attribution: cannot find the epsilon of the final norm {type(norm).__name__} "
+        "(looked for eps / variance_epsilon / epsilon)."
+    )
+
+
+def _frozen_norm(norm: nn.Module | None, x: torch.Tensor):
+    """The final norm at ``x`` ``(hidden,)`` as an affine map with its scale frozen: ``y = gain * P(c) / scale + bias``.
+
+    ``P`` subtracts the mean (LayerNorm-like) or is the identity (RMSNorm-like). The gain, bias and
+    centering are read by probing the module (so ``1 + weight`` norms and weightless norms work) and the
+    map is checked against the module at ``x``. Returns ``(gain, bias, center, scale)`` in float64.
+    """
+    hidden = x.shape[-1]
+    x64 = x.double()
+    if norm is None:
+        return torch.ones_like(x64), torch.zeros_like(x64), False, 1.0
+    param = next(norm.parameters(), None)
+    dtype, device = (param.dtype, param.device) if param is not None else (x.dtype, x.device)
+
+    def run(v: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return norm(v.to(device, dtype)[None]).double()[0].to(x.device)
+
+    eps = _norm_eps(norm)
+    bias = run(torch.zeros(hidden, dtype=torch.float64, device=x.device))
+    probe = torch.randn(hidden, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(x.device)
+    center = bool(torch.allclose(run(probe + 3.0) - bias, run(probe) - bias, rtol=1e-3, atol=1e-4))
+    if center:  # LayerNorm: a +-1 probe has mean 0 (even hidden) and variance 1
+        signs = torch.ones(hidden, dtype=torch.float64, device=x.device)
+        signs[1::2] = -1.0
+        signs -= signs.mean()
+        var = signs.pow(2).mean()
+        gain = (run(signs) - bias) * torch.sqrt(var + eps) / signs
+        scale = math.sqrt(float(x64.var(unbiased=False)) + eps)
+        centered = x64 - x64.mean()
+    else:  # RMSNorm: ones have rms 1
+        gain = (run(torch.ones(hidden, dtype=torch.float64, device=x.device)) - bias) * math.sqrt(1.0 + eps)
+        scale = math.sqrt(float(x64.pow(2).mean()) + eps)
+        centered = x64
+    rebuilt = gain * centered / scale + bias
+    actual = run(x64)
+    if not torch.allclose(rebuilt, actual, rtol=1e-3, atol=1e-3 * float(actual.abs().max())):
+        raise ValueError(
+            f"direct_logit_attribution: the final norm {type(norm).__name__} is neither RMSNorm- nor "
+            f"LayerNorm-like (max error {float((rebuilt - actual).abs().max()):.3g} rebuilding it), so its "
+            "contributions cannot be split linearly."
+        )
+    return gain, bias, center, scale
+
+
+def direct_logit_attribution(
+    model, prompt: str, token: int | str, position: int = -1, heads: bool = True
+) -> dict[str, torch.Tensor | list[str] | float]:
+    """Direct logit attribution: each component's direct contribution to ``token``'s logit at ``position``.
+
+    The final residual is a sum: ``embed`` (``layers_input[0]``) + each layer's attention and MLP output.
+    Each part goes straight through the final norm with its scale FROZEN at the value of the full forward
+    (``scale = rms(x)`` for RMSNorm, ``std(x)`` for LayerNorm, whose mean-centering is linear and applied per
+    part), then through ``W_U[:, token]``: ``contribution(c) = (W_U[:, token] * gain) . P(c) / scale``.
+    ``bias`` holds the norm's bias and the unembedding bias terms, so
+    ``embed + layers.sum() + bias == logit``. Linear logit scaling is applied to every term; with a
+    soft-cap (Gemma 2) the terms add up to the logit BEFORE the soft-cap.
+
+    Returns a dict: ``layers`` ``(2 * n_layers,)`` = [attn 0, mlp 0, attn 1, ...] with ``labels``;
+    ``attn``, ``mlp`` ``(n_layers,)``; ``heads`` ``(n_layers, n_heads)`` (per-head output ``z_h @ W_O[h]``)
+    and ``head_bias`` ``(n_layers,)`` (the attention output bias, ``heads.sum(-1) + head_bias == attn``);
+    ``embed``, ``bias``, ``logit`` (scalars, float64 tensors).
+
+    Example:
+        >>> from unilens import StandardizedTransformer
+        >>> from unilens.testing import tiny_model
+        >>> model = StandardizedTransformer(*tiny_model("llama"))
+        >>> dla = direct_logit_attribution(model, "The capital of France is", " Paris")
+        >>> total = dla["embed"] + dla["layers"].sum() + dla["bias"]
+        >>> bool(torch.isclose(total, dla["logit"], atol=1e-4))
+        True
+    """
+    if isinstance(token, str):
+        ids = model.tokenizer(token, add_special_tokens=False).input_ids
+        if len(ids) != 1:
+            raise ValueError(f"token {token!r} is {len(ids)} tokens {ids}; pass one token (its id or string).")
+        token = ids[0]
+    if not 0 <= int(token) < model.vocab_size:
+        raise IndexError(f"token id {token} out of range (vocab size {model.vocab_size}).")
+    batch = _encode(model, prompt)
+    seq = batch["input_ids"].shape[1]
+    (position,) = _position_list(position, seq)
+    n = model.num_layers
+    attn_out, mlp_out, z = [], [], []
+    with torch.no_grad(), model.trace(batch):
+        embed = model.layers_input[0][0, position].save()
+        for i in range(n):
+            if heads:
+                z.append(model.attention_heads[i][0, position].save())  # (heads, head_dim)
+            attn_out.append(model.attentions_output[i][0, position].save())  # (hidden,)
+            mlp_out.append(model.mlps_output[i][0, position].save())
+        final = model.layers_output[n - 1][0, position].save()
+        logits = model.logits[0, position].save()
+    parts = torch.stack([embed] + [v for pair in zip(attn_out, mlp_out) for v in pair]).double()  # (1+2n, hidden)
+    final64 = final.double()
+    residual_error = float((parts.sum(0) - final64).abs().max())
+    if residual_error > 1e-3 * float(final64.abs().max()) + 1e-5:
+        raise ValueError(
+            f"direct_logit_attribution: this {model.architecture.model_type} model's final residual is not the sum "
+            f"of the embedding and the attention / MLP outputs (max error {residual_error:.3g}); DLA needs a "
+            "pre-norm residual stream without residual scaling."
+        )
+    arch = model.architecture
+    if arch.head_chain is None or len(arch.head_chain) > 1 or (arch.head_chain and arch.head_chain[0] != arch.final_norm_path):
+        raise ValueError(
+            f"direct_logit_attribution: this {arch.model_type} model maps the residual to logits through "
+            f"{arch.head_chain or arch.head_error}, not a single final norm; DLA through it is not linearizable here."
+        )
+    norm = model.module_accessor.get_unembed_norm() if arch.final_norm_path is not None else None
+    gain, norm_bias, center, scale = _frozen_norm(norm, final.to(parts.device))
+    head = model.module_accessor.get_unembed()
+    w_u = model.weights.W_U[:, token].detach().double().to(parts.device)  # (hidden,)
+    head_bias = getattr(head, "bias", None)
+    direction = w_u * gain / scale  # (hidden,)
+
+    post = model.architecture.logit_postprocessing
+    factor = 1.0
+    for key, value in post.items():
+        how = LOGIT_POSTPROCESSING[key]
+        factor = factor * value if how == "multiply" else factor / value if how == "divide" else factor
+
+    def project(c: torch.Tensor) -> torch.Tensor:  # (..., hidden) -> (...)
+        c = c.double().to(direction.device)
+        if center:
+            c = c - c.mean(dim=-1, keepdim=True)
+        return factor * (c @ direction)
+
+    contributions = project(parts)  # (1 + 2n,)
+    bias = factor * (w_u @ norm_bias)
+    if head_bias is not None:
+        bias = bias + factor * float(head_bias[token])
+    logit = logits[token].double()
+    if any(LOGIT_POSTPROCESSING[key] == "softcap" for key in post):
+        cap = next(v for k, v in post.items() if LOGIT_POSTPROCESSING[k] == "softcap")
+        logit = cap * torch.atanh((logit / cap).clamp(-1 + 1e-12, 1 - 1e-12))
+    result: dict[str, torch.Tensor | list[str] | float] = {
+        "embed": contributions[0],
+        "layers": contributions[1:],
+        "labels": [f"L{i} {kind}" for i in range(n) for kind in ("attn", "mlp")],
+        "attn": contributions[1::2],
+        "mlp": contributions[2::2],
+        "bias": bias,
+        "logit": logit,
+    }
+    if heads:
+        per_head, b_o = [], []
+        for i in range(n):
+            w_o = model.weights[i].W_O.detach().double().to(direction.device)  # (heads, head_dim, hidden)
+            vectors = torch.einsum("hd,hdm->hm", z[i].double().to(direction.device), w_o)  # (heads, hidden)
+            bias_o = model.weights[i].b_O
+            bias_o = torch.zeros_like(vectors[0]) if bias_o is None else bias_o.detach().double().to(vectors.device)
+            error = float((vectors.sum(0) + bias_o - attn_out[i].double().to(vectors.device)).abs().max())
+            if error > 1e-3 * float(attn_out[i].abs().max()) + 1e-5:
+                raise ValueError(
+                    f"direct_logit_attribution: layer {i}'s heads (z @ W_O + b_O) do not add up to its attention "
+                    f"output (max error {error:.3g}); pass heads=False for layer-level attribution."
+                )
+            per_head.append(project(vectors))
+            b_o.append(project(bias_o))
+        result["heads"] = torch.stack(per_head)
+        result["head_bias"] = torch.stack(b_o)
+    return result
+
+
+# ------------------------------------------------------------------------------------------------
+# Steering
+# ------------------------------------------------------------------------------------------------
+
+
+def steer_all(
+    model,
+    prompts: Prompts,
+    vectors: dict[int, torch.Tensor],
+    factor: float = 1.0,
+    positions: int | Sequence[int] | slice | None = None,
+    batch_rows: int | Sequence[int] | slice | None = None,
+) -> torch.Tensor:
+    """Run ``prompts`` with ``factor * vectors[layer]`` added to ``layers_output[layer]`` for every layer given.
+
+    ``positions`` / ``batch_rows`` restrict where the vectors are added (positions index the padded batch;
+    with the default left padding, negative positions are the same tokens in every row). Returns the
+    logits ``(batch, seq, vocab)``.
+
+    Example:
+        >>> from unilens import StandardizedTransformer
+        >>> from unilens.testing import tiny_model
+        >>> model = StandardizedTransformer(*tiny_model("llama"))
+        >>> v = torch.randn(model.hidden_size)
+        >>> logits = steer_all(model, ["Hello there", "Hi"], {0: v, 1: -v}, factor=2.0)
+        >>> logits.shape[0], logits.shape[-1] == model.vocab_size
+        (2, True)
+    """
+    layers = _layer_list(model, list(vectors))
+    by_layer = dict(zip(layers, vectors.values()))
+    batch = _encode(model, prompts)
+    with torch.no_grad(), model.trace(batch):
+        for layer in sorted(by_layer):
+            model.steer(layer, by_layer[layer], factor=factor, positions=positions, batch_index=batch_rows)
+        logits = model.logits.save()
+    return logits
+
+
+def mean_difference_vector(model, positive_prompts: Prompts, negative_prompts: Prompts, layer: int) -> torch.Tensor:
+    """Steering vector ``(hidden,)``: mean last-token ``layers_output[layer]`` of positive minus negative prompts.
+
+    Example:
+        >>> from unilens import StandardizedTransformer
+        >>> from unilens.testing import tiny_model
+        >>> model = StandardizedTransformer(*tiny_model("llama"))
+        >>> v = mean_difference_vector(model, ["I love it", "Great"], ["I hate it", "Awful"], layer=1)
+        >>> v.shape == (model.hidden_size,)
+        True
+    """
+    (layer,) = _layer_list(model, layer)
+
+    def mean_last(prompts: Prompts) -> torch.Tensor:
+        with torch.no_grad(), model.trace(_encode(model, prompts)):
+            last = model._last_positions(model.layers_output[layer]).save()  # (batch, hidden)
+        return last.mean(dim=0)
+
+    return mean_last(positive_prompts) - mean_last(negative_prompts)
