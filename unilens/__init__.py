@@ -5,10 +5,12 @@ from .loading import default_model_path
 from .model import StandardizedTransformer, load_default
 from .interventions import logit_lens, patchscope_lens, activation_patching, attribution_patching, TargetPrompt
 from .prompt_utils import Prompt, run_prompts
+from .cache import ActivationStore, cache_activations
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ActivationStore",
     "Architecture",
     "ArchitectureError",
     "ModuleAccessor",
@@ -17,6 +19,7 @@ __all__ = [
     "TargetPrompt",
     "activation_patching",
     "attribution_patching",
+    "cache_activations",
     "logit_lens",
     "patchscope_lens",
     "run_prompts",

@@ -1,0 +1,312 @@
+"""Tests for unilens.cache: values vs single-text traces, padding, resume after SIGKILL / disk full, bad inputs."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from unilens import StandardizedTransformer
+from unilens import cache as cache_mod
+from unilens.cache import (
+    ActivationStore,
+    CacheCorruptError,
+    CacheDiskFullError,
+    CacheError,
+    cache_activations,
+    main_cache,
+    read_texts,
+)
+from unilens.testing import tiny_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+TEXTS = [
+    "The capital of France is Paris.",
+    "Hi",
+    "The cat sat on the mat. The dog ran in the park. The bird sang in the tree.",
+    "",  # empty: skipped with a warning, the others keep their index
+    "One, two, three",
+    "When Mary and John went to the store, John gave a drink to Mary.",
+    "Berlin",
+]
+NAMES = ["layers_output.*", "attentions_output.0", "mlps_input.1", "attention_probabilities.1", "logits"]
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])  # rotary and absolute (learned) positions
+def model(request):
+    hf, tok = tiny_model(request.param, seed=0)
+    return StandardizedTransformer(hf, tokenizer=tok)
+
+
+def _alone(model, text: str) -> tuple[list[int], dict[str, torch.Tensor]]:
+    """Oracle: one trace of `text` alone (no padding), read through the accessors directly."""
+    ids = model.tokenizer(text)["input_ids"]
+    batch = torch.tensor([ids])
+    out: dict[str, torch.Tensor] = {}
+    n = model.num_layers
+    with torch.no_grad(), model.trace({"input_ids": batch, "attention_mask": torch.ones_like(batch)}):
+        out["attentions_output.0"] = model.attentions_output[0].save()
+        for i in range(n):
+            if i == 1:
+                out["attention_probabilities.1"] = model.attention_probabilities[1].save()
+                out["mlps_input.1"] = model.mlps_input[1].save()
+            out[f"layers_output.{i}"] = model.layers_output[i].save()
+        out["logits"] = model.logits.save()
+    rows = {k: v[0] for k, v in out.items()}
+    rows["attention_probabilities.1"] = rows["attention_probabilities.1"].transpose(0, 1)  # (query, heads, key)
+    return ids, rows
+
+
+def _build(model, out_dir, batch_size, **kwargs):
+    with pytest.warns(UserWarning, match=r"skipping 1 empty text\(s\) \(indices \[3\]\)"):
+        return cache_activations(
+            model, TEXTS, NAMES, out_dir, batch_size=batch_size, shard_tokens=12, progress=False, **kwargs
+        )
+
+
+def test_values_equal_single_text_traces(model, tmp_path):
+    exact = _build(model, tmp_path / "b1", batch_size=1)  # each text alone: same shapes as the oracle
+    batched = _build(model, tmp_path / "b3", batch_size=3)  # texts of different lengths padded together
+    assert exact.names == batched.names and len(exact.manifest["shards"]) > 2
+    key_length = exact.manifest["args"]["key_length"]
+    expected_tokens = 0
+    for index, text in enumerate(TEXTS):
+        if not text:
+            assert not bool((exact["text_index"] == index).any())
+            continue
+        ids, oracle = _alone(model, text)
+        expected_tokens += len(ids)
+        for store in (exact, batched):
+            sel = store["text_index"] == index
+            assert store["token_ids"][sel].tolist() == ids
+            assert store["position"][sel].tolist() == list(range(len(ids)))
+        for name, want in oracle.items():
+            if name == "attention_probabilities.1":
+                # layout (query, heads, key_length): the text's own keys, then exact zeros
+                padded = torch.zeros(len(ids), want.shape[1], key_length)
+                padded[..., : len(ids)] = want
+                want = padded
+            got_exact = exact[name][exact["text_index"] == index]
+            got_batched = batched[name][batched["text_index"] == index]
+            # batch_size=1 runs the very same computation as the oracle trace: bitwise equal in fp32
+            assert torch.equal(got_exact, want), name
+            # padded batches change matmul shapes, hence the summation order: rounding-level (~1e-7) differences
+            torch.testing.assert_close(got_batched, want, atol=1e-5, rtol=0)
+    # padding never reaches the store: one row per real token
+    assert len(exact) == len(batched) == expected_tokens == exact.manifest["inputs"]["num_tokens"]
+    assert exact.manifest["inputs"]["skipped_texts"] == [3]
+
+
+def test_dataset_rows_and_shards(tmp_path):
+    hf, tok = tiny_model("llama", seed=1)
+    model = StandardizedTransformer(hf, tokenizer=tok)
+    store = cache_activations(
+        model, TEXTS[:3], ["layers_output.0", "layers_output.1"], tmp_path, batch_size=2, shard_tokens=5, progress=False
+    )
+    full = store["layers_output.1"]
+    ds = store.dataset(["layers_output.1"])
+    assert len(ds) == full.shape[0] == sum(len(tok(t)["input_ids"]) for t in TEXTS[:3])
+    for i in (0, 7, len(ds) - 1):
+        row = ds[i]
+        assert torch.equal(row["layers_output.1"], full[i])
+        assert int(row["text_index"]) == int(store["text_index"][i])
+    per_shard = torch.cat([s["layers_output.1"] for s in store.iter_shards(["layers_output.1"])])
+    assert torch.equal(per_shard, full)
+    with pytest.raises(KeyError, match="layers_output.5"):
+        store["layers_output.5"]
+
+
+def _store_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    hf, tok = tiny_model("llama", seed=2)
+    hf.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    texts = tmp_path_factory.mktemp("texts") / "texts.txt"
+    lines = [f"{TEXTS[i % len(TEXTS)]} {i}" for i in range(40)]
+    lines[10] = ""  # an empty line: an empty text, skipped with a warning
+    texts.write_text("\n".join(lines) + "\n")
+    return folder, texts
+
+
+def _main(saved_model, out_dir):
+    folder, texts = saved_model
+    return main_cache(str(texts), ["layers_output.*", "mlps_output.1"], str(out_dir), str(folder), 3, 16,
+                      shard_tokens=40, progress=False)  # fmt: skip
+
+
+def test_sigkill_then_resume_is_byte_identical(saved_model, tmp_path):
+    folder, texts = saved_model
+    with pytest.warns(UserWarning, match="empty"):
+        reference = _main(saved_model, tmp_path / "reference")
+    assert reference.manifest["complete"] and reference.manifest["num_shards"] >= 5
+
+    out = tmp_path / "killed"
+    env = {**os.environ, "UNILENS_CACHE_TEST_DELAY": "0.3"}  # slow the batches down so the kill lands mid-run
+    cmd = [sys.executable, "-m", "unilens.cache", str(texts), str(out), "--names", "layers_output.*", "mlps_output.1",
+           "--model", str(folder), "--batch-size", "3", "--max-length", "16", "--shard-tokens", "40",
+           "--no-progress"]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and proc.poll() is None:
+            manifest = out / "manifest.json"
+            if manifest.exists() and len(json.loads(manifest.read_text())["shards"]) >= 1:
+                break
+            time.sleep(0.05)
+        time.sleep(0.4)  # into the next shard's batches
+        assert proc.poll() is None, f"the run ended before the kill: {proc.communicate()[1].decode()[-2000:]}"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    partial = json.loads((out / "manifest.json").read_text())
+    assert not partial["complete"] and 1 <= len(partial["shards"]) < partial["num_shards"]
+    with pytest.raises(CacheError, match="incomplete"):
+        ActivationStore(out)
+
+    with pytest.warns(UserWarning, match="empty"):
+        resumed = _main(saved_model, out)
+    assert resumed.manifest["complete"]
+    # every shard and the manifest byte for byte (the manifest holds no timestamp or path, nothing run-dependent)
+    assert _store_bytes(out) == _store_bytes(tmp_path / "reference")
+    resumed.verify()
+
+
+def test_resume_ignores_and_cleans_partial_files(saved_model, tmp_path):
+    """A kill between 'shard renamed' and 'manifest updated', or during a temp write, leaves files never read."""
+    with pytest.warns(UserWarning, match="empty"):
+        reference = _main(saved_model, tmp_path / "reference")
+    out = tmp_path / "crashed"
+    shutil.copytree(tmp_path / "reference", out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["shards"], manifest["complete"] = manifest["shards"][:1], False
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    (out / "shard_00001.safetensors").write_bytes(b"garbage: renamed but not yet listed")
+    (out / "shard_00002.safetensors.tmp").write_bytes(b"half a shard")
+    (out / "manifest.json.tmp").write_bytes(b"{")
+    with pytest.warns(UserWarning, match="empty"):
+        _main(saved_model, out)
+    assert _store_bytes(out) == _store_bytes(tmp_path / "reference")
+    assert reference.manifest["num_shards"] == len(reference.shards)
+
+
+def test_disk_full_keeps_store_consistent_and_resumable(saved_model, tmp_path, monkeypatch):
+    with pytest.warns(UserWarning, match="empty"):
+        _main(saved_model, tmp_path / "reference")
+    real_write = cache_mod._write_shard
+    calls = []
+
+    def full_disk(path, data):
+        calls.append(path.name)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(path, data)
+
+    monkeypatch.setattr(cache_mod, "_write_shard", full_disk)
+    out = tmp_path / "full"
+    with pytest.warns(UserWarning, match="empty"), pytest.raises(CacheDiskFullError, match="disk full.*resume"):
+        _main(saved_model, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert len(manifest["shards"]) == 2 and not manifest["complete"]
+    on_disk = sorted(p.name for p in out.iterdir())
+    assert on_disk == ["manifest.json", "shard_00000.safetensors", "shard_00001.safetensors"]  # no temp file left
+    partial = ActivationStore(out, allow_incomplete=True)
+    partial.verify()
+    assert len(partial) == manifest["shards"][-1]["rows"][1]
+
+    monkeypatch.setattr(cache_mod, "_write_shard", real_write)
+    with pytest.warns(UserWarning, match="empty"):
+        _main(saved_model, out)
+    assert _store_bytes(out) == _store_bytes(tmp_path / "reference")
+
+
+def test_verify_names_the_corrupt_shard(tmp_path):
+    hf, tok = tiny_model("gpt2", seed=3)
+    model = StandardizedTransformer(hf, tokenizer=tok)
+    store = cache_activations(model, TEXTS[:3], ["layers_output.0"], tmp_path, shard_tokens=8, progress=False)
+    store.verify()
+    shard = tmp_path / store.shards[1]["file"]
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CacheCorruptError, match=store.shards[1]["file"]):
+        store.verify()
+
+
+def test_bad_inputs(tmp_path):
+    hf, tok = tiny_model("llama", seed=4)
+    model = StandardizedTransformer(hf, tokenizer=tok)
+    def run(texts, names, out, **kw):
+        return cache_activations(model, texts, names, out, progress=False, **kw)
+
+    with pytest.raises(CacheError, match="texts is empty"):
+        run([], ["layers_output.0"], tmp_path / "a")
+    with pytest.raises(CacheError, match="single string"):
+        run("The cat", ["layers_output.0"], tmp_path / "a")
+    with pytest.raises(CacheError, match="every text is empty"):
+        run(["", ""], ["layers_output.0"], tmp_path / "a")
+    with pytest.raises(CacheError, match="not a str"):
+        run(["ok", 3], ["layers_output.0"], tmp_path / "a")
+    with pytest.raises(CacheError, match=r"unknown activation name 'resid\.0'.*layers_output\.<layer\|\*>"):
+        run(["ok"], ["resid.0"], tmp_path / "a")
+    with pytest.raises(CacheError, match="out of range"):
+        run(["ok"], ["layers_output.99"], tmp_path / "a")
+    with pytest.raises(CacheError, match="attention_probabilities instead"):
+        run(["ok"], ["attention_scores.0"], tmp_path / "a")
+    with pytest.raises(CacheError, match="batch_size"):
+        run(["ok"], ["layers_output.0"], tmp_path / "a", batch_size=0)
+    assert not (tmp_path / "a").exists()  # nothing written for refused arguments
+
+    run(["The cat sat", "Hello"], ["layers_output.0"], tmp_path / "store")
+    before = _store_bytes(tmp_path / "store")
+    # same call again: the complete store is returned untouched
+    assert len(run(["The cat sat", "Hello"], ["layers_output.0"], tmp_path / "store")) > 0
+    other_hf, _ = tiny_model("llama", seed=5)
+    other = StandardizedTransformer(other_hf, tokenizer=tok)
+    with pytest.raises(CacheError, match=r"(?s)different model.*weights_sha256"):
+        cache_activations(other, ["The cat sat", "Hello"], ["layers_output.0"], tmp_path / "store", progress=False)
+    with pytest.raises(CacheError, match="names"):
+        run(["The cat sat", "Hello"], ["layers_output.1"], tmp_path / "store")
+    with pytest.raises(CacheError, match="tokens_sha256"):
+        run(["The cat sat", "Goodbye"], ["layers_output.0"], tmp_path / "store")
+    with pytest.raises(CacheError, match="batch_size"):
+        run(["The cat sat", "Hello"], ["layers_output.0"], tmp_path / "store", batch_size=1)
+    assert _store_bytes(tmp_path / "store") == before  # refused runs leave the store as it was
+
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "notes.txt").write_text("mine")
+    with pytest.raises(CacheError, match="not an activation store"):
+        run(["ok"], ["layers_output.0"], tmp_path / "foreign")
+
+
+def test_read_texts(tmp_path):
+    jsonl = tmp_path / "t.jsonl"
+    jsonl.write_text('{"text": "a b"}\n\n{"text": "", "id": 2}\n{"text": "c"}\n')
+    assert read_texts(jsonl) == ["a b", "", "c"]
+    txt = tmp_path / "t.txt"
+    txt.write_text("first\n\nthird  \n")
+    assert read_texts(txt) == ["first", "", "third  "]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"txt": "a"}\n')
+    with pytest.raises(CacheError, match=r'bad.jsonl:1.*"text"'):
+        read_texts(bad)
+    (tmp_path / "t.csv").write_text("x")
+    with pytest.raises(CacheError, match="unsupported"):
+        read_texts(tmp_path / "t.csv")

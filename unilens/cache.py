@@ -1,0 +1,944 @@
+"""Streaming activation cache: per-token activations of many texts in resumable safetensors shards.
+
+Layout of a store (``out_dir``)::
+
+    manifest.json              model identity, arguments, per-name row shape / dtype, shard list (sha256)
+    shard_00000.safetensors    every requested name's rows for the shard + ``token_ids``, ``text_index``, ``position``
+    shard_00001.safetensors    ...
+
+One *row* is one real (non-padding) token. Rows are stored in text order, then position order, whatever
+order the batches ran in: row ``r`` of every name belongs to text ``text_index[r]`` at token ``position[r]``.
+
+Names are standardized accessor names with a layer: ``"layers_output.12"``, ``"mlps_output.*"`` (every layer
+that has one), ``"attention_probabilities.3"``, plus ``"logits"``. Per-token row shapes:
+
+=================================================  ===================================================
+``layers_input`` / ``layers_output``, ``attentions_input`` / ``attentions_output``, ``mlps_input`` /
+``mlps_output``                                    ``(hidden,)``
+``attention_queries`` / ``_keys`` / ``_values``    ``(heads, head_dim)`` (key/value heads for keys/values)
+``attention_heads``                                ``(heads, head_dim)``
+``attention_head_results``                         ``(heads, hidden)``
+``attention_probabilities``                        ``(heads, key_length)``: the query token's attention
+                                                   over key positions ``0..key_length-1`` of its own text;
+                                                   ``key_length`` is ``max_length`` when given, else the
+                                                   longest text. Keys after the query (causal) and past the
+                                                   text's end are exactly 0.
+``logits``                                         ``(vocab,)``
+=================================================  ===================================================
+
+Shards are contiguous groups of texts closed as soon as they hold ``shard_tokens`` rows, so boundaries depend
+only on the inputs and arguments. Within a shard, texts are sorted by length into batches (right padding,
+so each real token sees exactly what it would see alone); the batch plan is deterministic too, so a resumed
+run is byte-identical to an uninterrupted one. Each shard is written to a ``.tmp`` name, fsynced, renamed, and
+only then is ``manifest.json`` rewritten (temp + fsync + rename): a kill at any moment leaves a store that the
+same call resumes from its last complete shard. Memory holds one shard's rows plus one batch's activations.
+
+Texts that are empty (``""``) or tokenize to no token are skipped with a warning; their indices are listed in
+the manifest (``inputs.skipped_texts``) and other texts keep their original ``text_index``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import hashlib
+import importlib.metadata
+import json
+import math
+import os
+import re
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_save
+
+if TYPE_CHECKING:
+    from .model import StandardizedTransformer
+
+__all__ = [
+    "ActivationStore",
+    "ActivationDataset",
+    "CacheError",
+    "CacheDiskFullError",
+    "CacheCorruptError",
+    "cache_activations",
+    "main_cache",
+    "read_texts",
+    "CACHEABLE_NAMES",
+]
+
+FORMAT = "unilens-activation-cache"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+_SHARD_RE = re.compile(r"^shard_\d{5}\.safetensors$")
+_TMP_SUFFIX = ".tmp"
+# Testing hook: seconds to sleep after each batch, so a test can kill a run mid-shard.
+_DELAY_ENV = "UNILENS_CACHE_TEST_DELAY"
+_DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))  # no space / quota exceeded
+_DEFAULT_SHARD_BYTES = 256 * 2**20  # automatic shard_tokens: about 256 MiB of activations per shard
+
+# Accessor name -> how its tensor maps to per-token rows. Listed in the order the forward computes them inside
+# one layer (nnsight 0.8 requires values to be requested in execution order).
+#   "token": (batch, seq, *row)   "heads_first": (batch, heads, seq, d)   "probs": (batch, heads, query, key)
+_KINDS: dict[str, str] = {
+    "layers_input": "token",
+    "attentions_input": "token",
+    "attention_queries": "heads_first",
+    "attention_keys": "heads_first",
+    "attention_values": "heads_first",
+    "attention_probabilities": "probs",
+    "attention_heads": "token",
+    "attention_head_results": "token",
+    "attentions_output": "token",
+    "mlps_input": "token",
+    "mlps_output": "token",
+    "layers_output": "token",
+}
+_ORDER = {name: i for i, name in enumerate(_KINDS)}
+CACHEABLE_NAMES: tuple[str, ...] = (*_KINDS, "logits")
+_NOT_CACHEABLE = {
+    "attention_scores": "pre-softmax scores hold the model's masking constant at masked keys, which does not "
+    "survive padding to a common key length; cache attention_probabilities instead",
+    "next_token_probs": "it is one row per text, not per token; cache logits and take the last row of each text",
+}
+_META_NAMES = ("token_ids", "text_index", "position")
+
+
+class CacheError(ValueError):
+    """Bad arguments or an ``out_dir`` that cannot be used for this run."""
+
+
+class CacheDiskFullError(OSError):
+    """The disk filled up while writing; the store is consistent and resumes once space is freed."""
+
+
+class CacheCorruptError(ValueError):
+    """A shard's bytes do not match the sha256 recorded in the manifest (or the shard is missing)."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Names
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Name:
+    accessor: str  # e.g. "layers_output"
+    layer: int | None  # None for logits
+
+    @property
+    def key(self) -> str:
+        return self.accessor if self.layer is None else f"{self.accessor}.{self.layer}"
+
+    @property
+    def sort_key(self) -> tuple[float, int]:
+        return (math.inf, 0) if self.layer is None else (self.layer, _ORDER[self.accessor])
+
+
+def _layers_with(model: "StandardizedTransformer", accessor: str) -> list[int]:
+    """Layers where ``accessor`` exists (hybrid stacks have layers without attention or MLP)."""
+    arch = model.architecture
+    if accessor.startswith("attention"):
+        return [i for i, parts in enumerate(arch.layers) if parts.attention is not None]
+    if accessor.startswith("mlps"):
+        part = "mlp_in" if accessor == "mlps_input" else "mlp_out"
+        return [i for i, parts in enumerate(arch.layers) if getattr(parts, part) is not None]
+    return list(range(model.num_layers))
+
+
+def _resolve_names(model: "StandardizedTransformer", names: str | Sequence[str]) -> list[_Name]:
+    """``["layers_output.*", "attention_probabilities.3"]`` -> sorted, de-duplicated names in forward order."""
+    if isinstance(names, str):
+        names = [names]
+    names = list(names)
+    if not names:
+        raise CacheError(
+            f"names is empty: pass at least one name, e.g. 'layers_output.*'. Cacheable: {CACHEABLE_NAMES}"
+        )
+    valid = ", ".join(f"{n}.<layer|*>" for n in _KINDS) + ", logits"
+    out: dict[str, _Name] = {}
+    for raw in names:
+        if not isinstance(raw, str):
+            raise CacheError(f"names must be strings like 'layers_output.3', got {raw!r}")
+        accessor, _, index = raw.strip().partition(".")
+        if accessor == "logits" and not index:
+            out["logits"] = _Name("logits", None)
+            continue
+        if accessor in _NOT_CACHEABLE:
+            raise CacheError(f"{raw!r} cannot be cached: {_NOT_CACHEABLE[accessor]}.")
+        if accessor not in _KINDS:
+            raise CacheError(f"unknown activation name {raw!r}. Valid names: {valid}.")
+        available = _layers_with(model, accessor)
+        if index == "*":
+            if not available:
+                raise CacheError(f"{raw!r}: this {model.architecture.model_type} model has no layer with {accessor}.")
+            for i in available:
+                out[f"{accessor}.{i}"] = _Name(accessor, i)
+            continue
+        if not re.fullmatch(r"-?\d+", index or ""):
+            raise CacheError(
+                f"{raw!r}: give a layer index or '*' after the dot, e.g. '{accessor}.0' or '{accessor}.*'."
+            )
+        n = model.num_layers
+        layer = int(index)
+        if not -n <= layer < n:
+            raise CacheError(f"{raw!r}: layer {layer} out of range, the model has {n} layers (0..{n - 1}).")
+        layer %= n
+        if layer not in available:
+            raise CacheError(f"{raw!r}: layer {layer} has no {accessor} (hybrid model); layers that do: {available}.")
+        out[f"{accessor}.{layer}"] = _Name(accessor, layer)
+    return sorted(out.values(), key=lambda name: name.sort_key)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Identity / fingerprints
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _sha256_tensor_sample(t: torch.Tensor, max_elements: int = 1 << 20) -> str:
+    """sha256 of up to ``max_elements`` evenly strided elements of ``t`` (bytes as stored), plus its shape/dtype."""
+    flat = t.detach().reshape(-1)
+    step = max(1, flat.numel() // max_elements)
+    sample = flat[::step].contiguous().cpu()
+    h = hashlib.sha256(f"{tuple(t.shape)}|{t.dtype}|{step}".encode())
+    h.update(sample.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _model_identity(model: "StandardizedTransformer") -> dict[str, Any]:
+    """model_type + config fingerprint + sampled checksums of the first, middle and last parameter."""
+    hf = model.module_accessor.model
+    config = hf.config.to_dict()
+    for key in ("_name_or_path", "name_or_path", "transformers_version", "_commit_hash"):
+        config.pop(key, None)  # where / with what it was loaded, not what it computes
+    config_json = json.dumps(config, sort_keys=True, default=str)
+    params = list(hf.named_parameters())
+    picked = {params[i][0]: params[i][1] for i in sorted({0, len(params) // 2, len(params) - 1})} if params else {}
+    return {
+        "model_type": model.architecture.model_type,
+        "class": type(hf).__name__,
+        "num_layers": model.num_layers,
+        "hidden_size": model.hidden_size,
+        "config_sha256": hashlib.sha256(config_json.encode()).hexdigest(),
+        "weights_sha256": {name: _sha256_tensor_sample(p) for name, p in picked.items()},
+    }
+
+
+def _versions() -> dict[str, str]:
+    from . import __version__
+
+    out = {"unilens": __version__, "torch": torch.__version__}
+    for dist in ("transformers", "nnsight", "safetensors"):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[dist] = "unknown"
+    return out
+
+
+_DTYPES = {
+    "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
+}  # fmt: skip
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in _DTYPES:
+        return _DTYPES[dtype]
+    raise CacheError(f"dtype {dtype!r} is not supported; choose one of {sorted(_DTYPES)} or None (the model's dtype).")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tokenization and plan
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Tokens:
+    ids: np.ndarray  # (total_tokens,) int64, kept texts concatenated in text order
+    offsets: np.ndarray  # (n_kept + 1,) start of each kept text in `ids`
+    text_index: np.ndarray  # (n_kept,) original index of each kept text
+    skipped: list[int]
+    truncated: int
+
+    def of(self, k: int) -> np.ndarray:
+        return self.ids[self.offsets[k] : self.offsets[k + 1]]
+
+    def length(self, k: int) -> int:
+        return int(self.offsets[k + 1] - self.offsets[k])
+
+    def sha256(self) -> str:
+        h = hashlib.sha256(self.ids.astype("<i8").tobytes())
+        h.update(self.offsets.astype("<i8").tobytes())
+        h.update(self.text_index.astype("<i8").tobytes())
+        return h.hexdigest()
+
+
+def _tokenize(tokenizer: Any, texts: Sequence[str], max_length: int | None, chunk: int = 1024) -> _Tokens:
+    ids: list[np.ndarray] = []
+    kept: list[int] = []
+    skipped: list[int] = []
+    truncated = 0
+    for start in range(0, len(texts), chunk):
+        part = list(texts[start : start + chunk])
+        for j, text in enumerate(part):
+            if not isinstance(text, str):
+                raise CacheError(f"texts[{start + j}] is a {type(text).__name__}, not a str; pass a list of strings.")
+        nonempty = [j for j, text in enumerate(part) if text != ""]
+        encoded = tokenizer([part[j] for j in nonempty], add_special_tokens=True)["input_ids"] if nonempty else []
+        by_j = dict(zip(nonempty, encoded))
+        for j in range(len(part)):
+            row = by_j.get(j)
+            if not row:
+                skipped.append(start + j)
+                continue
+            if max_length is not None and len(row) > max_length:
+                row, truncated = row[:max_length], truncated + 1
+            ids.append(np.asarray(row, dtype=np.int64))
+            kept.append(start + j)
+    lengths = np.array([len(r) for r in ids], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    flat = np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
+    return _Tokens(flat, offsets, np.asarray(kept, dtype=np.int64), skipped, truncated)
+
+
+def _plan_shards(tokens: _Tokens, shard_tokens: int) -> list[tuple[int, int]]:
+    """Contiguous ranges of kept texts ``[a, b)``, each closed once it holds >= ``shard_tokens`` rows."""
+    plan, start, count = [], 0, 0
+    n = len(tokens.text_index)
+    for k in range(n):
+        count += tokens.length(k)
+        if count >= shard_tokens:
+            plan.append((start, k + 1))
+            start, count = k + 1, 0
+    if start < n:
+        plan.append((start, n))
+    return plan
+
+
+def _batches(tokens: _Tokens, a: int, b: int, batch_size: int) -> list[list[int]]:
+    """Kept texts ``a..b-1`` sorted by length (longest first, ties by index), cut into batches."""
+    order = sorted(range(a, b), key=lambda k: (-tokens.length(k), k))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Running the model
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _hf_device(model: "StandardizedTransformer") -> torch.device:
+    for p in model.module_accessor.model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _pad_id(tokenizer: Any) -> int:
+    for attr in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, attr, None)
+        if isinstance(value, int):
+            return value
+    return 0
+
+
+def _run_batch(
+    model: "StandardizedTransformer", names: list[_Name], rows: list[np.ndarray], pad_id: int
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """One right-padded forward; returns ``{name: raw saved tensor}`` and the ``(batch, seq)`` mask."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, : len(r)] = torch.from_numpy(r)
+        mask[b, : len(r)] = 1
+    device = _hf_device(model)
+    saved: dict[str, torch.Tensor] = {}  # built before the trace: nnsight does not push back containers made inside
+    with torch.no_grad(), model.trace({"input_ids": ids.to(device), "attention_mask": mask.to(device)}):
+        for name in names:
+            if name.layer is None:
+                saved[name.key] = model.logits.save()
+            else:
+                saved[name.key] = getattr(model, name.accessor)[name.layer].save()
+    return saved, mask
+
+
+def _per_token(name: _Name, value: torch.Tensor, batch: int, width: int, key_length: int) -> torch.Tensor:
+    """Raw accessor tensor -> ``(batch, seq, *row)``."""
+    kind = "token" if name.layer is None else _KINDS[name.accessor]
+    value = value.detach()
+    if kind == "heads_first":  # (batch, heads, seq, d) -> (batch, seq, heads, d)
+        value = value.transpose(1, 2)
+    elif kind == "probs":  # (batch, heads, query, key) -> (batch, query, heads, key_length)
+        value = value.permute(0, 2, 1, 3)
+        if value.shape[-1] > key_length:
+            raise CacheError(f"{name.key}: {value.shape[-1]} keys exceed key_length {key_length}")
+        value = torch.nn.functional.pad(value, (0, key_length - value.shape[-1]))
+    if tuple(value.shape[:2]) != (batch, width):
+        raise CacheError(
+            f"{name.key} has shape {tuple(value.shape)}, expected (batch={batch}, seq={width}, ...) per token; "
+            "this accessor does not give one value per token on this model."
+        )
+    return value
+
+
+def _probe_rows(
+    model: "StandardizedTransformer", names: list[_Name], tokens: _Tokens, key_length: int, pad_id: int
+) -> dict[str, dict[str, Any]]:
+    """Row shape and dtype of every name, from a short forward on the first text."""
+    row = tokens.of(0)[:4]
+    saved, _ = _run_batch(model, names, [row], pad_id)
+    out = {}
+    for name in names:
+        value = _per_token(name, saved[name.key], 1, len(row), key_length)
+        out[name.key] = {"shape": list(value.shape[2:]), "dtype": _dtype_name(value.dtype)}
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Atomic file writes
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path.tmp``, fsync, rename over ``path``, fsync the folder. Cleans the temp on error."""
+    tmp = path.with_name(path.name + _TMP_SUFFIX)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _write_shard(path: Path, data: bytes) -> None:
+    """Write one shard file atomically (separate function so tests can simulate a full disk)."""
+    _atomic_write(path, data)
+
+
+def _write_manifest(path: Path, manifest: dict[str, Any]) -> None:
+    _atomic_write(path, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+
+
+def _disk_full(err: OSError, out_dir: Path, done: int, what: str) -> CacheDiskFullError:
+    return CacheDiskFullError(
+        errno.ENOSPC,
+        f"disk full while writing {what} in {out_dir}. The store is consistent ({done} complete shard(s), "
+        "listed in manifest.json; the partial file was removed). Free some space and run the same call again to "
+        f"resume. ({err})",
+    )
+
+
+def _shard_name(k: int) -> str:
+    return f"shard_{k:05d}.safetensors"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Resume
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for key in sorted(set(a) | set(b)):
+            out += _diff(a.get(key), b.get(key), f"{prefix}{key}.")
+        return out
+    return [] if a == b else [f"{prefix.rstrip('.')}: store has {a!r}, this run has {b!r}"]
+
+
+def _prepare_out_dir(out_dir: Path, header: dict[str, Any]) -> list[dict[str, Any]]:
+    """Check ``out_dir`` holds nothing or a store of this very run; return its complete shard entries."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest_path = out_dir / MANIFEST
+    files = [p for p in out_dir.iterdir()]
+    ours = lambda p: _SHARD_RE.match(p.name) or p.name == MANIFEST or p.name.endswith(_TMP_SUFFIX)  # noqa: E731
+    if not manifest_path.exists():
+        foreign = sorted(p.name for p in files if not ours(p))
+        if foreign:
+            raise CacheError(
+                f"out_dir {out_dir} is not empty and holds no {MANIFEST} (found {foreign[:5]}): it is not an "
+                "activation store. Pass an empty or new folder."
+            )
+        done: list[dict[str, Any]] = []
+    else:
+        try:
+            existing = json.loads(manifest_path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise CacheError(f"{manifest_path} is unreadable ({err}); pass a new out_dir.") from err
+        if existing.get("format") != FORMAT:
+            raise CacheError(f"{manifest_path} is not a unilens activation-store manifest; pass a new out_dir.")
+        theirs = {k: v for k, v in existing.items() if k not in ("complete", "shards")}
+        diffs = _diff(theirs, header)
+        if diffs:
+            raise CacheError(
+                f"out_dir {out_dir} holds a store made with a different model, inputs or arguments; refusing to mix "
+                "them. Pass a new out_dir, or repeat the original call to resume it. Differences:\n  "
+                + "\n  ".join(diffs[:10])
+            )
+        done = []
+        for entry in existing.get("shards", []):  # trust listed shards whose file is there with the listed size
+            path = out_dir / entry["file"]
+            if not path.is_file() or path.stat().st_size != entry["bytes"]:
+                warnings.warn(f"{entry['file']} is missing or truncated; recomputing from it.", stacklevel=3)
+                break
+            done.append(entry)
+    listed = {entry["file"] for entry in done}
+    for p in files:  # temp files and shards written after the last manifest update are never read: remove them
+        if p.name.endswith(_TMP_SUFFIX) or (_SHARD_RE.match(p.name) and p.name not in listed):
+            p.unlink(missing_ok=True)
+    return done
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def cache_activations(
+    model: "StandardizedTransformer",
+    texts: Sequence[str],
+    names: str | Sequence[str],
+    out_dir: str | os.PathLike,
+    batch_size: int = 8,
+    max_length: int | None = None,
+    dtype: torch.dtype | str | None = None,
+    shard_tokens: int | None = None,
+    progress: bool = True,
+) -> "ActivationStore":
+    """Run ``model`` over ``texts`` and store the per-token activations ``names`` in ``out_dir`` (resumable).
+
+    ``names``: ``"layers_output.12"``, ``"mlps_output.*"`` (every layer), ``"attention_probabilities.3"``,
+    ``"logits"`` (see the module docstring for row shapes). Padding never reaches the store. ``max_length``
+    truncates each text to its first ``max_length`` tokens. ``dtype`` is the stored dtype (default: the model's).
+    ``shard_tokens`` is the number of rows after which a shard is closed (default: about 256 MiB per shard).
+    Calling again with the same arguments after a crash resumes from the last complete shard; on a complete
+    store it returns the store at once. A store made with other arguments is refused, never mixed.
+
+    Example:
+        >>> from unilens import StandardizedTransformer
+        >>> from unilens.testing import tiny_model
+        >>> hf, tok = tiny_model("gpt2")
+        >>> model = StandardizedTransformer(hf, tokenizer=tok)
+        >>> store = cache_activations(model, ["The cat sat", "Hello"], ["layers_output.*"], "/tmp/acts", progress=False)
+        >>> store["layers_output.0"].shape == (len(store), model.hidden_size)
+        True
+    """
+    out_dir = Path(out_dir)
+    if isinstance(texts, str):
+        raise CacheError("texts is a single string; pass a list of strings, e.g. [text].")
+    texts = list(texts)
+    if not texts:
+        raise CacheError("texts is empty: pass at least one non-empty string.")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise CacheError(f"batch_size must be a positive int, got {batch_size!r}.")
+    if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
+        raise CacheError(f"max_length must be a positive int or None, got {max_length!r}.")
+    if shard_tokens is not None and (not isinstance(shard_tokens, int) or shard_tokens < 1):
+        raise CacheError(f"shard_tokens must be a positive int or None, got {shard_tokens!r}.")
+    store_dtype = _parse_dtype(dtype)
+    resolved = _resolve_names(model, names)
+
+    tokens = _tokenize(model.tokenizer, texts, max_length)
+    if tokens.skipped:
+        if len(tokens.skipped) == len(texts):
+            raise CacheError("every text is empty (or tokenizes to no token): nothing to cache.")
+        warnings.warn(
+            f"skipping {len(tokens.skipped)} empty text(s) (indices {tokens.skipped[:10]}"
+            f"{'...' if len(tokens.skipped) > 10 else ''}); other texts keep their index.",
+            stacklevel=2,
+        )
+    pad_id = _pad_id(model.tokenizer)
+    key_length = max_length if max_length is not None else int(np.diff(tokens.offsets).max())
+    rows_spec = _probe_rows(model, resolved, tokens, key_length, pad_id)
+    if store_dtype is not None:
+        for spec in rows_spec.values():
+            spec["dtype"] = _dtype_name(store_dtype)
+    if shard_tokens is None:
+        row_bytes = sum(
+            math.prod(s["shape"]) * torch.empty(0, dtype=_DTYPES.get(s["dtype"], torch.float32)).element_size()
+            for s in rows_spec.values()
+        )
+        shard_tokens = max(1, _DEFAULT_SHARD_BYTES // max(1, row_bytes))
+    plan = _plan_shards(tokens, shard_tokens)
+    total = int(tokens.offsets[-1])
+
+    header = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model": _model_identity(model),
+        "names": [n.key for n in resolved],
+        "rows": rows_spec,
+        "args": {
+            "batch_size": batch_size,
+            "max_length": max_length,
+            "dtype": None if store_dtype is None else _dtype_name(store_dtype),
+            "shard_tokens": shard_tokens,
+            "key_length": key_length if any(n.accessor == "attention_probabilities" for n in resolved) else None,
+            "padding": "right",
+        },
+        "inputs": {
+            "num_texts": len(texts),
+            "num_cached_texts": len(tokens.text_index),
+            "num_tokens": total,
+            "tokens_sha256": tokens.sha256(),
+            "skipped_texts": tokens.skipped,
+            "truncated_texts": tokens.truncated,
+        },
+        "num_shards": len(plan),
+        "versions": _versions(),
+    }
+    manifest_path = out_dir / MANIFEST
+    done = _prepare_out_dir(out_dir, header)
+    manifest = {**header, "complete": len(done) == len(plan), "shards": done}
+    try:
+        _write_manifest(manifest_path, manifest)
+    except OSError as err:
+        if err.errno in _DISK_FULL:
+            raise _disk_full(err, out_dir, len(done), MANIFEST) from err
+        raise
+
+    done_tokens = sum(e["rows"][1] - e["rows"][0] for e in done)
+    delay = float(os.environ.get(_DELAY_ENV, "0") or 0)
+    bar = _progress_bar(total, done_tokens, progress)
+    try:
+        for k in range(len(done), len(plan)):
+            a, b = plan[k]
+            data, n_rows = _compute_shard(
+                model, resolved, tokens, a, b, batch_size, key_length, pad_id, rows_spec, bar, delay
+            )
+            entry = {
+                "file": _shard_name(k),
+                "sha256": hashlib.sha256(data).hexdigest(),
+                "bytes": len(data),
+                "rows": [done_tokens, done_tokens + n_rows],
+                "texts": [int(tokens.text_index[a]), int(tokens.text_index[b - 1]) + 1],
+            }
+            try:
+                _write_shard(out_dir / entry["file"], data)
+            except OSError as err:
+                if err.errno in _DISK_FULL:
+                    raise _disk_full(err, out_dir, len(done), entry["file"]) from err
+                raise
+            del data
+            done.append(entry)
+            done_tokens += n_rows
+            manifest = {**header, "complete": len(done) == len(plan), "shards": done}
+            try:
+                _write_manifest(manifest_path, manifest)
+            except OSError as err:  # the shard is on disk but unlisted: it is recomputed on resume
+                if err.errno in _DISK_FULL:
+                    raise _disk_full(err, out_dir, len(done) - 1, MANIFEST) from err
+                raise
+    finally:
+        if bar is not None:
+            bar.close()
+    return ActivationStore(out_dir)
+
+
+def _progress_bar(total: int, initial: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, unit="tok", unit_scale=True, desc="caching activations", smoothing=0.1)
+
+
+def _compute_shard(
+    model: "StandardizedTransformer",
+    names: list[_Name],
+    tokens: _Tokens,
+    a: int,
+    b: int,
+    batch_size: int,
+    key_length: int,
+    pad_id: int,
+    rows_spec: dict[str, dict[str, Any]],
+    bar: Any,
+    delay: float,
+) -> tuple[bytes, int]:
+    """Activations of kept texts ``a..b-1`` as safetensors bytes, rows in text then position order."""
+    start = int(tokens.offsets[a])
+    n_rows = int(tokens.offsets[b]) - start
+    buffers = {
+        key: torch.zeros((n_rows, *spec["shape"]), dtype=_DTYPES[spec["dtype"]]) for key, spec in rows_spec.items()
+    }
+    for batch in _batches(tokens, a, b, batch_size):
+        rows = [tokens.of(k) for k in batch]
+        saved, mask = _run_batch(model, names, rows, pad_id)
+        real = mask.bool()  # (batch, seq): real tokens, row-major = text after text, position after position
+        dest = torch.cat([torch.arange(tokens.length(k)) + int(tokens.offsets[k]) - start for k in batch])
+        for name in names:
+            value = _per_token(name, saved.pop(name.key), len(batch), mask.shape[1], key_length)
+            buffer = buffers[name.key]
+            buffer[dest] = value[real.to(value.device)].to(device="cpu", dtype=buffer.dtype)
+        if bar is not None:
+            bar.update(int(real.sum()))
+        if delay:
+            time.sleep(delay)
+    lengths = np.diff(tokens.offsets[a : b + 1])
+    tensors = dict(buffers)
+    tensors["token_ids"] = torch.from_numpy(tokens.ids[start : start + n_rows].copy())
+    tensors["text_index"] = torch.from_numpy(np.repeat(tokens.text_index[a:b], lengths))
+    tensors["position"] = torch.from_numpy(np.concatenate([np.arange(n) for n in lengths]).astype(np.int64))
+    return safetensors_save(tensors, metadata={"format": "pt"}), n_rows
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading a store
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class ActivationStore:
+    """Read an activation store written by ``cache_activations``.
+
+    ``store[name]`` is ``(tokens, *row)`` over all shards (also ``"token_ids"``, ``"text_index"``,
+    ``"position"``); ``store.shard(k)`` / ``store.iter_shards()`` read one shard at a time;
+    ``store.dataset()`` is a torch ``Dataset`` of rows; ``store.verify()`` checks every shard's sha256.
+
+    Example:
+        >>> store = ActivationStore("/tmp/acts")
+        >>> resid = store["layers_output.0"]            # (tokens, hidden)
+        >>> first_text = resid[store["text_index"] == 0]
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, allow_incomplete: bool = False):
+        self.path = Path(out_dir)
+        manifest_path = self.path / MANIFEST
+        if not manifest_path.is_file():
+            raise FileNotFoundError(f"{self.path} holds no {MANIFEST}: it is not an activation store.")
+        self.manifest: dict[str, Any] = json.loads(manifest_path.read_text())
+        if self.manifest.get("format") != FORMAT:
+            raise CacheError(f"{manifest_path} is not a unilens activation-store manifest.")
+        if not self.manifest["complete"] and not allow_incomplete:
+            raise CacheError(
+                f"the store in {self.path} is incomplete ({len(self.manifest['shards'])} of "
+                f"{self.manifest['num_shards']} shards): run cache_activations again with the same arguments to "
+                "finish it, or pass allow_incomplete=True to read the complete shards."
+            )
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.manifest["names"])
+
+    @property
+    def shards(self) -> list[dict[str, Any]]:
+        return list(self.manifest["shards"])
+
+    def __len__(self) -> int:
+        """Number of stored rows (real tokens)."""
+        return sum(e["rows"][1] - e["rows"][0] for e in self.manifest["shards"])
+
+    def _check_name(self, name: str) -> None:
+        if name not in self.manifest["names"] and name not in _META_NAMES:
+            raise KeyError(f"{name!r} is not in this store; it holds {self.names} and {list(_META_NAMES)}.")
+
+    def shard(self, k: int, names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        """Tensors of shard ``k`` (all names + metadata, or only ``names``)."""
+        entry = self.manifest["shards"][k]
+        path = self.path / entry["file"]
+        if names is None:
+            return load_file(path)
+        for name in names:
+            self._check_name(name)
+        with safe_open(path, framework="pt") as f:
+            return {name: f.get_tensor(name) for name in names}
+
+    def iter_shards(self, names: Sequence[str] | None = None) -> Iterator[dict[str, torch.Tensor]]:
+        """One dict of tensors per shard, in row order (memory: one shard)."""
+        for k in range(len(self.manifest["shards"])):
+            yield self.shard(k, names)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if not isinstance(name, str):
+            raise TypeError("store[name] takes a name like 'layers_output.3'; use store.dataset()[i] for row i.")
+        self._check_name(name)
+        parts = [shard[name] for shard in self.iter_shards([name])]
+        if parts:
+            return torch.cat(parts)
+        if name in _META_NAMES:
+            return torch.zeros(0, dtype=torch.int64)
+        spec = self.manifest["rows"][name]
+        return torch.zeros((0, *spec["shape"]), dtype=_DTYPES[spec["dtype"]])
+
+    def dataset(self, names: Sequence[str] | None = None) -> "ActivationDataset":
+        """A torch ``Dataset`` over rows: ``{name: row, "token_ids": id, "text_index": i, "position": p}``."""
+        return ActivationDataset(self, names)
+
+    def verify(self) -> None:
+        """Recompute every shard's sha256; raise ``CacheCorruptError`` naming the first bad or missing shard."""
+        for entry in self.manifest["shards"]:
+            path = self.path / entry["file"]
+            if not path.is_file():
+                raise CacheCorruptError(f"shard {entry['file']} is missing from {self.path}.")
+            h = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 22), b""):
+                    h.update(block)
+            if h.hexdigest() != entry["sha256"]:
+                raise CacheCorruptError(
+                    f"shard {entry['file']} in {self.path} is corrupt: sha256 {h.hexdigest()} differs from the "
+                    f"manifest's {entry['sha256']}. Delete it and the store's manifest entry, or recompute the store."
+                )
+
+    def __repr__(self) -> str:
+        m = self.manifest
+        return (
+            f"ActivationStore({self.path}: {m['model']['model_type']}, {len(self)} tokens from "
+            f"{m['inputs']['num_cached_texts']} texts, {len(m['names'])} names, {len(m['shards'])} shards)"
+        )
+
+
+class ActivationDataset(torch.utils.data.Dataset):
+    """Rows of an ``ActivationStore`` as a map-style torch ``Dataset`` (keeps the last shard it read in memory).
+
+    Example:
+        >>> ds = ActivationStore("/tmp/acts").dataset(["layers_output.0"])
+        >>> row = ds[0]; row["layers_output.0"].shape, int(row["text_index"]), int(row["position"])
+    """
+
+    def __init__(self, store: ActivationStore, names: Sequence[str] | None = None):
+        self.store = store
+        self.names = list(store.names if names is None else names)
+        for name in self.names:
+            store._check_name(name)
+        self._starts = [e["rows"][0] for e in store.manifest["shards"]]
+        self._len = len(store)
+        self._cached: tuple[int, dict[str, torch.Tensor]] | None = None
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if not -self._len <= i < self._len:
+            raise IndexError(f"row {i} out of range: the store holds {self._len} rows.")
+        i %= self._len
+        k = int(np.searchsorted(self._starts, i, side="right")) - 1
+        if self._cached is None or self._cached[0] != k:
+            self._cached = (k, self.store.shard(k, [*self.names, *_META_NAMES]))
+        tensors = self._cached[1]
+        j = i - self._starts[k]
+        return {name: tensors[name][j] for name in tensors}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Entry points
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def read_texts(texts_path: str | os.PathLike) -> list[str]:
+    """Texts from a ``.jsonl`` file (one JSON object per line with a ``"text"`` field; blank lines ignored) or a
+    ``.txt`` file (one text per line; line ``i`` is text ``i``, an empty line an empty text).
+
+    Example:
+        >>> read_texts("prompts.txt")[:2]
+        ['The cat sat', 'Hello']
+    """
+    path = Path(texts_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"texts file {str(path)!r} does not exist.")
+    raw = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        texts = []
+        for n, line in enumerate(raw.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise CacheError(f"{path}:{n} is not valid JSON ({err}).") from err
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise CacheError(f'{path}:{n}: each line must be a JSON object with a string "text" field.')
+            texts.append(record["text"])
+        return texts
+    if path.suffix == ".txt":
+        return raw.split("\n")[:-1] if raw.endswith("\n") else raw.split("\n")
+    raise CacheError(f"{path}: unsupported texts file; use .jsonl (field \"text\") or .txt (one text per line).")
+
+
+def main_cache(
+    texts_path: str,
+    names: list[str],
+    out_dir: str,
+    model_source: str | None = None,
+    batch_size: int = 8,
+    max_length: int | None = None,
+    *,
+    shard_tokens: int | None = None,
+    dtype: str | None = None,
+    progress: bool = True,
+) -> ActivationStore:
+    """CLI entry: read texts from ``texts_path``, load ``model_source`` (default: the embedded SmolLM2), cache.
+
+    Example:
+        >>> store = main_cache("prompts.txt", ["layers_output.*"], "acts/", model_source=None, batch_size=8)
+    """
+    texts = read_texts(texts_path)
+    from .model import StandardizedTransformer, load_default
+
+    model = load_default() if model_source is None else StandardizedTransformer(model_source)
+    return cache_activations(
+        model, texts, names, out_dir, batch_size=batch_size, max_length=max_length, dtype=dtype,
+        shard_tokens=shard_tokens, progress=progress,
+    )  # fmt: skip
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m unilens.cache", description="Cache per-token activations to shards.")
+    p.add_argument("texts", help=".jsonl (field 'text') or .txt (one text per line)")
+    p.add_argument("out_dir", help="store folder (created; an interrupted run here is resumed)")
+    p.add_argument("--names", nargs="+", required=True, help="e.g. layers_output.* attention_probabilities.3")
+    p.add_argument("--model", default=None, help="folder, .gguf, or hub id in the local cache (default: SmolLM2)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=None)
+    p.add_argument("--shard-tokens", type=int, default=None)
+    p.add_argument("--dtype", default=None, choices=sorted(_DTYPES))
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        store = main_cache(
+            args.texts, args.names, args.out_dir, args.model, args.batch_size, args.max_length,
+            shard_tokens=args.shard_tokens, dtype=args.dtype, progress=not args.no_progress,
+        )  # fmt: skip
+    except (CacheError, CacheDiskFullError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(store)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
