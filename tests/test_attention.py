@@ -17,6 +17,7 @@ from torch import nn
 from unilens.attention import (
     AttentionHookAccessor,
     AttentionHooks,
+    find_output_projection,
     install_attention_hooks,
     request_materialize,
 )
@@ -33,6 +34,7 @@ VERIFIED_TYPES = [
     "gpt_oss",  # learned sinks + sliding window (eager-only)
     "qwen2_moe",
     "deepseek_v3",  # MLA
+    "deepseek_v4",  # sinks; grouped low-rank output (z not split per head: heads refused, probabilities fine)
     "gpt2",  # Conv1D
     "gptj",  # inline attention: softmax route
     "bloom",  # inline attention, alibi
@@ -41,6 +43,19 @@ VERIFIED_TYPES = [
     "gpt_neox",
     "opt",
     "gemma2-softcap",
+    "xglm",  # inline BART-style attention: 3D (batch * heads, query, key) softmax
+    "trocr",  # same, decoder-only TrOCR
+    "mvp",  # same, causal decoder of an encoder-decoder
+    "whisper",  # attention interface, queries pre-scaled (scaling=1.0)
+    "bert",  # interface; no output projection inside BertSelfAttention (its dense is a sibling)
+    "bert-generation",
+    "jetmoe",  # mixture-of-attention: queries and output from experts, only kv_proj inside
+    "granite_swa",  # sinks applied as an output scale: probabilities sum to 1
+    "granitemoe_swa",
+    "inkling2_text",  # per-query sinks passed as a kwarg
+    "kimi_linear",  # hybrid: delta-rule linear attention layers are not attention layers
+    "minimax",  # hybrid: lightning (linear) attention layers
+    "bailing_hybrid",  # hybrid: delta attention layers
 ]
 # Variants: (model type, config overrides, factor on q_proj weights). Random-init scores are ~1e-4, where
 # tanh(s / cap) * cap == s to fp32 precision; a small cap and larger queries make softcapping change the output.
@@ -114,9 +129,11 @@ def test_probabilities_and_logits_match_eager(model_type):
     for h in handles:
         h.remove()
     assert len(fired) == len(layers)
-    for i, p in zip(layers, probs):
-        assert p.shape == ref.attentions[i].shape
-        err = (p - ref.attentions[i]).abs().max().item()
+    # HF returns one map per layer, or (some hybrids, e.g. Kimi-Linear) one per softmax-attention layer only
+    expected = ref.attentions if len(ref.attentions) == len(layers) else [ref.attentions[i] for i in layers]
+    for i, p, want in zip(layers, probs, expected):
+        assert p.shape == want.shape
+        err = (p - want).abs().max().item()
         assert err < 1e-5, f"{model_type} layer {i}: probabilities differ from eager by {err:.2e}"
     assert (logits - ref.logits).abs().max().item() < 1e-5
     assert (logits - native).abs().max().item() < 1e-4
@@ -344,7 +361,7 @@ def test_unembed_embed_views_and_mla_refusal():
 # ------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("model_type", ["llama", "gemma2", "gpt_oss", "bloom", "gpt2"])
+@pytest.mark.parametrize("model_type", ["llama", "gemma2", "gpt_oss", "bloom", "gpt2", "xglm", "granite_swa"])
 def test_left_padding_rows_equal_prompt_alone(model_type):
     hf, tok = tiny_model(model_type)
     std = StandardizedTransformer(hf, tokenizer=tok, check=False)
@@ -412,3 +429,42 @@ def test_scores_are_scaled_masked_logits():
     assert (scores[..., causal] - raw[..., causal]).abs().max().item() < 1e-5
     assert (scores[..., ~causal] < -1e30).all()
     assert (scores.softmax(-1) - probs).abs().max().item() < 1e-6
+
+
+def test_linear_attention_layers_are_not_attention_layers():
+    """Hybrids: the attention layers are exactly the config's softmax ("full_attention") layers (oracle: layer_types)."""
+    for model_type in ("kimi_linear", "minimax", "bailing_hybrid"):
+        hf, _ = tiny_model(model_type)
+        expected = [i for i, t in enumerate(hf.config.layer_types) if t == "full_attention"]
+        assert 0 < len(expected) < len(hf.config.layer_types)
+        assert discover(hf).attention_layers == expected, model_type
+
+
+def test_output_projection_is_never_an_input_projection():
+    """BERT's self-attention owns only query / key / value and JetMoE's only kv_proj: no output projection, so
+    heads are refused; DeepSeek-V4's last Linear (o_b_proj) is not fed by z: heads are refused at run time."""
+    for model_type, cls in (("bert", "BertSelfAttention"), ("jetmoe", "JetMoeAttention")):
+        hf, tok = tiny_model(model_type)
+        with pytest.raises(ValueError, match=cls):
+            find_output_projection(_attention_modules(hf)[0])
+        std = StandardizedTransformer(hf, tokenizer=tok, check=False)
+        with pytest.raises(NotImplementedError, match="no output projection"):
+            std.attention_heads[0]
+    hf, tok = tiny_model("deepseek_v4")
+    std = StandardizedTransformer(hf, tokenizer=tok, check=False)
+    with pytest.raises(RuntimeError, match="not fed by the per-head outputs"):
+        with std.trace(_ids(_vocab(hf), batch=1)):
+            std.attention_heads[0].save()
+
+
+def test_bart_style_heads_match_out_proj_input():
+    """XGLM (3D softmax route): z is the out_proj input viewed per head (oracle: a torch hook on out_proj)."""
+    hf, tok = tiny_model("xglm")
+    seen = []
+    std = StandardizedTransformer(hf, tokenizer=tok, check=False)
+    attn = std._attention_modules[0]
+    attn.out_proj.register_forward_hook(lambda mod, args, out: seen.append(args[0].detach().clone()))
+    with std.trace(_ids(_vocab(hf), seed=8)):
+        z = std.attention_heads[0].save()
+    assert z.shape == (2, SEQ, attn.num_heads, attn.head_dim)
+    assert torch.equal(z.reshape(2, SEQ, -1), seen[-1])

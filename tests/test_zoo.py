@@ -16,15 +16,6 @@ from unilens.testing import (
     try_build,
 )
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads; on a loaded 2-core box they thrash (3-4x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 PROMPTS = ["The capital of France is", "When Mary and John went to the store, John gave a drink to"]
 
 

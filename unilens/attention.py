@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
+import re
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -21,6 +23,7 @@ __all__ = [
     "AttentionHooks",
     "AttentionSetup",
     "HookPoint",
+    "computes_softmax_attention",
     "find_output_projection",
     "install_attention_hooks",
     "request_materialize",
@@ -41,6 +44,15 @@ _SUPPORTED_ORIGINALS = ("sdpa", "eager")
 _INLINE_SDPA_BRANCH_CLASSES = {"FalconAttention"}
 #   Output projection names, tried in order before falling back to "the last Linear/Conv1D child".
 _OUTPUT_PROJECTION_NAMES = ("o_proj", "out_proj", "c_proj", "dense", "wo", "o")
+#   Children that project the layer INPUT to queries / keys / values; never taken as the output projection by the
+#   fallback (BERT's self-attention owns only query / key / value: its output dense lives in a sibling module;
+#   JetMoE's queries and output come from its mixture of attention experts, its only Linear child is kv_proj).
+_INPUT_PROJECTION = re.compile(
+    r"^(w?q|w?k|w?v|qk|kv|qkv|wqkv|query|key|value|query_key|query_key_value|c_attn|in_proj|project_[qkv])(_|$)",
+    re.IGNORECASE,
+)
+#   Attributes holding the number of query heads, read to unflatten BART-style (batch * heads, query, key) scores.
+_NUM_HEADS_ATTRIBUTES = ("num_heads", "num_attention_heads", "n_heads", "n_head")
 
 
 class HookPoint(nn.Module):
@@ -82,12 +94,14 @@ class AttentionHooks(nn.Module):
         # Set by `request_materialize`, reset after the attention forward that consumed it.
         self.materialize = False
         self.want_head_results = False
+        self.want_heads = False  # heads or head_results requested: a z that cannot be split is then an error
         # Filled at install time.
         self.original_implementation: str = "eager"
         self.original_function: Callable | None = None
         self.output_projection_name: str | None = None
         # Runtime bookkeeping for one forward.
         self._num_heads: int | None = None
+        self._head_dim: int | None = None  # value head dim, when known: checks the output projection's input width
         self._probabilities_seen = False
 
     @property
@@ -156,7 +170,7 @@ def _hookable_eager(
     softcap: float | None = None,
     is_causal: bool | None = None,
     position_bias: torch.Tensor | None = None,
-    **_: Any,
+    **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """HF eager attention with every intermediate routed through `hooks` (when given)."""
 
@@ -188,11 +202,24 @@ def _hookable_eager(
         scores = scores + mask[:, :, :, : key_states.shape[-2]]
     scores = hook("scores", scores)
 
-    sinks = getattr(module, "sinks", None)
-    if isinstance(sinks, torch.Tensor):
-        # GPT-OSS eager: append one learned logit per head as an extra key, subtract the row max, softmax, drop it;
+    # Attention sinks: one extra logit per (head) or per (batch, head, query) that attends to nothing. Either the
+    # model passes them (`sinks=` kwarg, Inkling 2: `(batch, heads, q, 1)`) or they are the module's learned
+    # per-head parameter (GPT-OSS, Granite-SWA, ...: `(heads,)`).
+    sinks = kwargs.get("sinks")
+    if not isinstance(sinks, torch.Tensor):
+        sinks = getattr(module, "sinks", None)
+    sink_scale = None
+    if isinstance(sinks, torch.Tensor) and _sinks_scale_output(module):
+        # Granite-SWA eager: probabilities are the plain softmax (rows sum to 1, as HF returns them) and the
+        # output is scaled by sigmoid(logsumexp(scores) - sink) = 1 - p_sink, the same attention output.
+        probabilities = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+        lse = torch.logsumexp(scores, dim=-1)  # (batch, heads, q)
+        sink_scale = (lse - sinks.reshape(1, -1, 1)).to(torch.float32).sigmoid()
+    elif isinstance(sinks, torch.Tensor):
+        # GPT-OSS eager: append the sink logit as an extra key, subtract the row max, softmax, drop it;
         # rows over the real keys then sum to 1 - p_sink.
-        sink_col = sinks.reshape(1, -1, 1, 1).to(scores.dtype).expand(scores.shape[0], -1, scores.shape[2], 1)
+        sink_col = sinks if sinks.dim() == 4 else sinks.reshape(1, -1, 1, 1)
+        sink_col = sink_col.to(scores.dtype).expand(scores.shape[0], scores.shape[1], scores.shape[2], 1)
         combined = torch.cat([scores, sink_col], dim=-1)
         combined = combined - combined.max(dim=-1, keepdim=True).values
         probabilities = F.softmax(combined, dim=-1, dtype=torch.float32)[..., :-1].to(query.dtype)
@@ -202,11 +229,31 @@ def _hookable_eager(
     probabilities = hook("probabilities", probabilities)  # (batch, heads, q, k)
     if hooks is not None:
         hooks._num_heads = n_heads
+        hooks._head_dim = value.shape[-1]
         hooks._probabilities_seen = True
 
     dropped = F.dropout(probabilities, p=dropout, training=module.training)
     attn_output = torch.matmul(dropped.to(value_states.dtype), value_states)  # (batch, heads, q, v_head_dim)
+    if sink_scale is not None:
+        attn_output = attn_output * sink_scale.unsqueeze(-1).to(attn_output.dtype)
     return attn_output.transpose(1, 2).contiguous(), probabilities
+
+
+@functools.lru_cache(maxsize=None)
+def _sinks_scale_output_for(cls: type) -> bool:
+    own = getattr(sys.modules.get(cls.__module__), "eager_attention_forward", None)
+    try:
+        src = inspect.getsource(own) if own is not None else ""
+    except (OSError, TypeError):
+        src = ""
+    return "logsumexp" in src and "sinks" in src
+
+
+def _sinks_scale_output(module: nn.Module) -> bool:
+    """Whether the class's own eager attention applies its sinks as an output scale (probabilities sum to 1)
+    instead of as an extra softmax key (probabilities sum to 1 - p_sink); read from that eager function's source.
+    """
+    return _sinks_scale_output_for(type(module))
 
 
 def unilens_attention_forward(
@@ -268,42 +315,66 @@ _softmax_lock = threading.RLock()
 
 
 class _SoftmaxRouter:
-    """While an inline attention module runs, send its first 4D last-dim softmax through `scores` / `probabilities`.
+    """While an inline attention module runs, send its first attention softmax through `scores` / `probabilities`.
 
-    Only calls from the thread running the model are routed (nnsight runs intervention code in another thread),
-    and never re-entrantly, so user code calling softmax inside a hook is unaffected.
+    Routed: a last-dim softmax of a 4D `(batch, heads, query, key)` tensor, or of a 3D BART-style
+    `(batch * heads, query, key)` tensor (XGLM, MVP, TrOCR, Whisper), which is viewed as 4D for the hooks and
+    viewed back for the model; the 3D form is only routed when the module's head count times the batch of the
+    hidden states entering the module equals its first dimension. Only calls from the thread running the model
+    are routed (nnsight runs intervention code in another thread), and never re-entrantly, so user code calling
+    softmax inside a hook is unaffected.
     """
 
-    def __init__(self, hooks: AttentionHooks):
+    def __init__(self, hooks: AttentionHooks, module: nn.Module):
         self.hooks = hooks
+        heads = [getattr(module, name, None) for name in _NUM_HEADS_ATTRIBUTES]
+        self.num_heads: int | None = next((h for h in heads if isinstance(h, int) and h > 0), None)
+        head_dim = getattr(module, "head_dim", None)
+        self.head_dim: int | None = head_dim if isinstance(head_dim, int) and head_dim > 0 else None
+        self.batch: int | None = None  # batch of the hidden states of the current forward (set by the pre-hook)
         self.saved: list[tuple[Any, str, Callable]] = []
         self.thread: int | None = None
         self.busy = False
+
+    def _scores_shape(self, input: torch.Tensor, dim: Any) -> tuple[int, int, int, int] | None:
+        """The `(batch, heads, query, key)` view of a softmax input, or None when it is not attention scores."""
+        if input.dim() == 4 and dim in (-1, 3):
+            return tuple(input.shape)
+        if input.dim() == 3 and dim in (-1, 2) and self.num_heads and self.batch:
+            if input.shape[0] == self.batch * self.num_heads:
+                return (self.batch, self.num_heads, input.shape[1], input.shape[2])
+        return None
 
     def _wrap(self, original: Callable) -> Callable:
         router = self
 
         def softmax(input, *args, **kwargs):
             dim = kwargs.get("dim", args[0] if args else None)
-            routable = (
+            shape = None
+            if (
                 threading.get_ident() == router.thread
                 and not router.busy
                 and not router.hooks._probabilities_seen
                 and isinstance(input, torch.Tensor)
-                and input.dim() == 4
-                and dim in (-1, 3)
-            )
-            if not routable:
+            ):
+                shape = router._scores_shape(input, dim)
+            if shape is None:
                 return original(input, *args, **kwargs)
+            # the softmax runs on the 4D view: its dim is the last one whatever the caller wrote
+            if "dim" in kwargs:
+                kwargs = {**kwargs, "dim": -1}
+            else:
+                args = (-1, *args[1:])
             router.busy = True
             try:
-                scores = router.hooks.scores(input)  # (batch, heads, q, k)
+                scores = router.hooks.scores(input.reshape(shape))  # (batch, heads, q, k)
                 probabilities = router.hooks.probabilities(original(scores, *args, **kwargs))
             finally:
                 router.busy = False
             router.hooks._num_heads = probabilities.shape[1]
+            router.hooks._head_dim = router.head_dim
             router.hooks._probabilities_seen = True
-            return probabilities
+            return probabilities.reshape(input.shape)
 
         return softmax
 
@@ -345,11 +416,54 @@ def _uses_attention_interface(module: nn.Module) -> bool:
     return "ALL_ATTENTION_FUNCTIONS" in src or "attention_interface" in src
 
 
+# What the source of a softmax-attention class (or of a function it calls) mentions, lower-cased.
+_SOFTMAX_ATTENTION_MARKERS = ("softmax", "all_attention_functions", "attention_interface", "scaled_dot_product")
+
+
+@functools.lru_cache(maxsize=None)
+def _computes_softmax_attention_for(cls: type) -> bool:
+    src = _class_source(cls)
+    if not src:
+        return True  # no source to read (compiled / dynamic class): do not guess it away
+    if any(marker in src.lower() for marker in _SOFTMAX_ATTENTION_MARKERS):
+        return True
+    # one level down: module-level functions the class calls (e.g. `attention_fn(self, q, k, v)`)
+    namespace = vars(sys.modules[cls.__module__]) if cls.__module__ in sys.modules else {}
+    for name in set(re.findall(r"\b([A-Za-z_]\w*)\(", src)):
+        fn = namespace.get(name)
+        if inspect.isfunction(fn):
+            try:
+                if any(marker in inspect.getsource(fn).lower() for marker in _SOFTMAX_ATTENTION_MARKERS):
+                    return True
+            except (OSError, TypeError):
+                return True
+    return False
+
+
+def computes_softmax_attention(module: nn.Module) -> bool:
+    """Whether an "Attention" module computes a softmax over keys, i.e. has an attention probability matrix.
+
+    False for linear / delta-rule / recurrent mixers that are named attention (Kimi-Linear's and Bailing's delta
+    attention, MiniMax's lightning attention, RWKV): their source (and that of the module-level functions they call)
+    mentions no softmax, attention interface or scaled_dot_product_attention. Discovery uses it to leave such layers
+    out of the attention layers, as for Mamba-style mixers.
+
+    Example:
+        >>> from transformers import AutoConfig, AutoModelForCausalLM
+        >>> cfg = AutoConfig.for_model("llama", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        ...     num_attention_heads=4, num_key_value_heads=2, vocab_size=64)
+        >>> computes_softmax_attention(AutoModelForCausalLM.from_config(cfg).model.layers[0].self_attn)
+        True
+    """
+    return _computes_softmax_attention_for(type(module))
+
+
 def find_output_projection(attn_module: nn.Module) -> tuple[str, nn.Module]:
     """Find the projection fed by z (per-head outputs) inside an attention module.
 
     Tries the conventional names (`o_proj`, `out_proj`, `c_proj`, `dense`, `wo`, `o`), then the last direct
-    Linear / Conv1D child.
+    Linear / Conv1D child that is not an input (query / key / value) projection. Raises ValueError when there is
+    none (BERT-style self-attention, whose output dense lives in a sibling module).
 
     Example:
         >>> from transformers import AutoConfig, AutoModelForCausalLM
@@ -364,11 +478,13 @@ def find_output_projection(attn_module: nn.Module) -> tuple[str, nn.Module]:
     for name in _OUTPUT_PROJECTION_NAMES:
         if isinstance(children.get(name), (nn.Linear, Conv1D)):
             return name, children[name]
-    linears = [(n, m) for n, m in children.items() if isinstance(m, (nn.Linear, Conv1D))]
+    linears = [
+        (n, m) for n, m in children.items() if isinstance(m, (nn.Linear, Conv1D)) and not _INPUT_PROJECTION.match(n)
+    ]
     if not linears:
         raise ValueError(
-            f"{type(attn_module).__name__} has no Linear/Conv1D child to use as output projection; "
-            "heads / head_results hook points are unavailable for it."
+            f"{type(attn_module).__name__} has no Linear/Conv1D child to use as output projection (children: "
+            f"{list(children)}); heads / head_results hook points are unavailable for it."
         )
     return linears[-1]
 
@@ -387,8 +503,19 @@ def _make_output_projection_hooks(hooks: AttentionHooks, proj: nn.Module):
         n_heads = hooks._num_heads
         if n_heads is None:
             raise RuntimeError(
-                f"unilens: the attention of {hooks.architecture} reached its output projection without exposing "
-                "attention probabilities, so the number of heads is unknown; this class is not supported."
+                f"unilens: the attention of {hooks.architecture} reached its output projection "
+                f"{hooks.output_projection_name!r} without exposing attention probabilities, so the number of heads "
+                "is unknown; this class is not supported."
+            )
+        expected = n_heads * hooks._head_dim if hooks._head_dim else None
+        if z.shape[-1] % n_heads or (expected is not None and z.shape[-1] != expected):
+            # e.g. DeepSeek-V4's grouped low-rank output: the projection found is not fed by z directly
+            if not hooks.want_heads:
+                return None  # only probabilities / scores were asked for: leave the projection alone
+            raise RuntimeError(
+                f"unilens: {hooks.architecture}.{hooks.output_projection_name} receives width {z.shape[-1]}, not "
+                f"heads ({n_heads}) x head_dim ({hooks._head_dim}): it is not fed by the per-head outputs z, so "
+                "attention heads / head_results are not supported for this class."
             )
         z4 = hooks.heads(z.reshape(*z.shape[:-1], n_heads, z.shape[-1] // n_heads))  # (batch, seq, heads, head_dim)
         return (z4.reshape(z.shape), *args[1:]), kwargs
@@ -410,13 +537,16 @@ def _make_output_projection_hooks(hooks: AttentionHooks, proj: nn.Module):
     return pre_hook, post_hook
 
 
-def _make_attention_hooks(hooks: AttentionHooks):
-    router = _SoftmaxRouter(hooks) if hooks.route == "softmax" else None
+def _make_attention_hooks(hooks: AttentionHooks, module: nn.Module):
+    router = _SoftmaxRouter(hooks, module) if hooks.route == "softmax" else None
 
-    def pre_hook(_module, _args):
+    def pre_hook(_module, args, kwargs):
         hooks._probabilities_seen = False
         hooks._num_heads = None
+        hooks._head_dim = None
         if router is not None and hooks.active:
+            hidden = args[0] if args else kwargs.get("hidden_states")
+            router.batch = hidden.shape[0] if isinstance(hidden, torch.Tensor) and hidden.dim() == 3 else None
             router.enter()
 
     def post_hook(_module, _args, _output):
@@ -433,6 +563,7 @@ def _make_attention_hooks(hooks: AttentionHooks):
             # One request serves one forward of this module: generation steps each re-request via the accessor.
             hooks.materialize = False
             hooks.want_head_results = False
+            hooks.want_heads = False
 
     return pre_hook, post_hook
 
@@ -501,8 +632,8 @@ def install_attention_hooks(
         hooks.original_implementation = original
         hooks.original_function = _original_function(module, original)
         module.add_module("unilens_hooks", hooks)
-        pre, post = _make_attention_hooks(hooks)
-        module.register_forward_pre_hook(pre)
+        pre, post = _make_attention_hooks(hooks, module)
+        module.register_forward_pre_hook(pre, with_kwargs=True)
         module.register_forward_hook(post, always_call=True)
         try:
             proj_name, proj = find_output_projection(module)
@@ -541,10 +672,12 @@ def _all_configs(config) -> list:
     return configs
 
 
-def request_materialize(attn_module: nn.Module, head_results: bool = False) -> None:
+def request_materialize(attn_module: nn.Module, head_results: bool = False, heads: bool = False) -> None:
     """Make the next forward of `attn_module` run the hookable path (and per-head results when asked).
 
-    The flag resets after that forward, so each trace / generation step requests again through the accessor.
+    `heads=True` (implied by `head_results`) says z will be read: an output projection whose input cannot be split
+    into (heads, head_dim) is then an error; otherwise that projection is left alone. The flags reset after that
+    forward, so each trace / generation step requests again through the accessor.
 
     Example:
         >>> from transformers import AutoConfig, AutoModelForCausalLM
@@ -560,6 +693,7 @@ def request_materialize(attn_module: nn.Module, head_results: bool = False) -> N
         )
     hooks.materialize = True
     hooks.want_head_results = hooks.want_head_results or head_results
+    hooks.want_heads = hooks.want_heads or heads or head_results
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -624,7 +758,11 @@ class AttentionHookAccessor:
 
     def _envoy(self, i: int):
         hooks = self._hooks(i)
-        request_materialize(self.model._attention_modules[i], head_results=self.hook_name == "head_results")
+        request_materialize(
+            self.model._attention_modules[i],
+            head_results=self.hook_name == "head_results",
+            heads=self.hook_name in ("heads", "head_results"),
+        )
         del hooks
         return getattr(self.model.attentions[i].unilens_hooks, self.hook_name)
 

@@ -157,6 +157,8 @@ def _find_layers(model: nn.Module) -> str:
 
 
 def _find_attention(layer: nn.Module) -> str | None:
+    from .attention import computes_softmax_attention  # attention owns the softmax-vs-linear test
+
     # shallowest first: named_modules() is depth-first, so sort by depth
     candidates = []
     for order, (name, module) in enumerate(layer.named_modules()):
@@ -165,7 +167,8 @@ def _find_attention(layer: nn.Module) -> str | None:
         cls = type(module).__name__
         if _NOT_SELF_ATTENTION.search(name) or _NOT_SELF_ATTENTION.search(cls):
             continue  # cross-attention shares the class with self-attention in BART-style decoders
-        if _ATTENTION_CLASS.search(cls) and _owns_projection(module):
+        if _ATTENTION_CLASS.search(cls) and _owns_projection(module) and computes_softmax_attention(module):
+            # linear / delta / recurrent mixers named "attention" have no probabilities: not attention layers
             candidates.append((name.count("."), order, name))  # shallowest, then first registered
     if not candidates:
         return None

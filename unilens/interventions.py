@@ -62,18 +62,23 @@ def _last_real(mask: torch.Tensor) -> torch.Tensor:
     return seq - 1 - torch.flip(mask.to(torch.long), dims=[1]).argmax(dim=1)
 
 
-def _layer_list(model, layers: int | Sequence[int] | None) -> list[int]:
-    """Normalized (non-negative), checked layer indices, in the order given."""
-    n = model.num_layers
-    if layers is None:
+def _checked_indices(values: int | Sequence[int] | None, n: int, what: str, unit: str) -> list[int]:
+    """Normalized (non-negative), range-checked indices in the order given; ``None`` means all ``n``."""
+    if values is None:
         return list(range(n))
-    if isinstance(layers, int):
-        layers = [layers]
+    if isinstance(values, int):
+        values = [values]
     out = []
-    for layer in layers:
-        if not isinstance(layer, int) or not -n <= layer < n:
-            raise IndexError(f"layer {layer!r} out of range: the model has {n} layers (0..{n - 1}).")
-        out.append(layer % n)
+    for v in values:
+        if not isinstance(v, int) or not -n <= v < n:
+            raise IndexError(f"{what} {v!r} out of range: {unit.format(n=n)} (0..{n - 1}).")
+        out.append(v % n)
+    return out
+
+
+def _layer_list(model, layers: int | Sequence[int] | None) -> list[int]:
+    """Checked layer indices, in the order given, without duplicates."""
+    out = _checked_indices(layers, model.num_layers, "layer", "the model has {n} layers")
     if len(set(out)) != len(out):
         raise ValueError(f"layers contains duplicates: {list(layers)}.")
     return out
@@ -315,16 +320,7 @@ def _encode_pair(model, clean: str, corrupted: str) -> tuple[dict[str, torch.Ten
 
 
 def _position_list(positions: int | Sequence[int] | None, seq: int) -> list[int]:
-    if positions is None:
-        return list(range(seq))
-    if isinstance(positions, int):
-        positions = [positions]
-    out = []
-    for p in positions:
-        if not isinstance(p, int) or not -seq <= p < seq:
-            raise IndexError(f"position {p!r} out of range: the prompts have {seq} tokens (0..{seq - 1}).")
-        out.append(p % seq)
-    return out
+    return _checked_indices(positions, seq, "position", "the prompts have {n} tokens")
 
 
 def _check_metric(values: torch.Tensor, n: int) -> torch.Tensor:
