@@ -219,6 +219,50 @@ def test_activation_patching_subsets_and_chunks(llama):
     torch.testing.assert_close(chunked, full, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_activation_patching_resumes_from_the_corrupted_cache(model_type, request):
+    """The position-major path (start at the patched position from the corrupted key/value cache, skip the
+    layers below the first patched one) is taken without a fallback warning and equals whole-sequence runs."""
+    model = request.getfixturevalue(model_type)
+    paris = _tid(model.tokenizer, " Paris")
+
+    def metric(logits):
+        return logits[:, -1, paris] - logits[:, 1, paris]  # reads a position before most patched ones too
+
+    import warnings
+
+    first_mlp = model.module_accessor.get_layers()[0].mlp  # inside the layer: runs only if the layer does
+    for layers in (None, [1]):  # [1]: layer 0 is skipped, fed the corrupted outputs
+        calls = []
+        handle = first_mlp.register_forward_hook(lambda *_: calls.append(1))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a fallback would warn
+            resumed = activation_patching(model, CLEAN, CORRUPTED, metric, layers=layers, progress=False)
+        handle.remove()
+        if layers == [1]:
+            assert len(calls) == 2  # the clean run and the corrupted (cache) run only: no patched run computes it
+        whole = activation_patching(model, CLEAN, CORRUPTED, metric, layers=layers, progress=False,
+                                    reuse_prefix=False)  # fmt: skip
+        torch.testing.assert_close(resumed, whole, atol=1e-5, rtol=0)
+        assert whole.std() > 1e-3
+
+
+def test_activation_patching_falls_back_when_the_cache_check_fails(llama, monkeypatch):
+    """A cache that does not reproduce the corrupted run is caught by the check: warning, whole-sequence runs."""
+    from unilens import interventions
+
+    paris = _tid(llama.tokenizer, " Paris")
+
+    def metric(logits):
+        return logits[:, -1, paris]
+
+    expected = activation_patching(llama, CLEAN, CORRUPTED, metric, progress=False, reuse_prefix=False)
+    monkeypatch.setattr(interventions._CorruptedPrefix, "cache_kwargs", lambda self, start, rows: {})  # no cache
+    with pytest.warns(UserWarning, match="does not reproduce the corrupted run"):
+        got = activation_patching(llama, CLEAN, CORRUPTED, metric, progress=False)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
 # ------------------------------------------------------------------------------------------------
 # attribution patching
 # ------------------------------------------------------------------------------------------------

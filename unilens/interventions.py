@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
 from .discovery import LOGIT_POSTPROCESSING
+from .model import last_real_positions
 
 __all__ = [
     "logit_lens",
@@ -54,12 +55,6 @@ def _encode(model, prompts: Prompts) -> dict[str, torch.Tensor]:
     enc = model.tokenizer(prompts, padding=True, return_tensors="pt")
     device = _device(model)
     return {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device)}
-
-
-def _last_real(mask: torch.Tensor) -> torch.Tensor:
-    """Index of each row's last real token, ``(batch,)``, from an attention mask ``(batch, seq)``; any padding side."""
-    seq = mask.shape[1]
-    return seq - 1 - torch.flip(mask.to(torch.long), dims=[1]).argmax(dim=1)
 
 
 def _checked_indices(values: int | Sequence[int] | None, n: int, what: str, unit: str) -> list[int]:
@@ -128,7 +123,7 @@ def logit_lens(
             saved.append(model.layers_output[i].save())  # (batch, seq, hidden)
     stacked = torch.stack(saved, dim=1)  # (batch, layers, seq, hidden)
     if not all_positions:
-        last = _last_real(batch["attention_mask"]).to(stacked.device)
+        last = last_real_positions(batch["attention_mask"]).to(stacked.device)
         stacked = stacked[torch.arange(stacked.shape[0], device=stacked.device), :, last]  # (batch, layers, hidden)
     logits = _unembed(model, stacked).float()
     probs = torch.softmax(logits, dim=-1)
@@ -345,6 +340,7 @@ def activation_patching(
     positions: int | Sequence[int] | None = None,
     batch_size: int | None = None,
     progress: bool = True,
+    reuse_prefix: bool = True,
 ) -> torch.Tensor:
     """Activation patching: the corrupted run with ONE cell's activation replaced by the clean run's, per cell.
 
@@ -356,6 +352,9 @@ def activation_patching(
 
     Many patched runs share one forward: the corrupted prompt is repeated over ``batch_size`` rows (default:
     as many as keep ~256 MB of logits) and row r patches its own cell (a mask-based assignment per layer).
+    With ``reuse_prefix`` (default), a run patching position p starts at p: tokens before p are the corrupted
+    run's (causal attention), taken from its key/value cache and logits, after a check that resuming from the
+    cache reproduces the corrupted run (otherwise, or for ``"head"``, every run covers the whole sequence).
 
     Example:
         >>> from unilens import StandardizedTransformer
@@ -372,45 +371,165 @@ def activation_patching(
     seq = clean_batch["input_ids"].shape[1]
     layer_list = _layer_list(model, layers)
     position_list = _position_list(positions, seq)
-    if component == "head":
-        cells = [(layer, h) for layer in layer_list for h in range(model.num_heads)]
-    else:
-        cells = [(layer, p) for layer in layer_list for p in position_list]
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
 
     clean_acts: dict[int, torch.Tensor] = {}
     with torch.no_grad(), model.trace(clean_batch):
         for layer in sorted(layer_list):
             clean_acts[layer] = accessor[layer].save()  # (1, seq, hidden) or (1, seq, heads, head_dim)
 
+    prefix = None
+    if component != "head" and reuse_prefix and any(p > 0 for p in position_list):
+        prefix = _CorruptedPrefix.build(model, corrupted_batch, min(p for p in position_list if p > 0))
+
+    # A cell's run, as one row of a chunk: (layer, index) with index a position, or a head for "head".
+    if component == "head":
+        cells = [(layer, h) for layer in layer_list for h in range(model.num_heads)]
+        groups = [(0, cells)]  # heads are patched at every position: the whole sequence runs
+    elif prefix is None:
+        groups = [(0, [(layer, p) for layer in layer_list for p in position_list])]
+    else:
+        # Position-major: a run patching position p changes nothing before p (causal attention), so each
+        # position's runs start at p from the corrupted run's key/value cache and logits.
+        groups = [(p, [(layer, p) for layer in layer_list]) for p in sorted(set(position_list))]
+
     if batch_size is None:
         batch_size = max(1, _DEFAULT_LOGITS_BUDGET // (seq * model.vocab_size * 4))
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-    # cells are layer-major, so each chunk touches its layers in forward order
-    chunks = [cells[i : i + batch_size] for i in range(0, len(cells), batch_size)]
+    chunks = [(start, cs[i : i + batch_size]) for start, cs in groups for i in range(0, len(cs), batch_size)]
     from tqdm.auto import tqdm
 
-    results: list[torch.Tensor] = []
-    for chunk in tqdm(chunks, desc=f"patching {component}", disable=not progress or len(chunks) == 1):
-        rows = len(chunk)
-        inputs = {k: v.expand(rows, -1) for k, v in corrupted_batch.items()}
+    values: dict[tuple[int, int], torch.Tensor] = {}
+    for start, chunk in tqdm(chunks, desc=f"patching {component}", disable=not progress or len(chunks) == 1):
+        rows, width = len(chunk), seq - start
+        inputs = {k: v[:, start:].expand(rows, -1) for k, v in corrupted_batch.items() if k != "attention_mask"}
+        inputs["attention_mask"] = corrupted_batch["attention_mask"].expand(rows, -1)  # (rows, seq): covers the cache
+        trace_kwargs = prefix.cache_kwargs(start, rows) if prefix is not None and start > 0 else {}
+        # Layers below the chunk's first patched layer compute exactly the corrupted run: skip them, feeding
+        # its outputs (position-major runs only; the whole-sequence runs keep the plain forward).
+        skip_below = min(layer for layer, _ in chunk) if prefix is not None and prefix.can_skip else 0
         masks: dict[int, torch.Tensor] = {}
         for row, (layer, j) in enumerate(chunk):
             if layer not in masks:
-                shape = (rows, seq, model.num_heads, 1) if component == "head" else (rows, seq, 1)
+                shape = (rows, width, model.num_heads, 1) if component == "head" else (rows, width, 1)
                 masks[layer] = torch.zeros(shape, dtype=torch.bool)
             if component == "head":
                 masks[layer][row, position_list, j] = True
             else:
-                masks[layer][row, j] = True
-        with torch.no_grad(), model.trace(inputs):
+                masks[layer][row, j - start] = True
+        with torch.no_grad(), model.trace(inputs, **trace_kwargs):
+            for layer in range(skip_below):  # forward order: skips first, then the patches
+                model._layer_envoy(layer).skip(prefix.layer_output(layer, start, rows))
             for layer in sorted(masks):
                 out = accessor[layer]
-                accessor[layer] = torch.where(masks[layer].to(out.device), clean_acts[layer].expand_as(out), out)
-            logits = model.logits.save()  # (rows, seq, vocab)
-        results.append(_at_least_float32(_check_metric(metric(logits), rows)))
-    n_cols = model.num_heads if component == "head" else len(position_list)
-    return torch.cat(results).reshape(len(layer_list), n_cols)
+                patched = clean_acts[layer][:, start:].expand_as(out)
+                accessor[layer] = torch.where(masks[layer].to(out.device), patched, out)
+            logits = model.logits.save()  # (rows, width, vocab)
+        if start > 0:
+            logits = torch.cat([prefix.logits[:, :start].expand(rows, -1, -1), logits], dim=1)  # (rows, seq, vocab)
+        for cell, value in zip(chunk, _at_least_float32(_check_metric(metric(logits), rows))):
+            values[cell] = value
+    columns = range(model.num_heads) if component == "head" else position_list
+    return torch.stack([torch.stack([values[(layer, j)] for j in columns]) for layer in layer_list])
+
+
+class _CorruptedPrefix:
+    """The corrupted run's logits and key/value cache, to start patched runs at the patched position.
+
+    Only built when the model returns a transformers ``Cache`` that can be cropped and repeated over rows, and
+    only used after a check that a run started at position p from the cropped cache reproduces the corrupted
+    logits after p (else activation patching runs every cell over the whole sequence, as without it).
+    """
+
+    def __init__(self, logits: torch.Tensor, cache, layer_outputs: list[Any] | None):
+        self.logits = logits  # (1, seq, vocab)
+        self.cache = cache
+        # each decoder layer's output as the layer returns it (a tensor or a tuple), to skip layers with
+        self.layer_outputs = layer_outputs
+        self.can_skip = layer_outputs is not None
+
+    def layer_output(self, layer: int, start: int, rows: int) -> Any:
+        """Layer ``layer``'s corrupted output in its own structure, from position ``start``, over ``rows`` rows."""
+        seq = self.logits.shape[1]
+
+        def cut(value):
+            if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[:2] == (1, seq):
+                tail = value[:, start:]
+                return tail.expand(rows, *tail.shape[1:]).contiguous()  # (rows, seq - start, ...)
+            if isinstance(value, tuple):
+                return tuple(cut(v) for v in value)
+            return value
+
+        return cut(self.layer_outputs[layer])
+
+    @staticmethod
+    def _skippable(output: Any, seq: int) -> bool:
+        """Whether a layer output can be cut per position: tensors ``(1, seq, ...)`` and Nones, nothing else."""
+        if isinstance(output, tuple):
+            return all(_CorruptedPrefix._skippable(v, seq) for v in output)
+        return output is None or (isinstance(output, torch.Tensor) and output.dim() >= 2 and output.shape[:2] == (1, seq))
+
+    @classmethod
+    def build(cls, model, batch: dict[str, torch.Tensor], check_at: int) -> "_CorruptedPrefix | None":
+        import warnings
+
+        from transformers.cache_utils import Cache
+
+        if not bool(batch["attention_mask"].all()):
+            return None  # padded prompt: the cache would start at a padding token
+        seq = batch["input_ids"].shape[1]
+        blocks = list(model.module_accessor.get_layers())
+        outputs: list[Any] = [None] * len(blocks)
+        handles = [
+            block.register_forward_hook(lambda _m, _a, out, i=i: outputs.__setitem__(i, out))
+            for i, block in enumerate(blocks)
+        ]
+        try:
+            try:
+                with torch.no_grad():
+                    out = model.module_accessor.model(**batch, use_cache=True)
+            finally:
+                for handle in handles:
+                    handle.remove()
+            cache = getattr(out, "past_key_values", None)
+            if not isinstance(cache, Cache):
+                return None
+            skippable = all(cls._skippable(o, seq) for o in outputs) and not model.architecture.mutated_in_place
+            prefix = cls(out.logits.detach(), cache, outputs if skippable else None)
+            # the check resumes at `check_at` and skips the first half of the layers, as a chunk would
+            skip = len(blocks) // 2 if prefix.can_skip else 0
+            with torch.no_grad(), model.trace(
+                {"input_ids": batch["input_ids"][:, check_at:], "attention_mask": batch["attention_mask"]},
+                **prefix.cache_kwargs(check_at, 1),
+            ):
+                for layer in range(skip):
+                    model._layer_envoy(layer).skip(prefix.layer_output(layer, check_at, 1))
+                resumed = model.logits.save()  # (1, seq - check_at, vocab)
+        except Exception as err:  # noqa: BLE001 - no usable cache: patch over the whole sequence
+            warnings.warn(f"activation_patching: the key/value cache of {type(model.module_accessor.model).__name__} "
+                          f"cannot be reused ({type(err).__name__}: {err}); every patched run covers the whole "
+                          "sequence (same result, slower).", stacklevel=3)
+            return None
+        expected = prefix.logits[:, check_at:]
+        # kernels of other shapes round differently: allow that, never a different computation
+        rtol = 1e-3 if expected.dtype in (torch.float32, torch.float64) else 5e-2
+        scale = expected.abs().max().clamp_min(1.0)
+        if resumed.shape != expected.shape or (resumed - expected).abs().max() > rtol * scale:
+            warnings.warn(f"activation_patching: resuming {type(model.module_accessor.model).__name__} from its cache "
+                          "does not reproduce the corrupted run; every patched run covers the whole sequence "
+                          "(same result, slower).", stacklevel=3)
+            return None
+        return prefix
+
+    def cache_kwargs(self, start: int, rows: int) -> dict:
+        """``past_key_values``: a copy of the cache cut to the first ``start`` tokens, repeated over ``rows``."""
+        import copy
+
+        cache = copy.deepcopy(self.cache)
+        cache.crop(start - self.logits.shape[1])  # negative: remove the tokens from `start` on
+        if rows > 1:
+            cache.batch_repeat_interleave(rows)
+        return {"past_key_values": cache, "use_cache": True}
 
 
 def attribution_patching(

@@ -29,6 +29,19 @@ def _first(value: Any) -> torch.Tensor:
     return value[0] if isinstance(value, (tuple, list)) else value
 
 
+def last_real_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Index of each row's last real (non-padding) token, ``(batch,)``, from an attention mask ``(batch, seq)``.
+
+    Works for left and right padding.
+
+    Example:
+        >>> last_real_positions(torch.tensor([[0, 1, 1], [1, 1, 0]])).tolist()
+        [2, 1]
+    """
+    seq = mask.shape[1]
+    return seq - 1 - torch.flip(mask.to(torch.long), dims=[1]).argmax(dim=1)
+
+
 def _check_shape(name: str, new: Any, old: torch.Tensor) -> None:
     if not isinstance(new, torch.Tensor):
         raise TypeError(f"{name} must be set to a torch.Tensor, got {type(new).__name__}.")
@@ -331,8 +344,7 @@ class StandardizedTransformer(LanguageModel):
         mask = self._last_batch.get("attention_mask")
         if mask is None or mask.dim() != 2 or bool(mask[:, -1].all()):
             return per_token[:, -1]
-        seq = mask.shape[1]
-        last = seq - 1 - torch.flip(mask.to(torch.long), dims=[1]).argmax(dim=1)
+        last = last_real_positions(mask)
         return per_token[torch.arange(per_token.shape[0], device=per_token.device), last.to(per_token.device)]
 
     @property

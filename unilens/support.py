@@ -109,7 +109,11 @@ def check_model_type(model_type: str) -> SupportRow:
         if ours.shape != theirs.shape:
             row.attention_probs = f"mismatch: shape {tuple(ours.shape)} vs HF {tuple(theirs.shape)}"
             return row
-        real = mask[:, None, :, None] & mask[:, None, None, :]  # padded queries/keys carry no meaning
+        # padded queries/keys carry no meaning; keys past the sequence (DeepSeek-V4 appends compressed keys
+        # after the token keys) are never padding
+        extra = ours.shape[-1] - mask.shape[1]
+        key_mask = torch.cat([mask, mask.new_ones(mask.shape[0], max(extra, 0))], dim=1)
+        real = mask[:, None, :, None] & key_mask[:, None, None, :]
         err = max(err, float(((ours - theirs).abs() * real).max()))
     row.attention_max_err = err
     row.attention_probs = "match" if err <= 1e-5 else "mismatch"

@@ -1,0 +1,789 @@
+"""Benchmarks: unilens' cost as ratios to the plain HF forward, every variant timed side by side in one run.
+
+Run ``python bench/run.py [--quick] [--anchors]`` (``make bench``); it writes ``bench/RESULTS.md``.
+The workload builders (``forward_workload``, ``attention_workload``, ``logit_lens_workload``,
+``patching_workload``, ``cache_workload``, ``overhead_workload``) are importable so ``tests/test_bench_smoke.py`` can run each
+once on a tiny model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+if str(HERE.parent) not in sys.path:  # `python bench/run.py` from a checkout without `pip install -e .`
+    sys.path.insert(0, str(HERE.parent))
+
+import unilens  # noqa: E402
+from unilens import interventions  # noqa: E402
+
+# Text the prompts are cut from (any English works; windows that round-trip through the tokenizer are kept).
+TEXT = (
+    "The capital of France is Paris, and the capital of Italy is Rome. The river that runs through Paris is "
+    "the Seine, while Rome has the Tiber. When Mary and John went to the store, John gave a drink to Mary. "
+    "Language models predict the next token from the previous ones; attention heads move information between "
+    "positions and the residual stream carries it from one layer to the next. The quick brown fox jumps over "
+    "the lazy dog. In the morning the market opens early, farmers bring vegetables, bakers bring bread, and "
+    "the whole town gathers in the square to trade news about the weather, the harvest and the coming fair. "
+)
+
+
+# ------------------------------------------------------------------------------------------------
+# Inputs
+# ------------------------------------------------------------------------------------------------
+
+
+def make_prompts(tokenizer, batch: int, seq: int) -> list[str]:
+    """``batch`` different strings that each tokenize to exactly ``seq`` tokens (so no padding is involved).
+
+    Example:
+        >>> from unilens.testing import make_tokenizer
+        >>> [len(make_tokenizer()(p).input_ids) for p in make_prompts(make_tokenizer(), 2, 8)]
+        [8, 8]
+    """
+    n_special = len(tokenizer("").input_ids)
+    width = seq - n_special
+    if width < 1:
+        raise ValueError(f"seq={seq} leaves no room for text after {n_special} special tokens.")
+    ids = tokenizer(TEXT * (1 + (width * (batch + 4)) // 60)).input_ids[n_special:]
+    prompts: list[str] = []
+    start = 0
+    while len(prompts) < batch:
+        if start + width > len(ids):
+            ids = ids + ids  # long prompts with a small corpus: keep cycling the text
+        text = tokenizer.decode(ids[start : start + width])
+        if len(tokenizer(text).input_ids) == seq and text not in prompts:
+            prompts.append(text)
+        start += max(1, width // 3)
+    return prompts
+
+
+def encode(tokenizer, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+    """``input_ids`` / ``attention_mask`` ``(batch, seq)``: the exact inputs every variant receives."""
+    enc = tokenizer(list(prompts), padding=True, return_tensors="pt")
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+# ------------------------------------------------------------------------------------------------
+# Workloads: named zero-argument callables timed side by side, with their targets
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Target:
+    """``ratio<=``: median(variant) / median(baseline) <= value; ``speedup>=``: median(baseline) / median(variant)
+    >= value; ``ms_over<=``: median(variant) - median(reference) <= value milliseconds."""
+
+    kind: str
+    value: float
+    reference: str | None = None  # only for ms_over<= (defaults to the baseline)
+
+    def describe(self) -> str:
+        if self.kind == "ratio<=":
+            return f"<= {self.value:g}x"
+        if self.kind == "speedup>=":
+            return f">= {self.value:g}x faster"
+        if self.kind == "throughput>=":
+            return f">= {self.value:g}x plain tokens/s"
+        return f"<= {self.value:g} ms over {self.reference}"
+
+
+@dataclass
+class Workload:
+    title: str
+    baseline: str
+    variants: dict[str, Callable[[], Any]]
+    targets: dict[str, Target] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    threads: int | None = None  # torch threads while timing (None: leave as is)
+    # False: the first call is timed as the first repetition (for workloads whose one call already runs
+    # hundreds of forwards on models warmed up by the workloads before it)
+    warmup: bool = True
+
+
+def _layer_output(output: Any) -> torch.Tensor:
+    """A decoder layer returns a tensor or a tuple whose first element is the hidden state ``(batch, seq, hidden)``."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _with_first(output: Any, hidden: torch.Tensor) -> Any:
+    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+
+def forward_workload(model, hf_sdpa, batch: dict[str, torch.Tensor], targets: dict[str, float]) -> Workload:
+    """Plain HF sdpa forward vs unilens traces: doing nothing, reading logits only, saving every ``layers_output``.
+
+    ``targets``: ``{"nothing": r, "logits": r, "save_all": r}`` ratio caps to the plain forward.
+    """
+
+    def plain():
+        with torch.no_grad():
+            return hf_sdpa(**batch).logits
+
+    def trace_nothing():
+        with torch.no_grad(), model.trace(batch):
+            pass
+
+    def trace_logits():
+        with torch.no_grad(), model.trace(batch):
+            logits = model.logits.save()
+        return logits
+
+    def trace_save_all():
+        saved: list[torch.Tensor] = []  # built before the block: nnsight does not push containers back
+        with torch.no_grad(), model.trace(batch):
+            for i in range(model.num_layers):
+                saved.append(model.layers_output[i].save())  # (batch, seq, hidden)
+        return saved
+
+    return Workload(
+        title="forward and residual-stream tracing",
+        baseline="HF forward (sdpa)",
+        variants={
+            "HF forward (sdpa)": plain,
+            "unilens trace, nothing requested": trace_nothing,
+            "unilens trace, hooks installed but unused (reads logits)": trace_logits,
+            "unilens trace, saves every layers_output": trace_save_all,
+        },
+        targets={
+            "unilens trace, nothing requested": Target("ratio<=", targets["nothing"]),
+            "unilens trace, hooks installed but unused (reads logits)": Target("ratio<=", targets["logits"]),
+            "unilens trace, saves every layers_output": Target("ratio<=", targets["save_all"]),
+        },
+    )
+
+
+def attention_workload(model, hf_eager, batch: dict[str, torch.Tensor]) -> Workload:
+    """HF eager forward with ``output_attentions=True`` vs unilens saving every ``attention_probabilities[i]``."""
+
+    def eager():
+        with torch.no_grad():
+            return hf_eager(**batch, output_attentions=True).attentions
+
+    def unilens_probs():
+        saved: list[torch.Tensor] = []
+        with torch.no_grad(), model.trace(batch):
+            for i in range(model.num_layers):
+                saved.append(model.attention_probabilities[i].save())  # (batch, heads, query, key)
+        return saved
+
+    return Workload(
+        title="attention probabilities of every layer",
+        baseline="HF eager forward, output_attentions=True",
+        variants={"HF eager forward, output_attentions=True": eager, "unilens saves every attention_probabilities": unilens_probs},
+        targets={"unilens saves every attention_probabilities": Target("ratio<=", 1.08)},
+    )
+
+
+def manual_logit_lens(hf, tokenizer, prompts: Sequence[str]) -> torch.Tensor:
+    """The by-hand baseline: one forward with plain torch hooks keeping each layer's last-position hidden state,
+    then ONE final norm + unembedding + softmax on the stacked ``(batch, layers, hidden)`` tensor.
+
+    Prompts must all have the same length (no padding), which ``make_prompts`` guarantees.
+    """
+    batch = encode(tokenizer, prompts)
+    last: list[torch.Tensor] = []
+    handles = [
+        layer.register_forward_hook(lambda _m, _a, out: last.append(_layer_output(out)[:, -1]))
+        for layer in hf.model.layers
+    ]
+    try:
+        with torch.no_grad():
+            hf(**batch)
+            stacked = torch.stack(last, dim=1)  # (batch, layers, hidden)
+            return torch.softmax(hf.lm_head(hf.model.norm(stacked)).float(), dim=-1)  # (batch, layers, vocab)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def logit_lens_workload(model, hf_sdpa, prompts: Sequence[str]) -> Workload:
+    """``interventions.logit_lens`` vs a plain forward + one stacked final-norm/unembedding done by hand."""
+    tokenizer = model.tokenizer
+
+    def lens():
+        return interventions.logit_lens(model, list(prompts))
+
+    return Workload(
+        title="logit lens (every layer, last position)",
+        baseline="plain forward + stacked norm/unembed by hand",
+        variants={
+            "plain forward + stacked norm/unembed by hand": lambda: manual_logit_lens(hf_sdpa, tokenizer, prompts),
+            "unilens logit_lens": lens,
+        },
+        targets={"unilens logit_lens": Target("ratio<=", 1.10)},
+    )
+
+
+def naive_activation_patching(
+    hf, tokenizer, clean: str, corrupted: str, metric: Callable[[torch.Tensor], torch.Tensor], layers: Sequence[int]
+) -> torch.Tensor:
+    """The naive baseline: one clean forward caching every layer's output, then one corrupted forward per
+    (layer, position) cell with a plain torch forward hook writing the clean value there. ``(layers, seq)``."""
+    clean_batch, corrupted_batch = encode(tokenizer, [clean]), encode(tokenizer, [corrupted])
+    seq = clean_batch["input_ids"].shape[1]
+    blocks = hf.model.layers
+    cache: dict[int, torch.Tensor] = {}
+
+    def keep(index):
+        return lambda _m, _a, out: cache.__setitem__(index, _layer_output(out).clone())  # (1, seq, hidden)
+
+    handles = [blocks[i].register_forward_hook(keep(i)) for i in layers]
+    try:
+        with torch.no_grad():
+            hf(**clean_batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    results = torch.empty(len(layers), seq)
+    for row, layer in enumerate(layers):
+        for pos in range(seq):
+
+            def patch(_m, _a, out, layer=layer, pos=pos):
+                hidden = _layer_output(out).clone()
+                hidden[:, pos] = cache[layer][:, pos]
+                return _with_first(out, hidden)
+
+            handle = blocks[layer].register_forward_hook(patch)
+            try:
+                with torch.no_grad():
+                    logits = hf(**corrupted_batch).logits  # (1, seq, vocab)
+            finally:
+                handle.remove()
+            results[row, pos] = metric(logits).float()[0]
+    return results
+
+
+def patching_setup(hf, tokenizer, prompts: Sequence[str]) -> tuple[str, str, Callable[[torch.Tensor], torch.Tensor]]:
+    """A clean / corrupted pair of equal length and a metric: the logit of the clean run's top next token."""
+    clean, corrupted = prompts[0], prompts[1]
+    with torch.no_grad():
+        top = int(hf(**encode(tokenizer, [clean])).logits[0, -1].argmax())
+    return clean, corrupted, lambda logits: logits[:, -1, top]
+
+
+def patching_workload(model, hf_sdpa, prompts: Sequence[str], layers: Sequence[int] | None = None) -> Workload:
+    """``interventions.activation_patching`` over layers x all positions vs the naive one-forward-per-cell loop."""
+    layers = list(range(model.num_layers)) if layers is None else list(layers)
+    clean, corrupted, metric = patching_setup(hf_sdpa, model.tokenizer, prompts)
+
+    def unilens_patching():
+        return interventions.activation_patching(
+            model, clean, corrupted, metric, component="resid", layers=layers, progress=False
+        )
+
+    def naive():
+        return naive_activation_patching(hf_sdpa, model.tokenizer, clean, corrupted, metric, layers)
+
+    seq = len(model.tokenizer(clean).input_ids)
+    return Workload(
+        title=f"activation patching, {len(layers)} layers x {seq} positions (resid)",
+        baseline="naive loop, one forward per cell (torch hooks)",
+        variants={"naive loop, one forward per cell (torch hooks)": naive, "unilens activation_patching": unilens_patching},
+        targets={"unilens activation_patching": Target("speedup>=", 10.0)},
+        warmup=False,
+    )
+
+
+def cache_texts(tokenizer, n: int = 64) -> list[str]:
+    """``n`` texts of 8 to 64 tokens cut from TEXT: a small dataset with varied lengths (so padding occurs)."""
+    ids = tokenizer(TEXT * 8).input_ids
+    texts, start = [], 0
+    for k in range(n):
+        width = 8 + (k * 37) % 57  # 8..64 tokens
+        if start + width > len(ids):
+            start = 0
+        texts.append(tokenizer.decode(ids[start : start + width]))
+        start += width // 2
+    return texts
+
+
+def cache_workload(model, hf_sdpa, texts: Sequence[str], batch_size: int = 8) -> Workload:
+    """``cache_activations(model, texts, "layers_output.*")`` to a fresh store vs plain forwards of the same texts
+    batched the same way (sorted by length, ``batch_size`` per forward, right padding); same tokens, so the
+    throughput ratio (tokens/s) is baseline time / caching time."""
+    import shutil
+    import tempfile
+
+    tokenizer = model.tokenizer
+    lengths = [len(tokenizer(t).input_ids) for t in texts]
+    order = sorted(range(len(texts)), key=lambda k: (-lengths[k], k))
+    batches = [[texts[k] for k in order[i : i + batch_size]] for i in range(0, len(order), batch_size)]
+    root = Path(tempfile.mkdtemp(prefix="unilens-bench-cache-"))
+
+    def plain():
+        with torch.no_grad():
+            for group in batches:
+                enc = tokenizer(group, padding=True, return_tensors="pt")
+                hf_sdpa(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+        return sum(lengths)
+
+    def cache():
+        out = root / "store"
+        shutil.rmtree(out, ignore_errors=True)  # a fresh store each call (a complete one would return at once)
+        store = unilens.cache_activations(model, list(texts), "layers_output.*", out, batch_size=batch_size,
+                                          progress=False)  # fmt: skip
+        return store
+
+    return Workload(
+        title=f"activation caching, every layers_output, {len(texts)} texts / {sum(lengths)} tokens, batch {batch_size}",
+        baseline="plain forwards of the same batches",
+        variants={"plain forwards of the same batches": plain, "unilens cache_activations to disk": cache},
+        targets={"unilens cache_activations to disk": Target("throughput>=", 0.8)},
+        notes=[f"store written under {root} (safetensors shards + manifest), rewritten each repetition."],
+    )
+
+
+def overhead_workload(model_type: str = "llama") -> Workload:
+    """Fixed per-trace cost on a tiny model: unilens trace vs a raw nnsight ``LanguageModel`` trace vs a plain
+    forward, three copies of the same seeded weights (wrapping changes the module, so each gets its own)."""
+    from nnsight import LanguageModel
+
+    from unilens.testing import tiny_model
+
+    hf_u, tok = tiny_model(model_type)
+    hf_raw, _ = tiny_model(model_type)
+    hf_plain, _ = tiny_model(model_type)
+    model = unilens.StandardizedTransformer(hf_u, tokenizer=tok)
+    with warnings.catch_warnings():  # nnsight 0.8 suggests TransformersModel; unilens subclasses LanguageModel
+        warnings.simplefilter("ignore")
+        raw = LanguageModel(hf_raw, tokenizer=tok)
+    batch = encode(tok, make_prompts(tok, 2, 8))
+
+    def plain():
+        with torch.no_grad():
+            return hf_plain(**batch).logits
+
+    def raw_trace():
+        with torch.no_grad(), raw.trace(batch):
+            logits = raw.output.logits.save()
+        return logits
+
+    def unilens_trace():
+        with torch.no_grad(), model.trace(batch):
+            logits = model.logits.save()
+        return logits
+
+    return Workload(
+        title=f"fixed per-trace overhead, tiny {model_type} (2 x 8 tokens, reads logits)",
+        baseline="plain forward",
+        variants={"plain forward": plain, "raw nnsight LanguageModel trace": raw_trace, "unilens trace": unilens_trace},
+        targets={"unilens trace": Target("ms_over<=", 1.0, "raw nnsight LanguageModel trace")},
+        threads=1,
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# Timing
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Timing:
+    workload: Workload
+    size: str
+    times: dict[str, list[float]]  # seconds per call, per variant
+    first_outputs: dict[str, Any]
+
+    def median_ms(self, name: str) -> float:
+        return statistics.median(self.times[name]) * 1000
+
+    def paired_ratio(self, name: str) -> float:
+        """Median over repetitions of (variant / baseline) within the same round: insensitive to slow drift."""
+        base = self.times[self.workload.baseline]
+        return statistics.median(v / b for v, b in zip(self.times[name], base))
+
+
+def measure(workload: Workload, size: str, reps: int | None, budget_s: float, min_reps: int, max_reps: int) -> Timing:
+    """Warm up each variant once (keeping its output for the correctness checks), then time ``reps`` rounds.
+
+    Each round runs every variant once, starting at a rotating variant, so slow drift (other processes,
+    thermal state) hits all variants alike. ``reps=None`` picks as many rounds as fit ``budget_s``
+    (between ``min_reps`` and ``max_reps``) from the warm-up times.
+    """
+    previous_threads = torch.get_num_threads()
+    if workload.threads is not None:
+        torch.set_num_threads(workload.threads)
+    try:
+        names = list(workload.variants)
+        first: dict[str, Any] = {}
+        times: dict[str, list[float]] = {name: [] for name in names}
+        warm = 0.0
+        for name in names:
+            gc.collect()
+            start = time.perf_counter()
+            first[name] = workload.variants[name]()
+            elapsed = time.perf_counter() - start
+            warm += elapsed
+            if not workload.warmup:
+                times[name].append(elapsed)
+        if reps is None:
+            reps = int(max(min_reps, min(max_reps, budget_s // max(warm, 1e-9))))
+        for rep in range(0 if workload.warmup else 1, reps):
+            for k in range(len(names)):
+                name = names[(rep + k) % len(names)]
+                gc.collect()
+                start = time.perf_counter()
+                workload.variants[name]()
+                times[name].append(time.perf_counter() - start)
+        return Timing(workload, size, times, first)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def evaluate(timing: Timing, name: str) -> tuple[str, str, bool | None]:
+    """(achieved, target text, met) for a variant with a target."""
+    target = timing.workload.targets.get(name)
+    if target is None:
+        return "", "", None
+    med = timing.median_ms(name)
+    base = timing.median_ms(timing.workload.baseline)
+    if target.kind == "ratio<=":
+        ratio = med / base
+        return f"{ratio:.3f}x", target.describe(), ratio <= target.value
+    if target.kind == "speedup>=":
+        speedup = base / med
+        return f"{speedup:.1f}x faster", target.describe(), speedup >= target.value
+    if target.kind == "throughput>=":  # same tokens: tokens/s ratio = baseline time / variant time
+        throughput = base / med
+        return f"{throughput:.2f}x plain tokens/s", target.describe(), throughput >= target.value
+    over = med - timing.median_ms(target.reference or timing.workload.baseline)
+    return f"{over:+.2f} ms", target.describe(), over <= target.value
+
+
+# ------------------------------------------------------------------------------------------------
+# Correctness checks (run on the warm-up outputs, before anything is reported)
+# ------------------------------------------------------------------------------------------------
+
+
+def check_outputs(timing: Timing) -> list[str]:
+    """Compare each unilens variant's warm-up output with its baseline's; raise on disagreement, return notes."""
+    out, title = timing.first_outputs, timing.workload.title
+    notes: list[str] = []
+    if title.startswith("forward"):
+        plain = out["HF forward (sdpa)"]
+        traced = out["unilens trace, hooks installed but unused (reads logits)"]
+        torch.testing.assert_close(traced, plain, rtol=0, atol=0)  # same sdpa kernel, same weights: bitwise
+        notes.append("unilens logits equal the plain sdpa forward's bitwise.")
+    elif title.startswith("attention"):
+        for i, (hf_p, ul_p) in enumerate(zip(out["HF eager forward, output_attentions=True"],
+                                             out["unilens saves every attention_probabilities"])):
+            # same eager math (matmul, additive mask, fp32 softmax) in both; allow float32 rounding only
+            torch.testing.assert_close(ul_p, hf_p, rtol=1e-5, atol=1e-6, msg=lambda m, i=i: f"layer {i}: {m}")
+        notes.append("unilens probabilities match HF eager output_attentions (rtol 1e-5) on every layer.")
+    elif title.startswith("logit lens"):
+        manual = out["plain forward + stacked norm/unembed by hand"]
+        lens = out["unilens logit_lens"]
+        diff = (lens - manual).abs().max().item()
+        torch.testing.assert_close(lens, manual, rtol=1e-5, atol=1e-6)  # float32 rounding between two models
+        notes.append(f"logit_lens equals the by-hand lens (max abs diff {diff:.1e}).")
+    elif title.startswith("activation patching"):
+        naive = out["naive loop, one forward per cell (torch hooks)"]
+        ours = out["unilens activation_patching"]
+        diff = (ours - naive).abs().max().item()
+        # A batched forward (many patched rows) and a 1-row forward use different GEMM blockings, so the
+        # metric can differ in the last float32 bits; anything beyond rounding is a real disagreement.
+        torch.testing.assert_close(ours, naive, rtol=1e-4, atol=1e-4)
+        notes.append(f"activation_patching equals the naive loop on all {naive.numel()} cells "
+                     f"(max abs diff {diff:.1e}, {'bitwise' if diff == 0 else 'float32 rounding'}).")
+    elif title.startswith("activation caching"):
+        store = out["unilens cache_activations to disk"]
+        n_tokens = out["plain forwards of the same batches"]
+        assert len(store) == n_tokens, f"the store holds {len(store)} rows for {n_tokens} real tokens"
+        notes.append(f"the store holds exactly the {n_tokens} real tokens (no padding rows).")
+    elif title.startswith("fixed per-trace"):
+        torch.testing.assert_close(out["unilens trace"], out["plain forward"], rtol=0, atol=0)
+        torch.testing.assert_close(out["raw nnsight LanguageModel trace"], out["plain forward"], rtol=0, atol=0)
+        notes.append("all three return identical logits.")
+    return notes
+
+
+# ------------------------------------------------------------------------------------------------
+# Report
+# ------------------------------------------------------------------------------------------------
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _version(dist: str) -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def machine_section(
+    load_start: tuple[float, ...], load_end: tuple[float, ...], threads: int, default_threads: int, args
+) -> list[str]:
+    chosen = "torch's default" if threads == default_threads else f"set by --threads; torch's default is {default_threads}"
+
+    return [
+        "## Machine",
+        "",
+        f"- CPU: {_cpu_model()}, {os.cpu_count()} logical cores",
+        f"- torch threads: {threads} ({chosen}) for the SmolLM2 workloads; 1 for the tiny-model overhead row",
+        f"- load average (1, 5, 15 min) at start: {', '.join(f'{x:.2f}' for x in load_start)}; "
+        f"at end: {', '.join(f'{x:.2f}' for x in load_end)}",
+        f"- Python {platform.python_version()}, torch {torch.__version__}, transformers {_version('transformers')}, "
+        f"nnsight {_version('nnsight')}, unilens {unilens.__version__}",
+        f"- model: {unilens.loading.DEFAULT_MODEL_NAME}, float32, CPU",
+        f"- mode: {'--quick' if args.quick else 'full'}; medians over interleaved repetitions after one warm-up call "
+        "per variant (each repetition runs every variant once, starting at a rotating variant)",
+        "",
+    ]
+
+
+def noise_note(timing: Timing, name: str) -> str:
+    """For a missed ratio target: whether the variant's and the baseline's min - max ranges overlap."""
+    a, b = timing.times[name], timing.times[timing.workload.baseline]
+    if min(a) <= max(b) and min(b) <= max(a):
+        spread = (max(b) - min(b)) / statistics.median(b)
+        return (f"the variant's and the baseline's min - max ranges overlap (baseline spread {spread:.0%} of its "
+                "median): not separable from this run's noise")
+    return "the ranges do not overlap: a real cost (see bench/README.md, profiles)"
+
+
+def table(timing: Timing) -> list[str]:
+    w = timing.workload
+    base = timing.median_ms(w.baseline)
+    reps = len(next(iter(timing.times.values())))
+    lines = [
+        f"### {w.title} — {timing.size} ({reps} reps)",
+        "",
+        "| variant | median ms | min - max ms | ratio to baseline | paired ratio | target | reached | met |",
+        "|---|---:|---:|---:|---:|---|---|---|",
+    ]
+    for name, values in timing.times.items():
+        med = timing.median_ms(name)
+        achieved, target, met = evaluate(timing, name)
+        ratio = "baseline" if name == w.baseline else f"{med / base:.3f}x"
+        paired = "" if name == w.baseline else f"{timing.paired_ratio(name):.3f}x"
+        mark = "" if met is None else ("yes" if met else "**no**")
+        lines.append(
+            f"| {name} | {med:.2f} | {min(values) * 1000:.2f} - {max(values) * 1000:.2f} | {ratio} | {paired} | "
+            f"{target} | {achieved} | {mark} |"
+        )
+    lines.append("")
+    for name in w.targets:
+        met = evaluate(timing, name)[2]
+        if met is False and w.targets[name].kind == "ratio<=":
+            lines.append(f"- missed by {name}: {noise_note(timing, name)}.")
+    for note in w.notes:
+        lines.append(f"- {note}")
+    if lines[-1] != "":
+        lines.append("")
+    return lines
+
+
+# ------------------------------------------------------------------------------------------------
+# Anchors: nnterp and TransformerLens in their own virtualenv (never a project dependency)
+# ------------------------------------------------------------------------------------------------
+
+ANCHOR_VENV = HERE / ".venv-anchors"
+ANCHOR_PACKAGES = ["torch==2.13.0", "nnsight==0.7.0", "nnterp==1.3.0", "transformer-lens==4.3.0"]
+
+
+def run_anchors(quick: bool, timeout_s: float, prompts_by_size: dict[str, list[str]], threads: int) -> tuple[dict | None, str]:
+    """Create ``bench/.venv-anchors`` if needed and run ``bench/anchors.py`` there; (timings or None, message)."""
+    import subprocess
+
+    python = ANCHOR_VENV / "bin" / "python"
+    if not python.exists():
+        try:
+            subprocess.run([sys.executable, "-m", "venv", str(ANCHOR_VENV)], check=True, capture_output=True)
+            subprocess.run([str(python), "-m", "pip", "install", "-q", *ANCHOR_PACKAGES], check=True,
+                           capture_output=True, text=True, timeout=timeout_s)
+        except subprocess.CalledProcessError as err:
+            tail = (err.stderr or "").strip().splitlines()[-3:] if isinstance(err.stderr, str) else []
+            return None, f"installing {' '.join(ANCHOR_PACKAGES)} failed: {' / '.join(tail) or err}"
+        except subprocess.TimeoutExpired:
+            return None, f"installing the anchor packages took over {timeout_s:.0f} s; skipped"
+    from unilens.loading import gguf_cache_dir
+
+    cached = gguf_cache_dir(unilens.default_model_path())
+    if not (cached / "config.json").exists():
+        return None, f"no safetensors copy of SmolLM2 at {cached}; run the main bench once first"
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(prompts_by_size, f)  # the exact prompts of the main run
+    cmd = [str(python), str(HERE / "anchors.py"), str(cached), f.name, "--threads", str(threads)]
+    cmd += ["--quick"] if quick else []
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return None, f"the anchor run took over {timeout_s:.0f} s; skipped"
+    if proc.returncode != 0:
+        return None, "the anchor run failed: " + " / ".join(proc.stderr.strip().splitlines()[-3:])
+    return json.loads(proc.stdout.strip().splitlines()[-1]), "ok"
+
+
+# The anchor workload names (bench/anchors.py) and the unilens variant each one is compared with.
+ANCHOR_EQUIVALENTS = {
+    "trace saving every layers_output": "unilens trace, saves every layers_output",
+    "every attention_probabilities": "unilens saves every attention_probabilities",
+    "logit lens": "unilens logit_lens",
+}
+
+
+def anchor_comparable(timings: list[Timing]) -> dict[tuple[str, str], float]:
+    """{(anchor workload, size): unilens ratio to the same kind of baseline} from this run's timings."""
+    ratios = {}
+    for timing in timings:
+        base = timing.median_ms(timing.workload.baseline)
+        for anchor_name, variant in ANCHOR_EQUIVALENTS.items():
+            if variant in timing.times:
+                ratios[(anchor_name, timing.size)] = timing.median_ms(variant) / base
+    return ratios
+
+
+def anchor_section(result: dict | None, message: str, unilens_ratios: dict[tuple[str, str], float]) -> list[str]:
+    lines = ["## Anchors: nnterp and TransformerLens (separate virtualenv `bench/.venv-anchors`)", ""]
+    if result is None:
+        return lines + [f"Not measured: {message}.", ""]
+    lines += [f"Versions: {result.get('versions')}. Each ratio is to its baseline timed interleaved with it in the "
+              "same subprocess (bench/anchors.py); compare it with the unilens ratio to the same baseline above.", ""]
+    lines += ["| workload | size | tool | baseline | median ms | ratio to baseline | unilens ratio |",
+              "|---|---|---|---|---:|---:|---:|"]
+    for row in result["rows"]:
+        ratio = f"{row['ratio']:.3f}x" if row.get("ratio") is not None else "-"
+        med = f"{row['median_ms']:.2f}" if row.get("median_ms") is not None else row.get("error", "failed")
+        ours = unilens_ratios.get((row["workload"], row["size"]))
+        lines.append(f"| {row['workload']} | {row['size']} | {row['tool']} | {row.get('baseline', '-')} | {med} | "
+                     f"{ratio} | {f'{ours:.3f}x' if ours else '-'} |")
+    return lines + [""]
+
+
+# ------------------------------------------------------------------------------------------------
+# Main
+# ------------------------------------------------------------------------------------------------
+
+
+def _log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: few repetitions, 3 patched layers")
+    parser.add_argument("--anchors", action="store_true", help="also time nnterp / TransformerLens (own venv)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads for the SmolLM2 workloads (default: torch's default). On a machine "
+                        "other jobs keep busy, 1 avoids OpenMP oversubscription, which makes 2-thread timings "
+                        "several times slower and very noisy")
+    parser.add_argument("--patch-layers", type=int, default=None,
+                        help="patch only this many evenly spaced layers (default: all; --quick: 3)")
+    parser.add_argument("--out", default=str(HERE / "RESULTS.md"), help="where to write the report")
+    args = parser.parse_args(argv)
+
+    from unilens.loading import default_model_path, load_hf_model
+
+    load_start = os.getloadavg()
+    default_threads = torch.get_num_threads()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    started = time.perf_counter()
+    _log(f"load average {load_start}, torch threads {threads}; loading SmolLM2 three times (unilens, sdpa, eager)")
+    model = unilens.load_default()
+    hf_sdpa, tokenizer = load_hf_model(default_model_path(), dtype=torch.float32, attn_implementation="sdpa")
+    hf_eager, _ = load_hf_model(default_model_path(), dtype=torch.float32, attn_implementation="eager")
+
+    # (reps or None for "fit the budget", budget seconds, min reps, max reps)
+    plan = (None, 8.0, 2, 3) if args.quick else (None, 30.0, 3, 10)
+    sizes = {"batch 8 x 16 tokens": (8, 16), "batch 1 x 512 tokens": (1, 512)}
+    forward_targets = {
+        "batch 8 x 16 tokens": {"nothing": 1.05, "logits": 1.02, "save_all": 1.05},
+        "batch 1 x 512 tokens": {"nothing": 1.02, "logits": 1.02, "save_all": 1.02},
+    }
+    timings: list[Timing] = []
+    prompts_by_size = {size: make_prompts(tokenizer, b, s) for size, (b, s) in sizes.items()}
+    for size, prompts in prompts_by_size.items():
+        batch = encode(tokenizer, prompts)
+        for workload in (
+            forward_workload(model, hf_sdpa, batch, forward_targets[size]),
+            attention_workload(model, hf_eager, batch),
+            logit_lens_workload(model, hf_sdpa, prompts),
+        ):
+            _log(f"{workload.title} — {size}")
+            timing = measure(workload, size, *plan)
+            workload.notes.extend(check_outputs(timing))
+            timings.append(timing)
+
+    n_patch = args.patch_layers if args.patch_layers is not None else (3 if args.quick else None)
+    patch_layers = None
+    if n_patch is not None and n_patch < model.num_layers:
+        patch_layers = sorted({round(k * (model.num_layers - 1) / max(n_patch - 1, 1)) for k in range(n_patch)})
+    workload = patching_workload(model, hf_sdpa, make_prompts(tokenizer, 2, 16), patch_layers)
+    if patch_layers is not None:
+        workload.notes.append(f"layers {patch_layers} only (`--quick` / `--patch-layers`); a full run patches every layer.")
+    _log(workload.title)
+    timing = measure(workload, "one clean / corrupted pair of 16 tokens", 1 if args.quick else 2, 0, 1, 2)
+    workload.notes.extend(check_outputs(timing))
+    timings.append(timing)
+
+    workload = cache_workload(model, hf_sdpa, cache_texts(tokenizer, 24 if args.quick else 64))
+    _log(workload.title)
+    timing = measure(workload, "SmolLM2, fp32 store", *plan)
+    workload.notes.extend(check_outputs(timing))
+    timings.append(timing)
+
+    workload = overhead_workload("llama")
+    _log(workload.title)
+    timing = measure(workload, "per trace", 20 if args.quick else 100, 0, 1, 100)
+    workload.notes.extend(check_outputs(timing))
+    timings.append(timing)
+
+    anchors: tuple[dict | None, str] | None = None
+    if args.anchors:
+        _log("anchors: nnterp / TransformerLens in bench/.venv-anchors")
+        anchors = run_anchors(args.quick, timeout_s=1800, prompts_by_size=prompts_by_size, threads=threads)
+
+    elapsed = time.perf_counter() - started
+    lines = ["# unilens benchmark results", "", "Written by `python bench/run.py" + (" --quick" if args.quick else "")
+             + (" --anchors" if args.anchors else "") + f"` in {elapsed:.0f} s. See bench/README.md for what each "
+             "row measures.", ""]
+    lines += machine_section(load_start, os.getloadavg(), threads, default_threads, args)
+    lines += ["## Summary", "", "| workload | size | variant | target | reached | met |", "|---|---|---|---|---|---|"]
+    for timing in timings:
+        for name in timing.workload.targets:
+            achieved, target, met = evaluate(timing, name)
+            lines.append(f"| {timing.workload.title} | {timing.size} | {name} | {target} | {achieved} | "
+                         f"{'yes' if met else '**no**'} |")
+    lines += ["", "## Tables", ""]
+    for timing in timings:
+        lines += table(timing)
+    if anchors is not None:
+        lines += anchor_section(*anchors, unilens_ratios=anchor_comparable(timings))
+    lines += ["Profiles of the workloads that missed a target, and what would close them: bench/README.md.", ""]
+    Path(args.out).write_text("\n".join(lines) + "\n")
+    _log(f"wrote {args.out} in {elapsed:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
