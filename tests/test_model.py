@@ -190,6 +190,19 @@ def test_unknown_hub_id_offline_raises_clear_error(monkeypatch):
         StandardizedTransformer("no-such-org/no-such-model-xyz")
 
 
+@pytest.mark.parametrize("model_type", ["gpt2", "llama"])  # learned positions (would crash) / rotary (would degrade)
+def test_prompt_longer_than_context_raises(model_type):
+    hf, tok = tiny_model(model_type)
+    model = StandardizedTransformer(hf, tokenizer=tok, check=False)
+    limit = hf.config.max_position_embeddings  # gpt2 maps it to n_positions
+    with model.trace(torch.zeros(1, limit, dtype=torch.long)):  # exactly the context: fine
+        logits = model.logits.save()
+    assert logits.shape[1] == limit
+    with pytest.raises(ValueError, match=f"{limit + 1} tokens but this {model_type} model's context is {limit}"):
+        with model.trace(torch.zeros(1, limit + 1, dtype=torch.long)):
+            model.logits.save()
+
+
 def test_model_without_tokenizer_raises():
     hf, _ = tiny_model("llama")
     with pytest.raises(ValueError, match="tokenizer"):

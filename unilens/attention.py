@@ -764,7 +764,22 @@ class AttentionHookAccessor:
             heads=self.hook_name in ("heads", "head_results"),
         )
         del hooks
+        self._check_not_replaced(i)
         return getattr(self.model.attentions[i].unilens_hooks, self.hook_name)
+
+    def _check_not_replaced(self, i: int) -> None:
+        """The hooks live on the attention module found at load; a model that swapped it since has none."""
+        arch = self.model.architecture
+        path = f"{arch.layers_path}.{i % len(arch.layers)}.{arch.layers[i].attention}"
+        current = self.model.module_accessor.model.get_submodule(path)
+        original = self.model._attention_modules[i]
+        if current is not original:
+            raise RuntimeError(
+                f"{self._arch_name()}: the attention module of layer {i} ({path}) was replaced after loading "
+                f"({type(original).__name__} -> {type(current).__name__}), so it carries no unilens hooks. The "
+                "model swaps modules at run time (BigBird replaces block-sparse by full attention for short "
+                "inputs); load it with a config that fixes the module (BigBird: attention_type='original_full')."
+            )
 
     def __getitem__(self, i: int):
         return self._envoy(i).output

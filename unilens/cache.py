@@ -366,7 +366,9 @@ def _run_batch(
         mask[b, : len(r)] = 1
     device = _hf_device(model)
     saved: dict[str, torch.Tensor] = {}  # built before the trace: nnsight does not push back containers made inside
-    with torch.no_grad(), model.trace({"input_ids": ids.to(device), "attention_mask": mask.to(device)}):
+    wants_logits = any(name.layer is None for name in names)
+    lean = {} if wants_logits else model._without_logits_kwargs()
+    with torch.no_grad(), model.trace({"input_ids": ids.to(device), "attention_mask": mask.to(device)}, **lean):
         for name in names:
             if name.layer is None:
                 saved[name.key] = model.logits.save()

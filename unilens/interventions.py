@@ -118,7 +118,7 @@ def logit_lens(
     batch = _encode(model, prompts)
     saved: list[torch.Tensor] = []
     trace_kwargs = {"remote": True} if remote else {}
-    with torch.no_grad(), model.trace(batch, **trace_kwargs):
+    with torch.no_grad(), model.trace(batch, **trace_kwargs, **model._without_logits_kwargs()):
         for i in range(model.num_layers):
             saved.append(model.layers_output[i].save())  # (batch, seq, hidden)
     stacked = torch.stack(saved, dim=1)  # (batch, layers, seq, hidden)

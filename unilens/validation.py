@@ -33,7 +33,11 @@ def hf_reference_forward(hf_model, encoding, **kwargs):
 
     extra = {}
     mask = encoding.get("attention_mask")
-    if mask is not None and "position_ids" in inspect.signature(hf_model.forward).parameters:
+    params = inspect.signature(hf_model.forward).parameters
+    # nnsight passes them for padded batches even when the forward only takes them through **kwargs (Whisper's
+    # causal LM hands them on to its decoder)
+    takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    if mask is not None and ("position_ids" in params or (takes_kwargs and not bool(mask.all()))):
         extra["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
     return hf_model(**encoding, **extra, **kwargs)
 
