@@ -467,7 +467,9 @@ class _CorruptedPrefix:
         """Whether a layer output can be cut per position: tensors ``(1, seq, ...)`` and Nones, nothing else."""
         if isinstance(output, tuple):
             return all(_CorruptedPrefix._skippable(v, seq) for v in output)
-        return output is None or (isinstance(output, torch.Tensor) and output.dim() >= 2 and output.shape[:2] == (1, seq))
+        if output is None:
+            return True
+        return isinstance(output, torch.Tensor) and output.dim() >= 2 and output.shape[:2] == (1, seq)
 
     @classmethod
     def build(cls, model, batch: dict[str, torch.Tensor], check_at: int) -> "_CorruptedPrefix | None":
