@@ -340,12 +340,6 @@ def _batches(tokens: _Tokens, a: int, b: int, batch_size: int) -> list[list[int]
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _hf_device(model: "StandardizedTransformer") -> torch.device:
-    for p in model.module_accessor.model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
 def _pad_id(tokenizer: Any) -> int:
     for attr in ("pad_token_id", "eos_token_id"):
         value = getattr(tokenizer, attr, None)
@@ -364,7 +358,7 @@ def _run_batch(
     for b, r in enumerate(rows):
         ids[b, : len(r)] = torch.from_numpy(r)
         mask[b, : len(r)] = 1
-    device = _hf_device(model)
+    device = model.input_device
     saved: dict[str, torch.Tensor] = {}  # built before the trace: nnsight does not push back containers made inside
     wants_logits = any(name.layer is None for name in names)
     lean = {} if wants_logits else model._without_logits_kwargs()

@@ -37,10 +37,6 @@ _DEFAULT_LOGITS_BUDGET = 2**28
 # ------------------------------------------------------------------------------------------------
 
 
-def _device(model) -> torch.device:
-    return model.module_accessor.get_embed_tokens().weight.device
-
-
 def _encode(model, prompts: Prompts) -> dict[str, torch.Tensor]:
     """Tokenize ``prompts`` with the model's tokenizer (its padding side), as the dict a trace takes.
 
@@ -53,7 +49,7 @@ def _encode(model, prompts: Prompts) -> dict[str, torch.Tensor]:
     if not prompts or not all(isinstance(p, str) for p in prompts):
         raise TypeError("prompts must be a string or a non-empty list of strings.")
     enc = model.tokenizer(prompts, padding=True, return_tensors="pt")
-    device = _device(model)
+    device = model.input_device
     return {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device)}
 
 

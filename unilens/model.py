@@ -393,6 +393,11 @@ class StandardizedTransformer(LanguageModel):
         return per_token[torch.arange(per_token.shape[0], device=per_token.device), last.to(per_token.device)]
 
     @property
+    def input_device(self) -> torch.device:
+        """Where inputs go: the token embedding's device (the first device under ``device_map``)."""
+        return self.module_accessor.get_embed_tokens().weight.device
+
+    @property
     def input_ids(self) -> torch.Tensor:
         return self._last_batch.get("input_ids")
 
