@@ -229,17 +229,19 @@ def logit_lens_workload(model, hf_sdpa, prompts: Sequence[str]) -> Workload:
 
 
 def naive_activation_patching(
-    hf, tokenizer, clean: str, corrupted: str, metric: Callable[[torch.Tensor], torch.Tensor], layers: Sequence[int]
+    hf, tokenizer, clean: Sequence[str], corrupted: Sequence[str], metric: Callable[[torch.Tensor], torch.Tensor],
+    layers: Sequence[int],
 ) -> torch.Tensor:
-    """The naive baseline: one clean forward caching every layer's output, then one corrupted forward per
-    (layer, position) cell with a plain torch forward hook writing the clean value there. ``(layers, seq)``."""
-    clean_batch, corrupted_batch = encode(tokenizer, [clean]), encode(tokenizer, [corrupted])
-    seq = clean_batch["input_ids"].shape[1]
+    """The naive baseline: one clean forward of the n clean prompts caching every layer's output, then one forward
+    of the n corrupted prompts per (layer, position) cell, a plain torch forward hook writing the clean value
+    there in every row. ``(n, layers, seq)``."""
+    clean_batch, corrupted_batch = encode(tokenizer, clean), encode(tokenizer, corrupted)
+    n, seq = clean_batch["input_ids"].shape
     blocks = hf.model.layers
     cache: dict[int, torch.Tensor] = {}
 
     def keep(index):
-        return lambda _m, _a, out: cache.__setitem__(index, _layer_output(out).clone())  # (1, seq, hidden)
+        return lambda _m, _a, out: cache.__setitem__(index, _layer_output(out).clone())  # (n, seq, hidden)
 
     handles = [blocks[i].register_forward_hook(keep(i)) for i in layers]
     try:
@@ -249,7 +251,7 @@ def naive_activation_patching(
         for handle in handles:
             handle.remove()
 
-    results = torch.empty(len(layers), seq)
+    results = torch.empty(n, len(layers), seq)
     for row, layer in enumerate(layers):
         for pos in range(seq):
 
@@ -261,40 +263,50 @@ def naive_activation_patching(
             handle = blocks[layer].register_forward_hook(patch)
             try:
                 with torch.no_grad():
-                    logits = hf(**corrupted_batch).logits  # (1, seq, vocab)
+                    logits = hf(**corrupted_batch).logits  # (n, seq, vocab)
             finally:
                 handle.remove()
-            results[row, pos] = metric(logits).float()[0]
+            results[:, row, pos] = metric(logits).float()
     return results
 
 
-def patching_setup(hf, tokenizer, prompts: Sequence[str]) -> tuple[str, str, Callable[[torch.Tensor], torch.Tensor]]:
-    """A clean / corrupted pair of equal length and a metric: the logit of the clean run's top next token."""
-    clean, corrupted = prompts[0], prompts[1]
+def patching_setup(hf, tokenizer, prompts: Sequence[str]):
+    """Prompt pairs (clean ``prompts[2i]``, corrupted ``prompts[2i + 1]``, all the same length) and a metric: the
+    logit of each clean prompt's top next token, at the last position of its pair's row."""
+    clean, corrupted = list(prompts[0::2]), list(prompts[1::2])
     with torch.no_grad():
-        top = int(hf(**encode(tokenizer, [clean])).logits[0, -1].argmax())
-    return clean, corrupted, lambda logits: logits[:, -1, top]
+        top = hf(**encode(tokenizer, clean)).logits[:, -1].argmax(-1)  # (pairs,)
+    return clean, corrupted, lambda logits: logits[torch.arange(len(top)), -1, top]
 
 
 def patching_workload(model, hf_sdpa, prompts: Sequence[str], layers: Sequence[int] | None = None) -> Workload:
-    """``interventions.activation_patching`` over layers x all positions vs the naive one-forward-per-cell loop."""
+    """``interventions.activation_patching`` over layers x all positions vs the naive one-forward-per-cell loop,
+    for ``len(prompts) // 2`` prompt pairs at once; with the metric on full logits, and on the last position."""
     layers = list(range(model.num_layers)) if layers is None else list(layers)
     clean, corrupted, metric = patching_setup(hf_sdpa, model.tokenizer, prompts)
 
-    def unilens_patching():
-        return interventions.activation_patching(
-            model, clean, corrupted, metric, component="resid", layers=layers, progress=False
-        )
+    def unilens_patching(**kwargs):
+        out = interventions.activation_patching(model, clean, corrupted, metric, component="resid", layers=layers,
+                                                progress=False, **kwargs)  # fmt: skip
+        return out  # (pairs, layers, seq)
 
     def naive():
         return naive_activation_patching(hf_sdpa, model.tokenizer, clean, corrupted, metric, layers)
 
-    seq = len(model.tokenizer(clean).input_ids)
+    seq = len(model.tokenizer(clean[0]).input_ids)
+    pairs = "one pair" if len(clean) == 1 else f"{len(clean)} pairs"
     return Workload(
-        title=f"activation patching, {len(layers)} layers x {seq} positions (resid)",
+        title=f"activation patching, {len(layers)} layers x {seq} positions (resid), {pairs}",
         baseline="naive loop, one forward per cell (torch hooks)",
-        variants={"naive loop, one forward per cell (torch hooks)": naive, "unilens activation_patching": unilens_patching},
-        targets={"unilens activation_patching": Target("speedup>=", 10.0)},
+        variants={
+            "naive loop, one forward per cell (torch hooks)": naive,
+            "unilens activation_patching": unilens_patching,
+            "unilens activation_patching, metric_positions=-1": lambda: unilens_patching(metric_positions=-1),
+        },
+        targets={
+            "unilens activation_patching": Target("speedup>=", 10.0),
+            "unilens activation_patching, metric_positions=-1": Target("speedup>=", 10.0),
+        },
         warmup=False,
     )
 
@@ -492,14 +504,15 @@ def check_outputs(timing: Timing) -> list[str]:
         torch.testing.assert_close(lens, manual, rtol=1e-5, atol=1e-6)  # float32 rounding between two models
         notes.append(f"logit_lens equals the by-hand lens (max abs diff {diff:.1e}).")
     elif title.startswith("activation patching"):
-        naive = out["naive loop, one forward per cell (torch hooks)"]
-        ours = out["unilens activation_patching"]
-        diff = (ours - naive).abs().max().item()
-        # A batched forward (many patched rows) and a 1-row forward use different GEMM blockings, so the
-        # metric can differ in the last float32 bits; anything beyond rounding is a real disagreement.
-        torch.testing.assert_close(ours, naive, rtol=1e-4, atol=1e-4)
-        notes.append(f"activation_patching equals the naive loop on all {naive.numel()} cells "
-                     f"(max abs diff {diff:.1e}, {'bitwise' if diff == 0 else 'float32 rounding'}).")
+        naive = out["naive loop, one forward per cell (torch hooks)"]  # (pairs, layers, seq)
+        for name in ("unilens activation_patching", "unilens activation_patching, metric_positions=-1"):
+            ours = out[name].reshape(naive.shape)  # one pair: (layers, seq)
+            diff = (ours - naive).abs().max().item()
+            # A batched forward (many patched rows) and a smaller one use different GEMM blockings, so the
+            # metric can differ in the last float32 bits; anything beyond rounding is a real disagreement.
+            torch.testing.assert_close(ours, naive, rtol=1e-4, atol=1e-4)
+            notes.append(f"{name} equals the naive loop on all {naive.numel()} cells "
+                         f"(max abs diff {diff:.1e}, {'bitwise' if diff == 0 else 'float32 rounding'}).")
     elif title.startswith("activation caching"):
         store = out["unilens cache_activations to disk"]
         n_tokens = out["plain forwards of the same batches"]
@@ -738,13 +751,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     patch_layers = None
     if n_patch is not None and n_patch < model.num_layers:
         patch_layers = sorted({round(k * (model.num_layers - 1) / max(n_patch - 1, 1)) for k in range(n_patch)})
-    workload = patching_workload(model, hf_sdpa, make_prompts(tokenizer, 2, 16), patch_layers)
-    if patch_layers is not None:
-        workload.notes.append(f"layers {patch_layers} only (`--quick` / `--patch-layers`); a full run patches every layer.")
-    _log(workload.title)
-    timing = measure(workload, "one clean / corrupted pair of 16 tokens", 1 if args.quick else 2, 0, 1, 2)
-    workload.notes.extend(check_outputs(timing))
-    timings.append(timing)
+    # one clean / corrupted pair (naive: 1 x 16 forwards), and 8 pairs (naive: batch 8 x 16 forwards)
+    for pairs, reps in ((1, 1 if args.quick else 2), (8, 1)):
+        workload = patching_workload(model, hf_sdpa, make_prompts(tokenizer, 2 * pairs, 16), patch_layers)
+        if patch_layers is not None:
+            workload.notes.append(f"layers {patch_layers} only (`--quick` / `--patch-layers`); a full run patches "
+                                  "every layer.")  # fmt: skip
+        _log(workload.title)
+        size = "one clean / corrupted pair of 16 tokens" if pairs == 1 else f"{pairs} pairs, batch {pairs} x 16 tokens"
+        timing = measure(workload, size, reps, 0, 1, 2)
+        workload.notes.extend(check_outputs(timing))
+        timings.append(timing)
 
     workload = cache_workload(model, hf_sdpa, cache_texts(tokenizer, 24 if args.quick else 64))
     _log(workload.title)

@@ -79,20 +79,22 @@ def test_manual_logit_lens_is_an_independent_oracle(bench, models):
 
 def test_patching_matches_naive_loop(bench, models):
     model, hf_sdpa, _ = models
-    prompts = bench.make_prompts(model.tokenizer, 2, 8)
+    prompts = bench.make_prompts(model.tokenizer, 4, 8)  # two clean / corrupted pairs
     workload = bench.patching_workload(model, hf_sdpa, prompts)
     timing = _run_once(bench, workload)
     bench.check_outputs(timing)
     naive = timing.first_outputs["naive loop, one forward per cell (torch hooks)"]
-    ours = timing.first_outputs["unilens activation_patching"]
-    assert naive.shape == ours.shape == (model.num_layers, 8)
-    torch.testing.assert_close(ours, naive, rtol=1e-4, atol=1e-4)
+    for name in ("unilens activation_patching", "unilens activation_patching, metric_positions=-1"):
+        ours = timing.first_outputs[name]
+        assert naive.shape == ours.shape == (2, model.num_layers, 8)
+        torch.testing.assert_close(ours, naive, rtol=1e-4, atol=1e-4)
     # patching the last layer at the last position gives the clean run's metric (an independent check of the loop)
     clean, _, metric = bench.patching_setup(hf_sdpa, model.tokenizer, prompts)
     with torch.no_grad():
-        clean_metric = metric(hf_sdpa(**bench.encode(model.tokenizer, [clean])).logits)[0]
-    torch.testing.assert_close(naive[-1, -1], clean_metric, rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(naive[0], naive[0, :1].expand_as(naive[0]))  # the cells really differ
+        clean_metric = metric(hf_sdpa(**bench.encode(model.tokenizer, clean)).logits)  # (pairs,)
+    torch.testing.assert_close(naive[:, -1, -1], clean_metric, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(naive[0, 0], naive[0, 0, :1].expand_as(naive[0, 0]))  # the cells really differ
+    assert not torch.allclose(naive[0], naive[1])  # and the pairs
 
 
 def test_overhead_workload(bench):

@@ -249,7 +249,7 @@ def test_activation_patching_resumes_from_the_corrupted_cache(model_type, reques
 
 def test_activation_patching_falls_back_when_the_cache_check_fails(llama, monkeypatch):
     """A cache that does not reproduce the corrupted run is caught by the check: warning, whole-sequence runs."""
-    from unilens import interventions
+    from unilens import patching
 
     paris = _tid(llama.tokenizer, " Paris")
 
@@ -257,7 +257,7 @@ def test_activation_patching_falls_back_when_the_cache_check_fails(llama, monkey
         return logits[:, -1, paris]
 
     expected = activation_patching(llama, CLEAN, CORRUPTED, metric, progress=False, reuse_prefix=False)
-    monkeypatch.setattr(interventions._CorruptedPrefix, "cache_kwargs", lambda self, start, rows: {})  # no cache
+    monkeypatch.setattr(patching.CorruptedRun, "cache_kwargs", lambda self, start, rows: {})  # no cache
     with pytest.warns(UserWarning, match="does not reproduce the corrupted run"):
         got = activation_patching(llama, CLEAN, CORRUPTED, metric, progress=False)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)

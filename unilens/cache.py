@@ -361,7 +361,7 @@ def _run_batch(
     device = model.input_device
     saved: dict[str, torch.Tensor] = {}  # built before the trace: nnsight does not push back containers made inside
     wants_logits = any(name.layer is None for name in names)
-    lean = {} if wants_logits else model._without_logits_kwargs()
+    lean = {} if wants_logits else model._keep_last_logits_kwargs()
     with torch.no_grad(), model.trace({"input_ids": ids.to(device), "attention_mask": mask.to(device)}, **lean):
         for name in names:
             if name.layer is None:

@@ -28,9 +28,6 @@ __all__ = [
 Prompts = str | Sequence[str]
 Metric = Callable[[torch.Tensor], torch.Tensor]
 
-# Logits kept in memory per chunk of patched runs when `batch_size` is not given (bytes).
-_DEFAULT_LOGITS_BUDGET = 2**28
-
 
 # ------------------------------------------------------------------------------------------------
 # Plumbing
@@ -114,7 +111,7 @@ def logit_lens(
     batch = _encode(model, prompts)
     saved: list[torch.Tensor] = []
     trace_kwargs = {"remote": True} if remote else {}
-    with torch.no_grad(), model.trace(batch, **trace_kwargs, **model._without_logits_kwargs()):
+    with torch.no_grad(), model.trace(batch, **trace_kwargs, **model._keep_last_logits_kwargs()):
         for i in range(model.num_layers):
             saved.append(model.layers_output[i].save())  # (batch, seq, hidden)
     stacked = torch.stack(saved, dim=1)  # (batch, layers, seq, hidden)
@@ -296,18 +293,30 @@ def _accessor(model, component: str):
     return getattr(model, _COMPONENTS[component])
 
 
-def _encode_pair(model, clean: str, corrupted: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    if not isinstance(clean, str) or not isinstance(corrupted, str):
-        raise TypeError("clean and corrupted must each be one prompt string.")
-    clean_batch, corrupted_batch = _encode(model, clean), _encode(model, corrupted)
-    n_clean, n_corrupted = clean_batch["input_ids"].shape[1], corrupted_batch["input_ids"].shape[1]
-    if n_clean != n_corrupted:
+def _encode_pairs(
+    model, clean: str | Sequence[str], corrupted: str | Sequence[str]
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Clean and corrupted prompts, one pair or lists of pairs, as two unpadded batches ``(pairs, seq)``."""
+    one = isinstance(clean, str) and isinstance(corrupted, str)
+    cleans, corrupteds = ([clean], [corrupted]) if one else (clean, corrupted)
+    if isinstance(cleans, str) or isinstance(corrupteds, str) or not all(
+        isinstance(p, str) for p in [*cleans, *corrupteds]
+    ):
+        raise TypeError("clean and corrupted must each be one prompt string, or each a list of prompt strings.")
+    cleans, corrupteds = list(cleans), list(corrupteds)
+    if not cleans or len(cleans) != len(corrupteds):
+        raise ValueError(f"clean and corrupted must be as many prompts (one pair each), got {len(cleans)} clean "
+                         f"and {len(corrupteds)} corrupted.")  # fmt: skip
+    labelled = [("clean", p) for p in cleans] + [("corrupted", p) for p in corrupteds]
+    lengths = [len(model.tokenizer(p).input_ids) for _, p in labelled]
+    if len(set(lengths)) > 1:
+        k = next(i for i, n in enumerate(lengths) if n != lengths[0])
         raise ValueError(
             f"clean and corrupted prompts must tokenize to the same length (patching swaps activations "
-            f"position by position): clean {clean!r} has {n_clean} tokens, corrupted {corrupted!r} has "
-            f"{n_corrupted}. Reword one of them."
+            f"position by position, and pairs share batches): clean {cleans[0]!r} has {lengths[0]} tokens, "
+            f"{labelled[k][0]} {labelled[k][1]!r} has {lengths[k]}. Reword one of them."
         )
-    return clean_batch, corrupted_batch
+    return _encode(model, cleans), _encode(model, corrupteds)
 
 
 def _position_list(positions: int | Sequence[int] | None, seq: int) -> list[int]:
@@ -317,7 +326,7 @@ def _position_list(positions: int | Sequence[int] | None, seq: int) -> list[int]
 def _check_metric(values: torch.Tensor, n: int) -> torch.Tensor:
     if not isinstance(values, torch.Tensor) or values.shape != (n,):
         shape = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
-        raise ValueError(f"metric must map logits (n, seq, vocab) to a tensor of shape (n,) = ({n},); got {shape}.")
+        raise ValueError(f"metric must map logits (n, positions, vocab) to a tensor of shape (n,) = ({n},); got {shape}.")
     return values
 
 
@@ -328,8 +337,8 @@ def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
 
 def activation_patching(
     model,
-    clean: str,
-    corrupted: str,
+    clean: str | Sequence[str],
+    corrupted: str | Sequence[str],
     metric: Metric,
     component: str = "resid",
     layers: int | Sequence[int] | None = None,
@@ -337,6 +346,8 @@ def activation_patching(
     batch_size: int | None = None,
     progress: bool = True,
     reuse_prefix: bool = True,
+    stagger: bool = True,
+    metric_positions: int | Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Activation patching: the corrupted run with ONE cell's activation replaced by the clean run's, per cell.
 
@@ -344,13 +355,26 @@ def activation_patching(
     (``mlps_output``), cells ``(layer, position)`` -> returns ``(len(layers), len(positions))``; or
     ``"head"`` (per-head attention output z before the output projection, ``attention_heads``, patched at
     all ``positions`` together), cells ``(layer, head)`` -> returns ``(len(layers), num_heads)``.
-    ``metric(logits (n, seq, vocab)) -> (n,)`` is evaluated on each patched run's logits.
+    ``metric(logits (n, seq, vocab)) -> (n,)`` is evaluated on the patched runs' logits, row by row.
 
-    Many patched runs share one forward: the corrupted prompt is repeated over ``batch_size`` rows (default:
-    as many as keep ~256 MB of logits) and row r patches its own cell (a mask-based assignment per layer).
-    With ``reuse_prefix`` (default), a run patching position p starts at p: tokens before p are the corrupted
-    run's (causal attention), taken from its key/value cache and logits, after a check that resuming from the
-    cache reproduces the corrupted run (otherwise, or for ``"head"``, every run covers the whole sequence).
+    ``clean`` and ``corrupted`` may be lists of n prompt pairs (every prompt the same number of tokens): each
+    cell is patched in every pair (pair i's clean activation into pair i's corrupted run), the metric is
+    called per cell on the n runs in pair order (as on one batched forward of the n corrupted prompts),
+    and the result gains a leading pair dimension, ``(n, len(layers), ...)``.
+
+    With ``metric_positions`` (e.g. ``-1``), the metric gets those positions' logits only, in that order,
+    ``(n, len(metric_positions), vocab)``, and the unembedding skips the others (most of a small model's
+    patching work when the metric reads the last position): ``lambda logits: logits[:, -1, token]`` works
+    unchanged with ``metric_positions=-1``.
+
+    Many patched runs share one forward, a row each (at most ``batch_size`` rows; default: as many as keep
+    ~256 MB of logits). What a patch cannot change is not recomputed, after a run-time check that the model
+    allows it (else a warning, and the same result computed the plain way):
+
+    - ``reuse_prefix``: a run patching position p starts at p; tokens before p are the corrupted run's
+      (causal attention), from its key/value cache and logits (not for ``"head"`` over every position);
+    - ``stagger``: a row joins the batch at its patched layer; layers below are the corrupted run's, so a
+      forward starts with the rows of its lowest layer and grows, and the layers below it are skipped.
 
     Example:
         >>> from unilens import StandardizedTransformer
@@ -362,172 +386,34 @@ def activation_patching(
         >>> effect.shape[0] == model.num_layers
         True
     """
+    from .patching import Sweep, run_sweep
+
     accessor = _accessor(model, component)
-    clean_batch, corrupted_batch = _encode_pair(model, clean, corrupted)
-    seq = clean_batch["input_ids"].shape[1]
+    clean_batch, corrupted_batch = _encode_pairs(model, clean, corrupted)
+    pairs, seq = clean_batch["input_ids"].shape
     layer_list = _layer_list(model, layers)
     position_list = _position_list(positions, seq)
+    if metric_positions is not None:
+        metric_positions = _checked_indices(metric_positions, seq, "metric position", "the prompts have {n} tokens")
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
 
     clean_acts: dict[int, torch.Tensor] = {}
     with torch.no_grad(), model.trace(clean_batch):
         for layer in sorted(layer_list):
-            clean_acts[layer] = accessor[layer].save()  # (1, seq, hidden) or (1, seq, heads, head_dim)
+            clean_acts[layer] = accessor[layer].save()  # (pairs, seq, hidden) or (pairs, seq, heads, head_dim)
 
-    prefix = None
-    if component != "head" and reuse_prefix and any(p > 0 for p in position_list):
-        prefix = _CorruptedPrefix.build(model, corrupted_batch, min(p for p in position_list if p > 0))
-
-    # A cell's run, as one row of a chunk: (layer, index) with index a position, or a head for "head".
-    if component == "head":
-        cells = [(layer, h) for layer in layer_list for h in range(model.num_heads)]
-        groups = [(0, cells)]  # heads are patched at every position: the whole sequence runs
-    elif prefix is None:
-        groups = [(0, [(layer, p) for layer in layer_list for p in position_list])]
-    else:
-        # Position-major: a run patching position p changes nothing before p (causal attention), so each
-        # position's runs start at p from the corrupted run's key/value cache and logits.
-        groups = [(p, [(layer, p) for layer in layer_list]) for p in sorted(set(position_list))]
-
-    if batch_size is None:
-        batch_size = max(1, _DEFAULT_LOGITS_BUDGET // (seq * model.vocab_size * 4))
-    chunks = [(start, cs[i : i + batch_size]) for start, cs in groups for i in range(0, len(cs), batch_size)]
-    from tqdm.auto import tqdm
-
-    values: dict[tuple[int, int], torch.Tensor] = {}
-    for start, chunk in tqdm(chunks, desc=f"patching {component}", disable=not progress or len(chunks) == 1):
-        rows, width = len(chunk), seq - start
-        inputs = {k: v[:, start:].expand(rows, -1) for k, v in corrupted_batch.items() if k != "attention_mask"}
-        inputs["attention_mask"] = corrupted_batch["attention_mask"].expand(rows, -1)  # (rows, seq): covers the cache
-        trace_kwargs = prefix.cache_kwargs(start, rows) if prefix is not None and start > 0 else {}
-        # Layers below the chunk's first patched layer compute exactly the corrupted run: skip them, feeding
-        # its outputs (position-major runs only; the whole-sequence runs keep the plain forward).
-        skip_below = min(layer for layer, _ in chunk) if prefix is not None and prefix.can_skip else 0
-        masks: dict[int, torch.Tensor] = {}
-        for row, (layer, j) in enumerate(chunk):
-            if layer not in masks:
-                shape = (rows, width, model.num_heads, 1) if component == "head" else (rows, width, 1)
-                masks[layer] = torch.zeros(shape, dtype=torch.bool)
-            if component == "head":
-                masks[layer][row, position_list, j] = True
-            else:
-                masks[layer][row, j - start] = True
-        with torch.no_grad(), model.trace(inputs, **trace_kwargs):
-            for layer in range(skip_below):  # forward order: skips first, then the patches
-                model._layer_envoy(layer).skip(prefix.layer_output(layer, start, rows))
-            for layer in sorted(masks):
-                out = accessor[layer]
-                patched = clean_acts[layer][:, start:].expand_as(out)
-                accessor[layer] = torch.where(masks[layer].to(out.device), patched, out)
-            logits = model.logits.save()  # (rows, width, vocab)
-        if start > 0:
-            logits = torch.cat([prefix.logits[:, :start].expand(rows, -1, -1), logits], dim=1)  # (rows, seq, vocab)
-        for cell, value in zip(chunk, _at_least_float32(_check_metric(metric(logits), rows))):
-            values[cell] = value
-    columns = range(model.num_heads) if component == "head" else position_list
-    return torch.stack([torch.stack([values[(layer, j)] for j in columns]) for layer in layer_list])
-
-
-class _CorruptedPrefix:
-    """The corrupted run's logits and key/value cache, to start patched runs at the patched position.
-
-    Only built when the model returns a transformers ``Cache`` that can be cropped and repeated over rows, and
-    only used after a check that a run started at position p from the cropped cache reproduces the corrupted
-    logits after p (else activation patching runs every cell over the whole sequence, as without it).
-    """
-
-    def __init__(self, logits: torch.Tensor, cache, layer_outputs: list[Any] | None):
-        self.logits = logits  # (1, seq, vocab)
-        self.cache = cache
-        # each decoder layer's output as the layer returns it (a tensor or a tuple), to skip layers with
-        self.layer_outputs = layer_outputs
-        self.can_skip = layer_outputs is not None
-
-    def layer_output(self, layer: int, start: int, rows: int) -> Any:
-        """Layer ``layer``'s corrupted output in its own structure, from position ``start``, over ``rows`` rows."""
-        seq = self.logits.shape[1]
-
-        def cut(value):
-            if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[:2] == (1, seq):
-                tail = value[:, start:]
-                return tail.expand(rows, *tail.shape[1:]).contiguous()  # (rows, seq - start, ...)
-            if isinstance(value, tuple):
-                return tuple(cut(v) for v in value)
-            return value
-
-        return cut(self.layer_outputs[layer])
-
-    @staticmethod
-    def _skippable(output: Any, seq: int) -> bool:
-        """Whether a layer output can be cut per position: tensors ``(1, seq, ...)`` and Nones, nothing else."""
-        if isinstance(output, tuple):
-            return all(_CorruptedPrefix._skippable(v, seq) for v in output)
-        if output is None:
-            return True
-        return isinstance(output, torch.Tensor) and output.dim() >= 2 and output.shape[:2] == (1, seq)
-
-    @classmethod
-    def build(cls, model, batch: dict[str, torch.Tensor], check_at: int) -> "_CorruptedPrefix | None":
-        import warnings
-
-        from transformers.cache_utils import Cache
-
-        if not bool(batch["attention_mask"].all()):
-            return None  # padded prompt: the cache would start at a padding token
-        seq = batch["input_ids"].shape[1]
-        blocks = list(model.module_accessor.get_layers())
-        outputs: list[Any] = [None] * len(blocks)
-        handles = [
-            block.register_forward_hook(lambda _m, _a, out, i=i: outputs.__setitem__(i, out))
-            for i, block in enumerate(blocks)
-        ]
-        try:
-            try:
-                with torch.no_grad():
-                    out = model.module_accessor.model(**batch, use_cache=True)
-            finally:
-                for handle in handles:
-                    handle.remove()
-            cache = getattr(out, "past_key_values", None)
-            if not isinstance(cache, Cache):
-                return None
-            skippable = all(cls._skippable(o, seq) for o in outputs) and not model.architecture.mutated_in_place
-            prefix = cls(out.logits.detach(), cache, outputs if skippable else None)
-            # the check resumes at `check_at` and skips the first half of the layers, as a chunk would
-            skip = len(blocks) // 2 if prefix.can_skip else 0
-            with torch.no_grad(), model.trace(
-                {"input_ids": batch["input_ids"][:, check_at:], "attention_mask": batch["attention_mask"]},
-                **prefix.cache_kwargs(check_at, 1),
-            ):
-                for layer in range(skip):
-                    model._layer_envoy(layer).skip(prefix.layer_output(layer, check_at, 1))
-                resumed = model.logits.save()  # (1, seq - check_at, vocab)
-        except Exception as err:  # noqa: BLE001 - no usable cache: patch over the whole sequence
-            warnings.warn(f"activation_patching: the key/value cache of {type(model.module_accessor.model).__name__} "
-                          f"cannot be reused ({type(err).__name__}: {err}); every patched run covers the whole "
-                          "sequence (same result, slower).", stacklevel=3)
-            return None
-        expected = prefix.logits[:, check_at:]
-        # kernels of other shapes round differently: allow that, never a different computation
-        rtol = 1e-3 if expected.dtype in (torch.float32, torch.float64) else 5e-2
-        scale = expected.abs().max().clamp_min(1.0)
-        if resumed.shape != expected.shape or (resumed - expected).abs().max() > rtol * scale:
-            warnings.warn(f"activation_patching: resuming {type(model.module_accessor.model).__name__} from its cache "
-                          "does not reproduce the corrupted run; every patched run covers the whole sequence "
-                          "(same result, slower).", stacklevel=3)
-            return None
-        return prefix
-
-    def cache_kwargs(self, start: int, rows: int) -> dict:
-        """``past_key_values``: a copy of the cache cut to the first ``start`` tokens, repeated over ``rows``."""
-        import copy
-
-        cache = copy.deepcopy(self.cache)
-        cache.crop(start - self.logits.shape[1])  # negative: remove the tokens from `start` on
-        if rows > 1:
-            cache.batch_repeat_interleave(rows)
-        return {"past_key_values": cache, "use_cache": True}
+    # A row is one patched run: (layer, position) or (layer, head, patched at every listed position), in a pair.
+    columns = list(range(model.num_heads)) if component == "head" else position_list
+    rows = [(layer, j, pair) for layer in layer_list for j in dict.fromkeys(columns) for pair in range(pairs)]
+    sweep = Sweep(model, component, accessor, clean_acts, clean_batch["input_ids"], corrupted_batch, metric,
+                  metric_positions, sorted(set(position_list)), _check_metric)  # fmt: skip
+    values = run_sweep(sweep, rows, batch_size, resume=reuse_prefix, stagger=stagger, progress=progress)
+    result = torch.stack([
+        torch.stack([torch.stack([_at_least_float32(values[(layer, j, pair)]) for j in columns]) for layer in layer_list])
+        for pair in range(pairs)
+    ])  # (pairs, layers, columns)
+    return result[0] if isinstance(clean, str) else result
 
 
 def attribution_patching(
@@ -558,7 +444,9 @@ def attribution_patching(
         raise ValueError("attribution_patching supports component 'resid', 'attn' or 'mlp'; use activation_patching "
                          "for heads.")
     accessor = _accessor(model, component)
-    clean_batch, corrupted_batch = _encode_pair(model, clean, corrupted)
+    if not isinstance(clean, str) or not isinstance(corrupted, str):
+        raise TypeError("attribution_patching takes one clean and one corrupted prompt string.")
+    clean_batch, corrupted_batch = _encode_pairs(model, clean, corrupted)
     layer_list = sorted(_layer_list(model, layers))
     clean_acts: dict[int, torch.Tensor] = {}
     with torch.no_grad(), model.trace(clean_batch):

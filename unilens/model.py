@@ -217,14 +217,15 @@ class StandardizedTransformer(LanguageModel):
             validate_model(self)
 
     # --- plumbing ---------------------------------------------------------------------------------
-    def _without_logits_kwargs(self) -> dict[str, Any]:
-        """Forward kwargs for a trace that reads no logits: the unembedding then runs on the last position
-        only (``logits_to_keep=1``, where the model's forward takes it), skipping ~20% of a small model's work.
+    def _keep_last_logits_kwargs(self, n: int = 1) -> dict[str, Any]:
+        """Forward kwargs for a trace that reads the logits of the last ``n`` positions only: the unembedding
+        then runs on those (``logits_to_keep=n``, where the model's forward takes it; else on every position),
+        skipping ~20% of a small model's work per position.
         """
         import inspect
 
         params = inspect.signature(self.module_accessor.model.forward).parameters
-        return {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+        return {"logits_to_keep": n} if "logits_to_keep" in params else {}
 
     def _remember_batch(self, module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
@@ -248,12 +249,13 @@ class StandardizedTransformer(LanguageModel):
             )
 
     def _unflatten_tokens(self, value: torch.Tensor) -> torch.Tensor:
-        """``(batch * seq, d)`` -> ``(batch, seq, d)``: OPT-style MLPs run on flattened tokens."""
+        """``(rows * seq, d)`` -> ``(rows, seq, d)``: OPT-style MLPs run on flattened tokens. ``rows`` is the
+        input's batch, or more where rows joined the batch after the input (staggered activation patching)."""
         ids = self._last_batch.get("input_ids")
         if isinstance(value, torch.Tensor) and value.dim() == 2 and ids is not None and ids.dim() == 2:
             batch, seq = ids.shape
-            if value.shape[0] == batch * seq:
-                return value.view(batch, seq, value.shape[-1])
+            if seq > 0 and value.shape[0] % seq == 0 and value.shape[0] >= batch * seq:
+                return value.view(value.shape[0] // seq, seq, value.shape[-1])
         return value
 
     def _envoy_at(self, path: str):

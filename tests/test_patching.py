@@ -1,0 +1,146 @@
+"""Tests for unilens.patching: the fast paths of activation patching (resumed from the corrupted cache, rows
+joining the batch at their layer, logits at the metric's positions only) against the plain computation, on every
+zoo architecture, and the run-time checks that guard them."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from unilens import StandardizedTransformer
+from unilens.interventions import activation_patching
+from unilens.testing import ZOO_REQUIRED, tiny_model
+
+CLEAN, CORRUPTED = "The capital of France is Paris and", "The capital of Italy is Rome and"
+# two prompt pairs of equal length (the tiny tokenizers split these into the same number of tokens)
+CLEANS = [CLEAN, "The capital of Germany is Berlin and"]
+CORRUPTEDS = [CORRUPTED, "The capital of France is Paris and"]
+
+
+def _plain(model, metric, clean=CLEAN, corrupted=CORRUPTED, **kwargs) -> torch.Tensor:
+    """The reference: every patched run from the input, over the whole sequence and every layer."""
+    return activation_patching(model, clean, corrupted, metric, progress=False, reuse_prefix=False, stagger=False,
+                               **kwargs)  # fmt: skip
+
+
+def _per_pair(metrics) -> callable:
+    """A metric for a list of pairs that reads pair i's own token: it must get the pairs' rows in pair order."""
+    return lambda logits: torch.stack([metrics[i](logits[i : i + 1])[0] for i in range(len(metrics))])
+
+
+@pytest.mark.parametrize("model_type", ZOO_REQUIRED)
+def test_fast_paths_equal_plain_runs_on_every_zoo_model(model_type):
+    """Resumed + staggered patching of two prompt pairs at once equals plain runs of each pair alone, for every
+    component, without a fallback warning (a fallback would be correct but slow: it must not happen here)."""
+    model = StandardizedTransformer(*tiny_model(model_type, seed=0))
+    # per pair: reads two positions, one before most patched positions; and the last position only
+    metrics = [lambda lg: lg[:, -1, 5] - lg[:, 2, 7], lambda lg: lg[:, -1, 9] - lg[:, 2, 7]]
+    lasts = [lambda lg: lg[:, -1, 5], lambda lg: lg[:, -1, 9]]
+
+    for component in ("resid", "attn", "mlp", "head"):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message="activation_patching")
+            fast = activation_patching(model, CLEANS, CORRUPTEDS, _per_pair(metrics), component=component,
+                                       progress=False)  # fmt: skip
+            fast_last = activation_patching(model, CLEANS, CORRUPTEDS, _per_pair(lasts), component=component,
+                                            progress=False, metric_positions=-1)  # fmt: skip
+        for i, (clean, corrupted) in enumerate(zip(CLEANS, CORRUPTEDS)):
+            expected = _plain(model, metrics[i], clean, corrupted, component=component)
+            torch.testing.assert_close(fast[i], expected, atol=1e-5, rtol=0, msg=lambda m: f"{component}: {m}")
+            torch.testing.assert_close(fast_last[i], _plain(model, lasts[i], clean, corrupted, component=component),
+                                       atol=1e-5, rtol=0, msg=lambda m: f"{component}, metric_positions=-1: {m}")
+            assert expected.std() > 0, f"{component}: constant patching effect, the comparison proves nothing"
+
+
+@pytest.fixture(scope="module")
+def llama():
+    hf, tok = tiny_model("llama", seed=0)
+    return StandardizedTransformer(hf, tokenizer=tok)
+
+
+def _tid(model, text: str) -> int:
+    return model.tokenizer(text, add_special_tokens=False).input_ids[0]
+
+
+def test_rows_join_the_batch_at_their_layer(llama):
+    """Staggering is real: within one patched forward, deeper layers see more rows than shallower ones, and a
+    resid sweep runs layer 0 on patched rows once only (the check's plain run), never in the sweep itself."""
+    seen: list[tuple[int, int]] = []  # (layer, rows) per call, in call order
+    blocks = llama.module_accessor.get_layers()
+    handles = [blk.register_forward_hook(lambda _m, args, _o, i=i: seen.append((i, args[0].shape[0])))
+               for i, blk in enumerate(blocks)]  # fmt: skip
+    paris = _tid(llama, " Paris")
+    try:
+        activation_patching(llama, CLEAN, CORRUPTED, lambda lg: lg[:, -1, paris], progress=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    forwards, current = [], []
+    for layer, rows in seen:  # split the calls into forwards: a new one starts at a layer not above the last
+        if current and layer <= current[-1][0]:
+            forwards.append(current)
+            current = []
+        current.append((layer, rows))
+    forwards.append(current)
+    grown = [f for f in forwards if f[-1][1] > f[0][1]]
+    assert grown, f"no forward grew its batch: {forwards}"
+    assert sum(rows > 1 for f in forwards for layer, rows in f if layer == 0) == 1, forwards
+
+
+def test_a_staggered_run_that_disagrees_with_plain_rows_is_caught(llama, monkeypatch):
+    """The run-time check: rows that join wrong (here: an offset added to every joining row) make the check
+    fail, with a warning, and the sweep computes every row plainly, so the result is still right."""
+    from unilens import patching
+
+    paris = _tid(llama, " Paris")
+
+    def metric(logits):
+        return logits[:, -1, paris]
+
+    expected = _plain(llama, metric)
+    joining = patching.Sweep._joining_rows
+    monkeypatch.setattr(patching.Sweep, "_joining_rows", lambda self, *a: joining(self, *a) + 0.5)
+    with pytest.warns(UserWarning, match="rows joining the batch at their patched layer does not reproduce"):
+        got = activation_patching(llama, CLEAN, CORRUPTED, metric, progress=False)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_a_model_that_cannot_grow_its_batch_falls_back(llama, monkeypatch):
+    """A model whose code refuses a batch that grows (here: each layer's cache gets one row more than the
+    layer's batch) raises inside the check: warning, plain rows, right result."""
+    from unilens import patching
+
+    paris = _tid(llama, " Paris")
+    expected = _plain(llama, lambda lg: lg[:, -1, paris])
+    cache_kwargs = patching.CorruptedRun.cache_kwargs
+    monkeypatch.setattr(patching.CorruptedRun, "cache_kwargs",
+                        lambda self, start, pairs: cache_kwargs(self, start, pairs if isinstance(pairs[0], int)
+                                                                else [[*p, p[0]] for p in pairs]))
+    with pytest.warns(UserWarning, match="rows joining the batch at their patched layer fails"):
+        got = activation_patching(llama, CLEAN, CORRUPTED, lambda lg: lg[:, -1, paris], progress=False)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_metric_positions(llama):
+    """The metric gets exactly the listed positions' logits, in order; the values equal the full computation."""
+    paris, rome = _tid(llama, " Paris"), _tid(llama, " Rome")
+    seq = len(llama.tokenizer(CLEAN).input_ids)
+    shapes = []
+
+    def two(logits):
+        shapes.append(tuple(logits.shape[1:]))
+        return logits[:, 0, paris] - logits[:, 1, rome]  # position 3, then the last
+
+    got = activation_patching(llama, CLEAN, CORRUPTED, two, metric_positions=[3, -1], progress=False)
+    expected = _plain(llama, lambda lg: lg[:, 3, paris] - lg[:, -1, rome])
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    assert set(shapes) == {(2, llama.vocab_size)}
+    # a metric written for full logits that reads the last position works unchanged
+    full = _plain(llama, lambda lg: lg[:, -1, paris])
+    last = activation_patching(llama, CLEAN, CORRUPTED, lambda lg: lg[:, -1, paris], metric_positions=seq - 1,
+                               progress=False)  # fmt: skip
+    torch.testing.assert_close(last, full, atol=1e-5, rtol=0)
+    with pytest.raises(IndexError, match="metric position 99 out of range"):
+        activation_patching(llama, CLEAN, CORRUPTED, lambda lg: lg[:, -1, 0], metric_positions=99)
