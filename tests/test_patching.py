@@ -144,3 +144,26 @@ def test_metric_positions(llama):
     torch.testing.assert_close(last, full, atol=1e-5, rtol=0)
     with pytest.raises(IndexError, match="metric position 99 out of range"):
         activation_patching(llama, CLEAN, CORRUPTED, lambda lg: lg[:, -1, 0], metric_positions=99)
+
+
+def test_lists_of_pairs_call_the_metric_per_cell_in_pair_order(llama):
+    """With lists, the metric sees one cell's runs of every pair, in pair order (a metric indexing by pair, as on
+    a batched forward of the corrupted prompts, works), also for a list of one pair; a string pair keeps the
+    plain (rows, ...) form and result shape."""
+    seen = []
+    targets = torch.tensor([_tid(llama, " Paris"), _tid(llama, " Rome")])
+
+    def by_pair(logits):
+        seen.append(logits.shape[0])
+        return logits[torch.arange(len(targets)), -1, targets]
+
+    both = activation_patching(llama, CLEANS, CORRUPTEDS, by_pair, progress=False)
+    assert set(seen) == {2} and both.shape == (2, llama.num_layers, 7)
+    one = activation_patching(llama, CLEANS[:1], CORRUPTEDS[:1], lambda lg: lg[torch.arange(1), -1, targets[:1]],
+                              progress=False)  # fmt: skip
+    single = activation_patching(llama, CLEAN, CORRUPTED, lambda lg: lg[:, -1, targets[0]], progress=False)
+    assert one.shape == (1, *single.shape)
+    torch.testing.assert_close(one[0], single, atol=1e-5, rtol=0)
+    torch.testing.assert_close(both[0], single, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="as many prompts"):
+        activation_patching(llama, CLEANS, CORRUPTEDS[:1], by_pair)

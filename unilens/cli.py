@@ -128,7 +128,9 @@ def cmd_patch(args) -> int:
         return last[:, t] - (last[:, a] if a is not None else 0)
 
     layers = [int(x) for x in args.layers.split(",")] if args.layers else None
-    result = activation_patching(model, args.clean, args.corrupted, metric, component=args.component, layers=layers)
+    # the metric reads the last position only: unembed nothing else
+    result = activation_patching(model, args.clean, args.corrupted, metric, component=args.component, layers=layers,
+                                 metric_positions=-1)  # fmt: skip
     layer_list = layers or list(range(model.num_layers))
     tokens = [model.tokenizer.decode([i]) for i in model.tokenizer(args.clean)["input_ids"]]
     print(f"activation patching ({args.component}): metric = logit({args.target!r})" + (f" - logit({args.against!r})" if a is not None else ""))

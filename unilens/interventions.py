@@ -407,7 +407,7 @@ def activation_patching(
     columns = list(range(model.num_heads)) if component == "head" else position_list
     rows = [(layer, j, pair) for layer in layer_list for j in dict.fromkeys(columns) for pair in range(pairs)]
     sweep = Sweep(model, component, accessor, clean_acts, clean_batch["input_ids"], corrupted_batch, metric,
-                  metric_positions, sorted(set(position_list)), _check_metric)  # fmt: skip
+                  metric_positions, sorted(set(position_list)), _check_metric, per_cell=not isinstance(clean, str))
     values = run_sweep(sweep, rows, batch_size, resume=reuse_prefix, stagger=stagger, progress=progress)
     result = torch.stack([
         torch.stack([torch.stack([_at_least_float32(values[(layer, j, pair)]) for j in columns]) for layer in layer_list])

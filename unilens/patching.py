@@ -199,7 +199,8 @@ class Sweep:
 
     ``clean_acts[layer]``: the clean prompts' activations ``(pairs, seq, ...)`` at each patched layer;
     ``patched_positions``: the positions a ``"head"`` row patches (all of them, together);
-    ``metric(logits (pairs, positions, vocab)) -> (pairs,)`` is called per cell on the rows of every pair.
+    ``metric(logits (pairs, positions, vocab)) -> (pairs,)`` is called per cell on the rows of every pair, in
+    pair order (``per_cell``), or, for one pair given as strings, on all the rows of a chunk at once.
     """
 
     def __init__(
@@ -214,8 +215,10 @@ class Sweep:
         metric_positions: list[int] | None,
         patched_positions: list[int],
         check_metric: Callable[[torch.Tensor, int], torch.Tensor],
+        per_cell: bool,
     ):
         self.model, self.component, self.accessor = model, component, accessor
+        self.per_cell = per_cell
         self.clean_acts, self.batch = clean_acts, corrupted_batch
         self.metric, self.metric_positions, self.check_metric = metric, metric_positions, check_metric
         self.patched_positions = patched_positions
@@ -453,8 +456,8 @@ class Sweep:
 
 
 class _Metrics:
-    """Calls the metric once per cell on its rows of every pair, in pair order, as soon as all have run
-    (with one pair, once per chunk on all its rows)."""
+    """Calls the metric once per cell on its rows of every pair, in pair order, as soon as all have run (or,
+    when not ``per_cell``: one pair, once per chunk on all its rows)."""
 
     def __init__(self, sweep: Sweep):
         self.sweep = sweep
@@ -464,7 +467,7 @@ class _Metrics:
     def add(self, chunk: Chunk, logits: torch.Tensor) -> None:
         sweep = self.sweep
         logits = sweep.metric_logits(chunk, logits)  # (rows, positions, vocab)
-        if sweep.pairs == 1:
+        if not sweep.per_cell:
             self.values.update(zip(chunk.rows, sweep.check_metric(sweep.metric(logits), len(chunk.rows))))
             return
         for row_logits, (layer, j, pair) in zip(logits, chunk.rows):
