@@ -727,7 +727,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     hf_eager, _ = load_hf_model(default_model_path(), dtype=torch.float32, attn_implementation="eager")
 
     # (reps or None for "fit the budget", budget seconds, min reps, max reps)
-    plan = (None, 8.0, 2, 3) if args.quick else (None, 30.0, 3, 10)
+    plan = (None, 8.0, 2, 3) if args.quick else (None, 45.0, 5, 30)
     sizes = {"batch 8 x 16 tokens": (8, 16), "batch 1 x 512 tokens": (1, 512)}
     forward_targets = {
         "batch 8 x 16 tokens": {"nothing": 1.05, "logits": 1.02, "save_all": 1.05},

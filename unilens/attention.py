@@ -8,7 +8,7 @@ import re
 import sys
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -95,6 +95,9 @@ class AttentionHooks(nn.Module):
         self.materialize = False
         self.want_head_results = False
         self.want_heads = False  # heads or head_results requested: a z that cannot be split is then an error
+        # the hook points a request reads or writes; the others are not called (each call through nnsight costs
+        # a few microseconds per layer), except with always_materialize, where every one is
+        self.wanted: set[str] = set()
         # Filled at install time.
         self.original_implementation: str = "eager"
         self.original_function: Callable | None = None
@@ -104,9 +107,28 @@ class AttentionHooks(nn.Module):
         self._head_dim: int | None = None  # value head dim, when known: checks the output projection's input width
         self._probabilities_seen = False
 
+    # Per-forward state, set on every attention call: plain attributes, not nn.Module's slower __setattr__ (which
+    # looks for parameters, buffers and submodules first; ~2 % of a small model's forward over 30 layers).
+    _STATE = frozenset({"materialize", "want_head_results", "want_heads", "wanted", "_num_heads", "_head_dim",
+                        "_probabilities_seen"})  # fmt: skip
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in AttentionHooks._STATE:
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
     @property
     def active(self) -> bool:
         return self.materialize or self.always_materialize
+
+    def wants(self, name: str) -> bool:
+        """Whether hook point ``name`` runs in this forward (requested, or every one under always_materialize)."""
+        return self.always_materialize or name in self.wanted
+
+    def point(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """``x`` through hook point ``name`` when it runs, else ``x`` itself."""
+        return getattr(self, name)(x) if self.wants(name) else x
 
     def extra_repr(self) -> str:
         return f"route={self.route!r}, architecture={self.architecture!r}"
@@ -175,7 +197,7 @@ def _hookable_eager(
     """HF eager attention with every intermediate routed through `hooks` (when given)."""
 
     def hook(name: str, x: torch.Tensor) -> torch.Tensor:
-        return getattr(hooks, name)(x) if hooks is not None else x
+        return hooks.point(name, x) if hooks is not None else x
 
     query = hook("queries", query)  # (batch, heads, q, head_dim)
     key = hook("keys", key)  # (batch, kv_heads, k, head_dim)
@@ -367,8 +389,8 @@ class _SoftmaxRouter:
                 args = (-1, *args[1:])
             router.busy = True
             try:
-                scores = router.hooks.scores(input.reshape(shape))  # (batch, heads, q, k)
-                probabilities = router.hooks.probabilities(original(scores, *args, **kwargs))
+                scores = router.hooks.point("scores", input.reshape(shape))  # (batch, heads, q, k)
+                probabilities = router.hooks.point("probabilities", original(scores, *args, **kwargs))
             finally:
                 router.busy = False
             router.hooks._num_heads = probabilities.shape[1]
@@ -497,7 +519,7 @@ def _output_projection_weight(proj: nn.Module, n_heads: int) -> torch.Tensor:
 
 def _make_output_projection_hooks(hooks: AttentionHooks, proj: nn.Module):
     def pre_hook(_proj, args, kwargs):
-        if not hooks.active:
+        if not (hooks.active and (hooks.wants("heads") or hooks.want_head_results)):
             return None
         z = args[0]  # (batch, seq, heads * head_dim)
         n_heads = hooks._num_heads
@@ -517,7 +539,7 @@ def _make_output_projection_hooks(hooks: AttentionHooks, proj: nn.Module):
                 f"heads ({n_heads}) x head_dim ({hooks._head_dim}): it is not fed by the per-head outputs z, so "
                 "attention heads / head_results are not supported for this class."
             )
-        z4 = hooks.heads(z.reshape(*z.shape[:-1], n_heads, z.shape[-1] // n_heads))  # (batch, seq, heads, head_dim)
+        z4 = hooks.point("heads", z.reshape(*z.shape[:-1], n_heads, z.shape[-1] // n_heads))  # (batch, seq, heads, hd)
         return (z4.reshape(z.shape), *args[1:]), kwargs
 
     def post_hook(_proj, args, kwargs, output):
@@ -564,6 +586,7 @@ def _make_attention_hooks(hooks: AttentionHooks, module: nn.Module):
             hooks.materialize = False
             hooks.want_head_results = False
             hooks.want_heads = False
+            hooks.wanted = set()
 
     return pre_hook, post_hook
 
@@ -672,8 +695,12 @@ def _all_configs(config) -> list:
     return configs
 
 
-def request_materialize(attn_module: nn.Module, head_results: bool = False, heads: bool = False) -> None:
+def request_materialize(
+    attn_module: nn.Module, head_results: bool = False, heads: bool = False, points: Sequence[str] | None = None
+) -> None:
     """Make the next forward of `attn_module` run the hookable path (and per-head results when asked).
+
+    `points`: the hook points that will be read or written (default: all of `HOOK_NAMES`); only those run.
 
     `heads=True` (implied by `head_results`) says z will be read: an output projection whose input cannot be split
     into (heads, head_dim) is then an error; otherwise that projection is left alone. The flags reset after that
@@ -694,6 +721,7 @@ def request_materialize(attn_module: nn.Module, head_results: bool = False, head
     hooks.materialize = True
     hooks.want_head_results = hooks.want_head_results or head_results
     hooks.want_heads = hooks.want_heads or heads or head_results
+    hooks.wanted.update(HOOK_NAMES if points is None else points)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -762,6 +790,7 @@ class AttentionHookAccessor:
             self.model._attention_modules[i],
             head_results=self.hook_name == "head_results",
             heads=self.hook_name in ("heads", "head_results"),
+            points=[self.hook_name],
         )
         del hooks
         self._check_not_replaced(i)

@@ -541,11 +541,12 @@ def cache_activations(
     store it returns the store at once. A store made with other arguments is refused, never mixed.
 
     Example:
+        >>> import tempfile
         >>> from unilens import StandardizedTransformer
         >>> from unilens.testing import tiny_model
-        >>> hf, tok = tiny_model("gpt2")
-        >>> model = StandardizedTransformer(hf, tokenizer=tok)
-        >>> store = cache_activations(model, ["The cat sat", "Hello"], ["layers_output.*"], "/tmp/acts", progress=False)
+        >>> model = StandardizedTransformer(*tiny_model("gpt2"))
+        >>> out = tempfile.mkdtemp()
+        >>> store = cache_activations(model, ["The cat sat", "Hello"], ["layers_output.*"], out, progress=False)
         >>> store["layers_output.0"].shape == (len(store), model.hidden_size)
         True
     """
@@ -722,9 +723,17 @@ class ActivationStore:
     ``store.dataset()`` is a torch ``Dataset`` of rows; ``store.verify()`` checks every shard's sha256.
 
     Example:
-        >>> store = ActivationStore("/tmp/acts")
+        >>> import tempfile
+        >>> from unilens import StandardizedTransformer
+        >>> from unilens.testing import tiny_model
+        >>> out = tempfile.mkdtemp()
+        >>> _ = cache_activations(StandardizedTransformer(*tiny_model("gpt2")), ["The cat sat", "Hello"],
+        ...                       ["layers_output.0"], out, progress=False)
+        >>> store = ActivationStore(out)
         >>> resid = store["layers_output.0"]            # (tokens, hidden)
         >>> first_text = resid[store["text_index"] == 0]
+        >>> first_text.shape[0] == int((store["position"][store["text_index"] == 0] >= 0).sum())
+        True
     """
 
     def __init__(self, out_dir: str | os.PathLike, allow_incomplete: bool = False):
@@ -818,8 +827,15 @@ class ActivationDataset(torch.utils.data.Dataset):
     """Rows of an ``ActivationStore`` as a map-style torch ``Dataset`` (keeps the last shard it read in memory).
 
     Example:
-        >>> ds = ActivationStore("/tmp/acts").dataset(["layers_output.0"])
-        >>> row = ds[0]; row["layers_output.0"].shape, int(row["text_index"]), int(row["position"])
+        >>> import tempfile
+        >>> from unilens import StandardizedTransformer
+        >>> from unilens.testing import tiny_model
+        >>> out = tempfile.mkdtemp()
+        >>> _ = cache_activations(StandardizedTransformer(*tiny_model("gpt2")), ["The cat sat", "Hello"],
+        ...                       ["layers_output.0"], out, progress=False)
+        >>> ds = ActivationStore(out).dataset(["layers_output.0"])
+        >>> row = ds[0]; int(row["text_index"]), int(row["position"])
+        (0, 0)
     """
 
     def __init__(self, store: ActivationStore, names: Sequence[str] | None = None):
@@ -856,7 +872,10 @@ def read_texts(texts_path: str | os.PathLike) -> list[str]:
     ``.txt`` file (one text per line; line ``i`` is text ``i``, an empty line an empty text).
 
     Example:
-        >>> read_texts("prompts.txt")[:2]
+        >>> import pathlib, tempfile
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "prompts.txt"
+        >>> _ = path.write_text("The cat sat\\nHello\\n")
+        >>> read_texts(path)
         ['The cat sat', 'Hello']
     """
     path = Path(texts_path)
@@ -896,7 +915,12 @@ def main_cache(
     """CLI entry: read texts from ``texts_path``, load ``model_source`` (default: the embedded SmolLM2), cache.
 
     Example:
-        >>> store = main_cache("prompts.txt", ["layers_output.*"], "acts/", model_source=None, batch_size=8)
+        >>> import pathlib, tempfile
+        >>> folder = pathlib.Path(tempfile.mkdtemp())
+        >>> _ = (folder / "prompts.txt").write_text("The capital of France is\\n")
+        >>> store = main_cache(str(folder / "prompts.txt"), ["layers_output.0"], str(folder / "acts"), progress=False)
+        >>> store["layers_output.0"].shape[0] == len(store)
+        True
     """
     texts = read_texts(texts_path)
     from .model import StandardizedTransformer, load_default

@@ -326,7 +326,8 @@ def _position_list(positions: int | Sequence[int] | None, seq: int) -> list[int]
 def _check_metric(values: torch.Tensor, n: int) -> torch.Tensor:
     if not isinstance(values, torch.Tensor) or values.shape != (n,):
         shape = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
-        raise ValueError(f"metric must map logits (n, positions, vocab) to a tensor of shape (n,) = ({n},); got {shape}.")
+        raise ValueError(f"metric must map logits (n, positions, vocab) to a tensor of shape (n,) = ({n},); "
+                         f"got {shape}.")
     return values
 
 
@@ -409,8 +410,9 @@ def activation_patching(
     sweep = Sweep(model, component, accessor, clean_acts, clean_batch["input_ids"], corrupted_batch, metric,
                   metric_positions, sorted(set(position_list)), _check_metric, per_cell=not isinstance(clean, str))
     values = run_sweep(sweep, rows, batch_size, resume=reuse_prefix, stagger=stagger, progress=progress)
+    values = {row: _at_least_float32(v) for row, v in values.items()}
     result = torch.stack([
-        torch.stack([torch.stack([_at_least_float32(values[(layer, j, pair)]) for j in columns]) for layer in layer_list])
+        torch.stack([torch.stack([values[(layer, j, pair)] for j in columns]) for layer in layer_list])
         for pair in range(pairs)
     ])  # (pairs, layers, columns)
     return result[0] if isinstance(clean, str) else result

@@ -414,8 +414,12 @@ class StandardizedTransformer(LanguageModel):
         Works inside a trace (through nnsight, without counting as a module call) and outside.
 
         Example:
+            >>> from unilens.testing import tiny_model
+            >>> model = StandardizedTransformer(*tiny_model("llama"))
             >>> with model.trace("The capital of France is"):
-            ...     lens = model.project_on_vocab(model.layers_output[5]).save()
+            ...     lens = model.project_on_vocab(model.layers_output[1]).save()
+            >>> lens.shape[-1] == model.vocab_size
+            True
         """
         h = hidden
         arch = self.architecture
@@ -456,9 +460,14 @@ class StandardizedTransformer(LanguageModel):
         ``positions`` (alias ``token_positions``) and ``batch_index`` restrict where it is added.
 
         Example:
+            >>> from unilens.testing import tiny_model
+            >>> model = StandardizedTransformer(*tiny_model("llama"))
+            >>> v = torch.randn(model.hidden_size)
             >>> with model.trace("The capital of France is"):
-            ...     model.steer(layers=[3, 4], steering_vector=v, factor=4.0, positions=-1)
+            ...     model.steer(layers=[0, 1], steering_vector=v, factor=4.0, positions=-1)
             ...     logits = model.logits.save()
+            >>> logits.shape[0]
+            1
         """
         if token_positions is not None:
             positions = token_positions

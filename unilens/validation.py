@@ -25,6 +25,8 @@ def hf_reference_forward(hf_model, encoding, **kwargs):
     that nnsight passes in a trace (``cumsum(mask) - 1``), so both sides see the same positions.
 
     Example:
+        >>> from unilens.testing import tiny_model
+        >>> hf, tok = tiny_model("gpt2")
         >>> enc = tok(["a b c", "a"], return_tensors="pt", padding=True)
         >>> hf_reference_forward(hf, enc, output_hidden_states=True).logits.shape[:2]
         torch.Size([2, 3])
@@ -79,6 +81,9 @@ def validate_model(model: "StandardizedTransformer", text: str = PROBE_TEXT, rai
     ``logits`` equals the plain HF forward. Raises ``ValidationError`` naming the architecture and the check.
 
     Example:
+        >>> from unilens import StandardizedTransformer
+        >>> from unilens.testing import tiny_model
+        >>> model = StandardizedTransformer(*tiny_model("llama"), check=False)
         >>> report = validate_model(model)
         >>> report.ok
         True
