@@ -51,8 +51,12 @@ def test_forward_attention_and_logit_lens_workloads(bench, models):
     prompts = bench.make_prompts(model.tokenizer, 3, 10)
     batch = bench.encode(model.tokenizer, prompts)
     targets = {"nothing": 1.05, "logits": 1.02, "save_all": 1.05}
+    from nnsight import LanguageModel
+
+    hf_raw, tok = tiny_model("llama", num_hidden_layers=3, attn_implementation="sdpa")
+    raw = LanguageModel(hf_raw, tokenizer=tok)  # the bare engine's reference rows
     for workload in (
-        bench.forward_workload(model, hf_sdpa, batch, targets),
+        bench.forward_workload(model, hf_sdpa, batch, targets, raw=raw),
         bench.attention_workload(model, hf_eager, batch),
         bench.logit_lens_workload(model, hf_sdpa, prompts),
     ):
