@@ -167,3 +167,32 @@ def test_lists_of_pairs_call_the_metric_per_cell_in_pair_order(llama):
     torch.testing.assert_close(both[0], single, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="as many prompts"):
         activation_patching(llama, CLEANS, CORRUPTEDS[:1], by_pair)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_subsets_chunks_and_half_precision(dtype):
+    """Layer / position subsets, tiny chunks, heads patched at some positions only (runs resume there), and the
+    metric on one position, for two pairs, equal plain runs; in bfloat16 too, without a fallback warning.
+    bfloat16 keeps 8 bits of mantissa (relative step 2**-8 = 3.9e-3): differently shaped kernels round apart
+    by a few such steps on these O(0.1) metrics, hence 1e-2 there and 1e-5 in float32."""
+    hf, tok = tiny_model("llama", seed=0, num_hidden_layers=4)
+    model = StandardizedTransformer(hf.to(dtype), tokenizer=tok)
+
+    def metric(logits):
+        return logits[torch.arange(2), -1, torch.tensor([5, 9])]
+
+    atol = 1e-5 if dtype == torch.float32 else 1e-2
+    for component, kwargs in [
+        ("resid", dict(layers=[1, 3], positions=[-1, 2], batch_size=1)),
+        ("resid", dict(batch_size=3)),
+        ("head", dict(positions=[3, 4])),
+        ("attn", dict(positions=[0, 5], metric_positions=[-1])),
+    ]:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message="activation_patching")
+            fast = activation_patching(model, CLEANS, CORRUPTEDS, metric, component=component, progress=False,
+                                       **kwargs)  # fmt: skip
+        plain = _plain(model, metric, CLEANS, CORRUPTEDS, component=component, **kwargs)
+        torch.testing.assert_close(fast, plain, atol=atol, rtol=0, msg=lambda m: f"{component} {kwargs}: {m}")
+        if dtype == torch.float32:
+            assert plain.std() > 10 * atol, f"{component}: effects too small for the comparison to mean anything"
