@@ -11,6 +11,7 @@ from torch import nn
 
 from .discovery import LOGIT_POSTPROCESSING
 from .model import last_real_positions
+from .patching import Sweep, check_metric, run_sweep
 
 __all__ = [
     "logit_lens",
@@ -323,12 +324,13 @@ def _position_list(positions: int | Sequence[int] | None, seq: int) -> list[int]
     return _checked_indices(positions, seq, "position", "the prompts have {n} tokens")
 
 
-def _check_metric(values: torch.Tensor, n: int) -> torch.Tensor:
-    if not isinstance(values, torch.Tensor) or values.shape != (n,):
-        shape = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
-        raise ValueError(f"metric must map logits (n, positions, vocab) to a tensor of shape (n,) = ({n},); "
-                         f"got {shape}.")
-    return values
+def _clean_activations(model, accessor, batch: dict[str, torch.Tensor], layers: Sequence[int]) -> dict:
+    """``accessor[layer]`` of every layer in ``layers`` on ``batch``, one no-grad trace: ``{layer: (n, seq, ...)}``."""
+    acts: dict[int, torch.Tensor] = {}  # built before the trace: nnsight pushes back only saved names
+    with torch.no_grad(), model.trace(batch):
+        for layer in sorted(layers):
+            acts[layer] = accessor[layer].save()  # (n, seq, hidden) or (n, seq, heads, head_dim)
+    return acts
 
 
 def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
@@ -387,8 +389,6 @@ def activation_patching(
         >>> effect.shape[0] == model.num_layers
         True
     """
-    from .patching import Sweep, run_sweep
-
     accessor = _accessor(model, component)
     clean_batch, corrupted_batch = _encode_pairs(model, clean, corrupted)
     pairs, seq = clean_batch["input_ids"].shape
@@ -399,16 +399,13 @@ def activation_patching(
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
 
-    clean_acts: dict[int, torch.Tensor] = {}
-    with torch.no_grad(), model.trace(clean_batch):
-        for layer in sorted(layer_list):
-            clean_acts[layer] = accessor[layer].save()  # (pairs, seq, hidden) or (pairs, seq, heads, head_dim)
+    clean_acts = _clean_activations(model, accessor, clean_batch, layer_list)  # (pairs, seq, ...) per layer
 
     # A row is one patched run: (layer, position) or (layer, head, patched at every listed position), in a pair.
     columns = list(range(model.num_heads)) if component == "head" else position_list
     rows = [(layer, j, pair) for layer in layer_list for j in dict.fromkeys(columns) for pair in range(pairs)]
     sweep = Sweep(model, component, accessor, clean_acts, clean_batch["input_ids"], corrupted_batch, metric,
-                  metric_positions, sorted(set(position_list)), _check_metric, per_cell=not isinstance(clean, str))
+                  metric_positions, sorted(set(position_list)), per_cell=not isinstance(clean, str))
     values = run_sweep(sweep, rows, batch_size, resume=reuse_prefix, stagger=stagger, progress=progress)
     values = {row: _at_least_float32(v) for row, v in values.items()}
     result = torch.stack([
@@ -450,10 +447,7 @@ def attribution_patching(
         raise TypeError("attribution_patching takes one clean and one corrupted prompt string.")
     clean_batch, corrupted_batch = _encode_pairs(model, clean, corrupted)
     layer_list = sorted(_layer_list(model, layers))
-    clean_acts: dict[int, torch.Tensor] = {}
-    with torch.no_grad(), model.trace(clean_batch):
-        for layer in layer_list:
-            clean_acts[layer] = accessor[layer].save()
+    clean_acts = _clean_activations(model, accessor, clean_batch, layer_list)
     # A zero "probe" added to each activation: d metric / d probe = d metric / d activation, whatever
     # the module does with its own output tensor; autograd.grad leaves the parameters' .grad untouched.
     probes = {layer: torch.zeros_like(act, requires_grad=True) for layer, act in clean_acts.items()}
@@ -465,7 +459,7 @@ def attribution_patching(
                 corrupted_acts[layer] = out.detach().save()
                 accessor[layer] = out + probes[layer].to(out.device, out.dtype)
             logits = model.logits.save()
-        value = _check_metric(metric(logits), 1).sum()
+        value = check_metric(metric(logits), 1).sum()
         grads = torch.autograd.grad(value, [probes[layer] for layer in layer_list], allow_unused=True)
     rows = []
     for layer, grad in zip(layer_list, grads):

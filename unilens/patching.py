@@ -51,6 +51,20 @@ class Chunk:
     staggered: bool  # rows join the batch at their layer; else every row runs from the input
 
 
+def check_metric(values: torch.Tensor, n: int) -> torch.Tensor:
+    """``values`` when it is the ``(n,)`` tensor a patching metric must return, else a clear error.
+
+    Example:
+        >>> check_metric(torch.zeros(3), 3).shape
+        torch.Size([3])
+    """
+    if not isinstance(values, torch.Tensor) or values.shape != (n,):
+        shape = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
+        raise ValueError(f"metric must map logits (n, positions, vocab) to a tensor of shape (n,) = ({n},); "
+                         f"got {shape}.")
+    return values
+
+
 def _reproduces(got: torch.Tensor, expected: torch.Tensor) -> bool:
     """Whether two computations of the same logits agree up to the rounding of differently shaped kernels.
 
@@ -219,13 +233,12 @@ class Sweep:
         metric: Metric,
         metric_positions: list[int] | None,
         patched_positions: list[int],
-        check_metric: Callable[[torch.Tensor, int], torch.Tensor],
         per_cell: bool,
     ):
         self.model, self.component, self.accessor = model, component, accessor
         self.per_cell = per_cell
         self.clean_acts, self.batch = clean_acts, corrupted_batch
-        self.metric, self.metric_positions, self.check_metric = metric, metric_positions, check_metric
+        self.metric, self.metric_positions = metric, metric_positions
         self.patched_positions = patched_positions
         self.pairs, self.seq = corrupted_batch["input_ids"].shape
         self.num_layers = model.num_layers
@@ -315,10 +328,10 @@ class Sweep:
     def run_chunk(self, chunk: Chunk, full_logits: bool = False) -> torch.Tensor:
         """The chunk's logits, one row per row: ``(rows, kept positions, vocab)``, every position from
         ``chunk.start`` on with ``full_logits``."""
-        start = chunk.start
+        start, kept = chunk.start, self._kept_logits(chunk.start)
         kwargs: dict[str, Any] = {}
-        if not full_logits and self._kept_logits(start) < self.seq - start:
-            kwargs.update(self.model._keep_last_logits_kwargs(self._kept_logits(start)))
+        if not full_logits and kept < self.seq - start:
+            kwargs.update(self.model._keep_last_logits_kwargs(kept))
         runner = self._staggered if chunk.staggered else self._plain
         with torch.no_grad():
             return runner(chunk, kwargs)
@@ -474,14 +487,14 @@ class _Metrics:
         sweep = self.sweep
         logits = sweep.metric_logits(chunk, logits)  # (rows, positions, vocab)
         if not sweep.per_cell:
-            self.values.update(zip(chunk.rows, sweep.check_metric(sweep.metric(logits), len(chunk.rows))))
+            self.values.update(zip(chunk.rows, check_metric(sweep.metric(logits), len(chunk.rows))))
             return
         for row_logits, (layer, j, pair) in zip(logits, chunk.rows):
             done = self.pending.setdefault((layer, j), {})
             done[pair] = row_logits
             if len(done) == sweep.pairs:
                 stacked = torch.stack([done[p] for p in range(sweep.pairs)])  # (pairs, positions, vocab)
-                values = sweep.check_metric(sweep.metric(stacked), sweep.pairs)
+                values = check_metric(sweep.metric(stacked), sweep.pairs)
                 self.values.update(((layer, j, p), v) for p, v in enumerate(values))
                 del self.pending[(layer, j)]
 
