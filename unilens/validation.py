@@ -93,7 +93,12 @@ def validate_model(model: "StandardizedTransformer", text: str = PROBE_TEXT, rai
     device = next(hf.parameters()).device
     enc = model.tokenizer(text, return_tensors="pt")
     ids = enc["input_ids"][:, :12].to(device)
-    reference = hf(input_ids=ids, output_hidden_states=True)
+    # the oracle runs the model's own attention implementation, not unilens's: a model whose code branches on the
+    # implementation's name (sparse-attention masks applied only for "eager" / "sdpa") must compute the same
+    from .attention import original_attention
+
+    with original_attention(hf):
+        reference = hf(input_ids=ids, output_hidden_states=True)
     hidden_states = reference.hidden_states
     n = model.num_layers
     dtype = reference.logits.dtype

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .attention import find_output_projection
+from .attention import find_output_projection, is_linear_projection
 
 __all__ = ["LayerWeights", "WeightViews", "layer_weights"]
 
@@ -86,6 +86,11 @@ class LayerWeights:
                 "(attention_queries / attention_keys) for the actual tensors."
             )
         self._o_name, self._o_proj = find_output_projection(attn)
+        if not is_linear_projection(self._o_proj):
+            raise NotImplementedError(
+                f"layer {layer}: {name}'s output projection {self._o_name!r} ({type(self._o_proj).__name__}) is not a "
+                "linear map of z (it mixes in other inputs), so no per-head W_O exists; use attention_heads (z)."
+            )
         self.n_heads = _num_heads(attn, config)
         self.head_dim = _linear_weight_out_in(self._o_proj).shape[1] // self.n_heads
 
