@@ -163,6 +163,17 @@ class HookPoint(nn.Module):
         return x
 
 
+class AttentionRequest:
+    """What the forwards of one attention module were asked for: hook points to run, z and per-head results."""
+
+    __slots__ = ("points", "heads", "head_results")
+
+    def __init__(self) -> None:
+        self.points: set[str] = set()
+        self.heads = False  # z will be read (heads or head_results)
+        self.head_results = False
+
+
 class AttentionHooks(nn.Module):
     """The `unilens_hooks` child of an attention module: one `HookPoint` per intermediate plus dispatch state.
 
@@ -187,13 +198,12 @@ class AttentionHooks(nn.Module):
         self.route = route
         self.architecture = architecture
         self.always_materialize = always_materialize
-        # Set by `request_materialize`, reset after the attention forward that consumed it.
-        self.materialize = False
-        self.want_head_results = False
-        self.want_heads = False  # heads or head_results requested: a z that cannot be split is then an error
-        # the hook points a request reads or writes; the others are not called (each call through nnsight costs
-        # a few microseconds per layer), except with always_materialize, where every one is
-        self.wanted: set[str] = set()
+        # Requests, double-buffered: `request_materialize` adds to `pending`; the module's forward pre-hook moves
+        # `pending` to `current` (what this forward computes) and the post-hook drops `current` only. A request made
+        # while the module runs (the next generation step's loop body starts while this step's forward is still
+        # inside the module) so survives into the next forward instead of being wiped with this one.
+        self.pending = AttentionRequest()
+        self.current = AttentionRequest()
         # Filled at install time.
         self.original_implementation: str = "eager"
         self.original_function: Callable | None = None
@@ -205,8 +215,7 @@ class AttentionHooks(nn.Module):
 
     # Per-forward state, set on every attention call: plain attributes, not nn.Module's slower __setattr__ (which
     # looks for parameters, buffers and submodules first; ~2 % of a small model's forward over 30 layers).
-    _STATE = frozenset({"materialize", "want_head_results", "want_heads", "wanted", "_num_heads", "_head_dim",
-                        "_probabilities_seen"})  # fmt: skip
+    _STATE = frozenset({"pending", "current", "_num_heads", "_head_dim", "_probabilities_seen"})
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in AttentionHooks._STATE:
@@ -214,13 +223,42 @@ class AttentionHooks(nn.Module):
         else:
             super().__setattr__(name, value)
 
+    # A point requested late, while this forward already runs, also runs in this forward: a trace that reads
+    # queries and then probabilities of one layer requests the second after the forward began.
     @property
     def active(self) -> bool:
-        return self.materialize or self.always_materialize
+        """Whether this forward takes the hookable path."""
+        return self.always_materialize or bool(self.current.points) or bool(self.pending.points)
+
+    @property
+    def materialize(self) -> bool:
+        """Whether any hook point is requested (for this forward or the next)."""
+        return bool(self.current.points) or bool(self.pending.points)
+
+    @property
+    def want_heads(self) -> bool:
+        """z will be read (heads or head_results): a z that cannot be split per head is then an error."""
+        return self.current.heads or self.pending.heads
+
+    @property
+    def want_head_results(self) -> bool:
+        return self.current.head_results or self.pending.head_results
 
     def wants(self, name: str) -> bool:
         """Whether hook point ``name`` runs in this forward (requested, or every one under always_materialize)."""
-        return self.always_materialize or name in self.wanted
+        return self.always_materialize or name in self.current.points or name in self.pending.points
+
+    def begin_forward(self) -> None:
+        """Forward pre-hook: this forward serves what was requested so far."""
+        self.current, self.pending = self.pending, AttentionRequest()
+
+    def end_forward(self) -> None:
+        """Forward post-hook: drop what this forward served; requests made meanwhile stay pending."""
+        self.current = AttentionRequest()
+
+    def clear_requests(self) -> None:
+        """Drop every request (end of a trace: nothing requested there may reach an unrelated forward)."""
+        self.current, self.pending = AttentionRequest(), AttentionRequest()
 
     def point(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """``x`` through hook point ``name`` when it runs, else ``x`` itself."""
@@ -475,6 +513,7 @@ class _SoftmaxRouter:
             shape = None
             if (
                 threading.get_ident() == router.thread
+                and router.hooks.active
                 and not router.busy
                 and not router.hooks._probabilities_seen
                 and isinstance(input, torch.Tensor)
@@ -660,6 +699,8 @@ def _make_output_projection_hooks(hooks: AttentionHooks, proj: nn.Module):
     def post_hook(_proj, args, kwargs, output):
         if not (hooks.active and hooks.want_head_results):
             return None
+        if hooks._num_heads is None and not hooks.current.head_results:
+            return None  # requested after this forward's attention ran: it serves the next forward
         if not is_linear_projection(_proj):
             raise NotImplementedError(
                 f"unilens: attention_head_results is not available for {hooks.architecture}: its output projection "
@@ -684,10 +725,14 @@ def _make_attention_hooks(hooks: AttentionHooks, module: nn.Module):
     router = _SoftmaxRouter(hooks, module) if hooks.route == "softmax" else None
 
     def pre_hook(_module, args, kwargs):
+        hooks.begin_forward()
         hooks._probabilities_seen = False
         hooks._num_heads = None
         hooks._head_dim = None
-        if router is not None and hooks.active:
+        # The softmax route is entered on every forward of an inline class, requested or not: a request can still
+        # arrive once the forward has begun (a trace that reads attentions_input first makes its next request from
+        # inside this module's call), and the routed softmax checks `hooks.active` on each call.
+        if router is not None:
             hidden = args[0] if args else kwargs.get("hidden_states")
             router.batch = hidden.shape[0] if isinstance(hidden, torch.Tensor) and hidden.dim() == 3 else None
             router.enter()
@@ -696,7 +741,7 @@ def _make_attention_hooks(hooks: AttentionHooks, module: nn.Module):
         try:
             if router is not None and router.saved:
                 router.exit()
-            if hooks.active and not hooks._probabilities_seen:
+            if (hooks.always_materialize or hooks.current.points) and not hooks._probabilities_seen:
                 raise RuntimeError(
                     f"unilens: attention hooks were requested on {hooks.architecture} but its forward computed no "
                     f"attention probabilities (route {hooks.route!r}); this class is not supported by the hookable "
@@ -704,10 +749,7 @@ def _make_attention_hooks(hooks: AttentionHooks, module: nn.Module):
                 )
         finally:
             # One request serves one forward of this module: generation steps each re-request via the accessor.
-            hooks.materialize = False
-            hooks.want_head_results = False
-            hooks.want_heads = False
-            hooks.wanted = set()
+            hooks.end_forward()
 
     return pre_hook, post_hook
 
@@ -873,10 +915,10 @@ def request_materialize(
         raise ValueError(
             f"{type(attn_module).__name__} has no unilens hooks; call install_attention_hooks on the model first."
         )
-    hooks.materialize = True
-    hooks.want_head_results = hooks.want_head_results or head_results
-    hooks.want_heads = hooks.want_heads or heads or head_results
-    hooks.wanted.update(HOOK_NAMES if points is None else points)
+    request = hooks.pending
+    request.head_results = request.head_results or head_results
+    request.heads = request.heads or heads or head_results
+    request.points.update(HOOK_NAMES if points is None else points)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -949,6 +991,14 @@ class AttentionHookAccessor:
 
     def _envoy(self, i: int):
         hooks = self._hooks(i)
+        interleaver = getattr(self.model, "interleaver", None)
+        if interleaver is not None and not interleaver.interleaving:
+            # nnsight would refuse the read too, but only after the request was made: it would reach the next
+            # unrelated forward (which would then take the slower eager path)
+            raise ValueError(
+                f"attention_{self.hook_name}[{i}] can only be read or set inside `with model.trace(...)` or "
+                "`with model.generate(...)`: outside one there is no forward to take it from."
+            )
         request_materialize(
             self.model._attention_modules[i],
             head_results=self.hook_name == "head_results",
@@ -974,10 +1024,17 @@ class AttentionHookAccessor:
             )
 
     def __getitem__(self, i: int):
+        self._note(i)
         return self._envoy(i).output
 
     def __setitem__(self, i: int, value) -> None:
+        self._note(i)
         self._envoy(i).output = value
+
+    def _note(self, i: int) -> None:
+        note = getattr(self.model, "_note_read", None)
+        if note is not None and isinstance(i, int):
+            note(f"attention_{self.hook_name}", i % len(self.model._attention_modules))
 
     def print_source(self, i: int | None = None) -> None:
         """Print where the tensor comes from for layer i (default: first layer with attention)."""

@@ -21,7 +21,17 @@ from .discovery import (
 )
 from .loading import default_model_path, load_hf_model
 
-__all__ = ["StandardizedTransformer", "load_default"]
+__all__ = ["ReadOrderError", "StandardizedTransformer", "load_default"]
+
+
+try:  # nnsight's error for a read the forward already ran past; ours says which read to move
+    from nnsight.intervention.interleaver import OutOfOrderError as _OutOfOrderError
+except ImportError:  # pragma: no cover - nnsight moved it
+    _OutOfOrderError = RuntimeError
+
+
+class ReadOrderError(_OutOfOrderError):
+    """A read inside a trace came after the forward computed it; the message names the read to move."""
 
 
 def _first(value: Any) -> torch.Tensor:
@@ -96,6 +106,7 @@ class LayerAccessor:
         return self._model.num_layers
 
     def __getitem__(self, i: int) -> torch.Tensor:
+        self._model._note_read(self._name, self._index(i))
         envoy = self._envoy_of(self._index(i))
         value = _first(envoy.output if self._io == "output" else envoy.input)
         value = self._model._unflatten_tokens(value)
@@ -103,6 +114,7 @@ class LayerAccessor:
 
     def __setitem__(self, i: int, value: torch.Tensor) -> None:
         i = self._index(i)
+        self._model._note_read(self._name, i)
         envoy = self._envoy_of(i)
         label = f"{self._name}[{i}]"
         if self._io == "input":
@@ -199,6 +211,7 @@ class StandardizedTransformer(LanguageModel):
         # side channel for the batch's attention mask: next_token_probs needs each row's last real token,
         # whatever the padding side (a root pre-hook runs in the model thread before any layer).
         object.__setattr__(self, "_last_batch", {})
+        object.__setattr__(self, "_trace_reads", [])  # (accessor, layer) read by the running trace, in order
         hf_model.register_forward_pre_hook(self._remember_batch, with_kwargs=True)
         rename = get_rename_dict(hf_model, rename_config, architecture=arch)
         padding_side = (tokenizer_kwargs or {}).get("padding_side")
@@ -217,6 +230,58 @@ class StandardizedTransformer(LanguageModel):
             validate_model(self)
 
     # --- plumbing ---------------------------------------------------------------------------------
+    def interleave(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """nnsight's driver of one trace / generation. Reads out of forward order are explained in standardized
+        names (which read to move above which), and afterwards no attention request outlives the run (a loop body
+        that asked for a generation step that never came, or a forward that raised)."""
+        from nnsight.intervention.interleaver import OutOfOrderError
+
+        from .order import explain_out_of_order
+
+        self._trace_reads.clear()
+        try:
+            return super().interleave(fn, *args, **kwargs)
+        except OutOfOrderError as err:
+            message = explain_out_of_order(self, str(err), list(self._trace_reads))
+            if message is None:
+                raise
+            raise ReadOrderError(message) from err
+        finally:
+            for module in self._attention_modules:
+                hooks = getattr(module, "unilens_hooks", None)
+                if hooks is not None:
+                    hooks.clear_requests()
+
+    def _note_read(self, accessor: str, layer: int | None) -> None:
+        """Remember what a trace reads, in its order, to explain an out-of-order read in standardized names."""
+        pair = {"attentions_output", "attention_head_results"}
+        if accessor in pair and (({*pair} - {accessor}).pop(), layer) in self._trace_reads:
+            parts = self.architecture.layers[layer]
+            hooks = getattr(self._attention_modules[layer], "unilens_hooks", None)
+            projection = f"{parts.attention}.{getattr(hooks, 'output_projection_name', None)}"
+            if parts.attention_out == projection:
+                raise ValueError(
+                    f"attentions_output[{layer}] and attention_head_results[{layer}] cannot be read in one trace on "
+                    f"this {self.architecture.model_type} model: its attention adds the residual itself, so "
+                    f"attentions_output is the output projection's output ({projection}), which head_results "
+                    "recomputes from the per-head results. Read them in two traces."
+                )
+        self._trace_reads.append((accessor, layer))
+
+    def read(self, inputs: Any, names: str | Sequence[str], **trace_kwargs: Any) -> dict[str, torch.Tensor]:
+        """Every requested standardized tensor from one forward, names in any order (``unilens.order.read``).
+
+        Example:
+            >>> from unilens.testing import tiny_model
+            >>> model = StandardizedTransformer(*tiny_model("llama"), check=False)
+            >>> acts = model.read("The capital of France is", ["layers_output.1", "attention_probabilities.1"])
+            >>> acts["layers_output.1"].shape[-1] == model.hidden_size
+            True
+        """
+        from .order import read
+
+        return read(self, inputs, names, **trace_kwargs)
+
     def _keep_last_logits_kwargs(self, n: int = 1) -> dict[str, Any]:
         """Forward kwargs for a trace that reads the logits of the last ``n`` positions only: the unembedding
         then runs on those (``logits_to_keep=n``, where the model's forward takes it; else on every position),
