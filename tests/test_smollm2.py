@@ -49,3 +49,27 @@ def test_structure(smollm2):
     assert smollm2.architecture.layers_path == "model.layers"
     assert smollm2.architecture.final_norm_path == "model.norm"
     assert smollm2.num_heads == 9 and smollm2.num_kv_heads == 3 and smollm2.hidden_size == 576
+
+
+def test_generation_steps_equal_the_no_cache_reference(smollm2):
+    """The generation check of tests/test_generation.py on the real model: every step's attention probabilities,
+    heads and layer output (cached, sdpa model) equal a recomputed eager forward of the same weights."""
+    from test_generation import _close, _reference
+
+    from unilens.generation import generate
+    from unilens.loading import load_hf_model
+
+    eager, _ = load_hf_model(default_model_path(), attn_implementation="eager", dtype=torch.float32)
+    layer, steps = 20, 4
+    prompts = [PROMPT, "Hello"]
+    names = [f"layers_output.{layer}", f"attention_heads.{layer}", f"attention_probabilities.{layer}"]
+    out = generate(smollm2, prompts, max_new_tokens=steps, capture=names, min_new_tokens=steps)
+    assert all(len(out.steps[n]) == steps for n in names)
+    mask = smollm2.tokenizer(prompts, padding=True, return_tensors="pt")["attention_mask"]
+    assert out.texts(smollm2.tokenizer)[0].startswith(" Paris")
+    for k, (probs, z, layer_out, _) in enumerate(_reference(eager, out.tokens, mask, layer, steps)):
+        if k == 0:
+            continue  # the prompt step is the plain trace, checked at load time and in test_generation.py
+        _close(out.steps[f"attention_probabilities.{layer}"][k], probs[:, :, -1:], f"step {k} probabilities")
+        _close(out.steps[f"attention_heads.{layer}"][k].flatten(2), z[:, -1:], f"step {k} heads")
+        _close(out.steps[f"layers_output.{layer}"][k], layer_out[:, -1:], f"step {k} layers_output")

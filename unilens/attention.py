@@ -1028,8 +1028,13 @@ class AttentionHookAccessor:
         return self._envoy(i).output
 
     def __setitem__(self, i: int, value) -> None:
+        from .model import _check_shape
+
         self._note(i)
-        self._envoy(i).output = value
+        envoy = self._envoy(i)
+        # same rule as layers_output: a tensor missing the batch dimension would broadcast silently
+        _check_shape(f"attention_{self.hook_name}[{i}]", value, envoy.output)
+        envoy.output = value
 
     def _note(self, i: int) -> None:
         note = getattr(self.model, "_note_read", None)

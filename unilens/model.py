@@ -80,6 +80,16 @@ def _check_shape(name: str, new: Any, old: torch.Tensor) -> None:
             f"cannot set {name} to a tensor of shape {tuple(new.shape)}: the model computes shape "
             f"{tuple(old.shape)} there. Broadcast or index your tensor to that shape first."
         )
+    if new.dtype != old.dtype:
+        raise TypeError(
+            f"cannot set {name} to a {new.dtype} tensor: the model computes {old.dtype} there. Cast it first, "
+            f"e.g. value.to({old.dtype})."
+        )
+    if new.device != old.device:
+        raise ValueError(
+            f"cannot set {name} to a tensor on {new.device}: the model computes it on {old.device}. Move it first, "
+            f"e.g. value.to('{old.device}')."
+        )
 
 
 class LayerAccessor:
