@@ -73,3 +73,20 @@ def test_generation_steps_equal_the_no_cache_reference(smollm2):
         _close(out.steps[f"attention_probabilities.{layer}"][k], probs[:, :, -1:], f"step {k} probabilities")
         _close(out.steps[f"attention_heads.{layer}"][k].flatten(2), z[:, -1:], f"step {k} heads")
         _close(out.steps[f"layers_output.{layer}"][k], layer_out[:, -1:], f"step {k} layers_output")
+
+
+def test_direct_logit_attribution_in_bfloat16():
+    """DLA's checks scale with the model's dtype: in bfloat16 the residual is rounded at every addition (spacing 2
+    at |x| ~ 400), so a float32 tolerance would refuse every bf16 model. The parts sum to the model's logit within
+    bfloat16 rounding (one unit of its spacing at the logit)."""
+    from unilens.interventions import direct_logit_attribution
+
+    model = load_default(dtype=torch.bfloat16)
+    dla = direct_logit_attribution(model, PROMPT, " Paris")
+    total = float(dla["embed"] + dla["layers"].sum() + dla["bias"])
+    logit = float(dla["logit"])
+    assert abs(total - logit) <= torch.finfo(torch.bfloat16).eps * abs(logit), (total, logit)
+    heads = dla["heads"].sum(-1) + dla["head_bias"]
+    # two units of bfloat16 rounding at the scale of the attention contributions (measured: 0.07 % of it)
+    atol = 2 * torch.finfo(torch.bfloat16).eps * float(dla["attn"].abs().max())
+    assert torch.allclose(heads, dla["attn"], rtol=0, atol=atol)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -500,11 +502,13 @@ def _frozen_norm(norm: nn.Module | None, x: torch.Tensor):
     if norm is None:
         return torch.ones_like(x64), torch.zeros_like(x64), False, 1.0
     param = next(norm.parameters(), None)
-    dtype, device = (param.dtype, param.device) if param is not None else (x.dtype, x.device)
+    device = param.device if param is not None else x.device
+    # probed in float64 (a copy): a bfloat16 norm's own rounding (~4e-3 relative) would otherwise hide its shape
+    norm = copy.deepcopy(norm).to(torch.float64)
 
     def run(v: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return norm(v.to(device, dtype)[None]).double()[0].to(x.device)
+            return norm(v.to(device, torch.float64)[None]).double()[0].to(x.device)
 
     eps = _norm_eps(norm)
     bias = run(torch.zeros(hidden, dtype=torch.float64, device=x.device))
@@ -584,7 +588,16 @@ def direct_logit_attribution(
     parts = torch.stack([embed] + [v for pair in zip(attn_out, mlp_out) for v in pair]).double()  # (1+2n, hidden)
     final64 = final.double()
     residual_error = float((parts.sum(0) - final64).abs().max())
-    if residual_error > 1e-3 * float(final64.abs().max()) + 1e-5:
+    # The model adds its branches to the residual in its own dtype, rounding after every addition; replaying those
+    # additions in that dtype reproduces its rounding. Accept either the float32-era rule (1e-3 of the scale) or a
+    # replay within 2 units of the dtype's rounding at the residual's scale: bfloat16's spacing at |x| ~ 400 is 2,
+    # far above 1e-3 * 400, while a residual scaling or a missed branch is off by a sizeable fraction of |x|.
+    replay = parts[0].to(final.dtype)
+    for part in parts[1:]:
+        replay = replay + part.to(final.dtype)
+    scale = float(final64.abs().max())
+    replay_error = float((replay.double() - final64).abs().max())
+    if residual_error > 1e-3 * scale + 1e-5 and replay_error > 2 * torch.finfo(final.dtype).eps * scale:
         raise ValueError(
             f"direct_logit_attribution: this {model.architecture.model_type} model's final residual is not the sum "
             f"of the embedding and the attention / MLP outputs (max error {residual_error:.3g}); DLA needs a "
@@ -640,7 +653,10 @@ def direct_logit_attribution(
             bias_o = model.weights[i].b_O
             bias_o = torch.zeros_like(vectors[0]) if bias_o is None else bias_o.detach().double().to(vectors.device)
             error = float((vectors.sum(0) + bias_o - attn_out[i].double().to(vectors.device)).abs().max())
-            if error > 1e-3 * float(attn_out[i].abs().max()) + 1e-5:
+            # the projection's output is rounded once to the model's dtype: 1e-3 of the scale in float32, two
+            # units of rounding in half precision (bfloat16: 2 * 2**-7 = 1.6 %)
+            rtol = max(1e-3, 2 * torch.finfo(attn_out[i].dtype).eps)
+            if error > rtol * float(attn_out[i].abs().max()) + 1e-5:
                 raise ValueError(
                     f"direct_logit_attribution: layer {i}'s heads (z @ W_O + b_O) do not add up to its attention "
                     f"output (max error {error:.3g}); pass heads=False for layer-level attribution."

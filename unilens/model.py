@@ -92,6 +92,40 @@ def _check_shape(name: str, new: Any, old: torch.Tensor) -> None:
         )
 
 
+def _has_negative(positions: Any) -> bool:
+    if isinstance(positions, slice):
+        return any(v is not None and v < 0 for v in (positions.start, positions.stop))
+    if isinstance(positions, (list, tuple)):
+        return any(isinstance(p, int) and p < 0 for p in positions)
+    return False
+
+
+def _check_inputs(inputs: tuple) -> None:
+    """One-line errors for inputs nnsight / the tokenizer would reject with a confusing message (or accept)."""
+    for value in inputs:
+        if isinstance(value, str):
+            continue
+        if isinstance(value, torch.Tensor):
+            continue  # token ids: checked against the vocabulary when the forward starts
+        if isinstance(value, dict) or hasattr(value, "keys"):
+            if "input_ids" not in value and "inputs_embeds" not in value:
+                raise TypeError("the input is a mapping without input_ids: pass a tokenizer output, "
+                                "e.g. model.tokenizer(texts, return_tensors='pt', padding=True).")
+            continue
+        if isinstance(value, (list, tuple)) and value:
+            if all(isinstance(v, str) for v in value):
+                continue
+            if all(isinstance(v, int) for v in value) or all(
+                isinstance(v, (list, tuple)) and all(isinstance(t, int) for t in v) for v in value
+            ):
+                continue
+        raise TypeError(
+            "model.trace / generate / invoke take text (a string or a list of strings), token ids (a list of ints, a list of "
+            "lists of ints or a LongTensor (batch, seq)) or a tokenizer output (a dict with input_ids); got "
+            f"{type(value).__name__} {value!r:.60}."
+        )
+
+
 class LayerAccessor:
     """``model.<name>[i]``: read (``.save()``) or assign one standardized tensor of layer ``i`` inside a trace.
 
@@ -302,9 +336,42 @@ class StandardizedTransformer(LanguageModel):
         params = inspect.signature(self.module_accessor.model.forward).parameters
         return {"logits_to_keep": n} if "logits_to_keep" in params else {}
 
+    # --- inputs -----------------------------------------------------------------------------------
+    def _batch_size(self, *inputs: Any, **kwargs: Any) -> int:
+        """nnsight asks this of every input set of a trace, generate or invoke: check the inputs first (text, token
+        ids or a tokenizer output) so a bad one gets a one-line error. (Not an override of ``trace`` itself: nnsight
+        finds the ``with`` block from the frame that called it.)"""
+        _check_inputs(inputs)
+        return super()._batch_size(*inputs, **kwargs)
+
+    def _check_ids(self, ids: Any, mask: Any) -> None:
+        """Refuse token ids the model would misread: empty prompts, non-integer ids, ids outside the vocabulary."""
+        if not isinstance(ids, torch.Tensor):
+            return
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise TypeError(f"input_ids must be integer token ids (torch.long), got {ids.dtype}; e.g. ids.long().")
+        if ids.numel() == 0 or ids.shape[-1] == 0:
+            raise ValueError("the input is empty (0 tokens): an empty prompt gives the model nothing to read; pass "
+                             "at least one token of text.")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == ids.shape[0]:
+            empty = (~mask.bool().any(dim=-1)).nonzero().flatten().tolist()
+            if empty:
+                raise ValueError(
+                    f"row {empty[0]} of the batch is empty (only padding{'; rows ' + str(empty) if len(empty) > 1 else ''}"
+                    "): an empty prompt would return numbers computed from padding alone. Remove it or give it text."
+                )
+        vocab = self.module_accessor.get_embed_tokens().weight.shape[0]
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= vocab:
+            bad = low if low < 0 else high
+            where = (ids == bad).nonzero()[0].tolist()
+            raise ValueError(f"token id {bad} (at {'row, position ' if len(where) == 2 else 'index '}{where}) is outside "
+                             f"the model's vocabulary 0..{vocab - 1}; ids must come from this model's tokenizer.")
+
     def _remember_batch(self, module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
         mask = kwargs.get("attention_mask")
+        self._check_ids(ids, mask)
         self._check_context(ids, mask)
         self._last_batch.clear()
         self._last_batch.update({"input_ids": ids, "attention_mask": mask})
@@ -532,7 +599,8 @@ class StandardizedTransformer(LanguageModel):
     ) -> None:
         """Inside a trace: add ``factor * steering_vector`` to ``layers_output`` of each layer in ``layers``.
 
-        ``positions`` (alias ``token_positions``) and ``batch_index`` restrict where it is added.
+        ``positions`` (alias ``token_positions``) and ``batch_index`` restrict where it is added. A negative int
+        counts from each row's last real token, whatever the padding side (``-1``: the last real token).
 
         Example:
             >>> from unilens.testing import tiny_model
@@ -555,9 +623,27 @@ class StandardizedTransformer(LanguageModel):
         rows = slice(None) if batch_index is None else batch_index
         cols = slice(None) if positions is None else positions
         for layer in sorted(self.layers_output._index(i) for i in layer_list):
-            out = self.layers_output[layer]
+            out = self.layers_output[layer]  # (batch, seq, hidden)
             delta = torch.zeros_like(out)
-            delta[rows, cols] = factor * steering_vector.to(out.dtype).to(out.device)
+            vector = factor * steering_vector.to(out.dtype).to(out.device)
+            mask = self.attention_mask  # read after the wait above: this forward's mask
+            right_padded = isinstance(mask, torch.Tensor) and mask.dim() == 2 and not bool(mask[:, -1].all())
+            if right_padded and isinstance(positions, int) and positions < 0:
+                # counted from each row's last real token, not from the padded end (left padding: the same thing)
+                index = last_real_positions(mask).to(out.device) + 1 + positions  # (batch,)
+                chosen = torch.zeros(out.shape[:2], dtype=torch.bool, device=out.device)
+                chosen[torch.arange(out.shape[0], device=out.device), index.clamp(min=0)] = True
+                keep = torch.zeros(out.shape[0], dtype=torch.bool, device=out.device)
+                keep[rows] = True
+                delta = (chosen & keep[:, None])[..., None].to(out.dtype) * vector
+            elif right_padded and _has_negative(positions):
+                raise ValueError(
+                    "steer: negative positions in a list or slice are ambiguous on a right-padded batch (the rows "
+                    "end at different places); pass one negative int (counted from each row's last real token), "
+                    "non-negative positions, or pad on the left."
+                )
+            else:
+                delta[rows, cols] = vector
             self.layers_output[layer] = out + delta
 
     def __repr__(self) -> str:
