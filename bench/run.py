@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import statistics
+import tempfile
 import sys
 import time
 import warnings
@@ -421,6 +422,62 @@ def overhead_workload(model_type: str = "llama") -> Workload:
     )
 
 
+_PLAIN_STARTUP = """
+import glob, os, sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+path = sys.argv[1]
+tok = AutoTokenizer.from_pretrained(path)
+model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+with torch.no_grad():
+    logits = model(**tok("The capital of France is", return_tensors="pt")).logits
+print(tok.decode(logits[0, -1].argmax()))
+"""
+_UNILENS_STARTUP = """
+from unilens import load_default
+model = load_default()
+with model.trace("The capital of France is"):
+    probs = model.next_token_probs.save()
+print(model.tokenizer.decode(probs[0].argmax()))
+"""
+
+
+def startup_workload() -> Workload:
+    """Time to a first result, whole processes (interpreter start to exit): a user's own script that loads the same
+    converted SmolLM2 files with transformers and runs one forward, vs ``load_default()`` + one trace (imports,
+    discovery, hooks, load-time validation included), vs the CLI's ``unilens lens``."""
+    import subprocess
+
+    from unilens.loading import default_model_path, gguf_cache_dir
+
+    folder = str(gguf_cache_dir(default_model_path()))  # made by load_default() before this workload runs
+    tmp = Path(tempfile.mkdtemp(prefix="unilens-startup-"))
+    (tmp / "plain.py").write_text(_PLAIN_STARTUP)
+    (tmp / "first_trace.py").write_text(_UNILENS_STARTUP)
+    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1"}
+
+    def run(*cmd: str):
+        def call():
+            out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp)
+            if out.returncode:
+                raise RuntimeError(f"{cmd} failed: {out.stderr[-2000:]}")
+            return out.stdout
+        return call
+
+    unilens_cli = str(Path(sys.executable).with_name("unilens"))
+    return Workload(
+        title="time to first result (whole process: import, load, first forward)",
+        baseline="plain transformers: load the converted files + one forward",
+        variants={
+            "plain transformers: load the converted files + one forward": run(sys.executable, "plain.py", folder),
+            "unilens: load_default() + one trace": run(sys.executable, "first_trace.py"),
+            "unilens lens (CLI)": run(unilens_cli, "lens", "The capital of France is"),
+        },
+        targets={"unilens: load_default() + one trace": Target("ratio<=", 1.2),
+                 "unilens lens (CLI)": Target("ratio<=", 1.2)},
+        warmup=False,  # load_default() above already read every file once: the OS cache is warm
+    )
+
+
 # ------------------------------------------------------------------------------------------------
 # Timing
 # ------------------------------------------------------------------------------------------------
@@ -527,6 +584,14 @@ def check_outputs(timing: Timing) -> list[str]:
             # same eager math (matmul, additive mask, fp32 softmax) in both; allow float32 rounding only
             torch.testing.assert_close(ul_p, hf_p, rtol=1e-5, atol=1e-6, msg=lambda m, i=i: f"layer {i}: {m}")
         notes.append("unilens probabilities match HF eager output_attentions (rtol 1e-5) on every layer.")
+    elif title.startswith("time to first result"):
+        answers = {name: value.strip().splitlines()[-1] if name != "unilens lens (CLI)" else value
+                   for name, value in out.items()}
+        assert answers["plain transformers: load the converted files + one forward"] == "Paris", answers
+        assert answers["unilens: load_default() + one trace"] == "Paris", answers
+        last_row = answers["unilens lens (CLI)"].strip().splitlines()[-1]  # the last layer's top token first
+        assert last_row.split()[1] == "' Paris'" or "' Paris'" in last_row.split("%")[0], last_row
+        notes.append("every process prints ' Paris'.")
     elif title.startswith("logit lens"):
         manual = out["plain forward + stacked norm/unembed by hand"]
         lens = out["unilens logit_lens"]
@@ -801,6 +866,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     workload = cache_workload(model, hf_sdpa, cache_texts(tokenizer, 24 if args.quick else 64))
     _log(workload.title)
     timing = measure(workload, "SmolLM2, fp32 store", *plan)
+    workload.notes.extend(check_outputs(timing))
+    timings.append(timing)
+
+    workload = startup_workload()
+    _log(workload.title)
+    timing = measure(workload, "SmolLM2, fp32", 3 if args.quick else 7, 0, 1, 7)
     workload.notes.extend(check_outputs(timing))
     timings.append(timing)
 

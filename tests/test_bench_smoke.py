@@ -119,3 +119,12 @@ def test_cache_workload_stores_every_real_token(bench, models):
     assert store["layers_output.0"].shape == (len(store), model.hidden_size)
     achieved, target, met = bench.evaluate(timing, "unilens cache_activations to disk")
     assert "tokens/s" in achieved and met in (True, False)
+
+
+def test_startup_workload_runs_whole_processes(bench):
+    """The time-to-first-result row: three fresh processes, each printing ' Paris' (SmolLM2, converted copy)."""
+    from unilens import load_default
+
+    load_default(check=False)  # the converted copy the plain script loads exists
+    timing = bench.measure(bench.startup_workload(), "smoke", reps=1, budget_s=0, min_reps=1, max_reps=1)
+    assert any("Paris" in note for note in bench.check_outputs(timing))
