@@ -204,3 +204,66 @@ def test_attention_accessor_outside_a_trace_is_refused_and_leaves_no_request():
         model.attention_probabilities[0]
     hooks = model._attention_modules[0].unilens_hooks
     assert not hooks.materialize and not hooks.active  # the next forward keeps the fast path
+
+
+ALL_NAMES = ["layers_input", "attentions_input", "attention_queries", "attention_keys", "attention_values",
+             "attention_scores", "attention_probabilities", "attention_heads", "attention_head_results",
+             "attentions_output", "mlps_input", "mlps_output", "layers_output"]
+
+
+def _last(name: str, ours: torch.Tensor, ref: torch.Tensor, real_keys: torch.Tensor):
+    """(ours, reference) restricted to the newest position: the last query row, the keys the cache holds."""
+    if name in ("attention_keys", "attention_values"):  # (batch, kv_heads, keys, head_dim): the whole cache
+        kept = ours.shape[2]
+        return ours, ref[:, :, -kept:]
+    if name == "attention_queries":  # (batch, heads, 1, head_dim)
+        return ours, ref[:, :, -1:]
+    if name in ("attention_scores", "attention_probabilities"):  # (batch, heads, 1, keys): real keys only
+        kept = ours.shape[-1]
+        keys = real_keys[:, None, None, -kept:]
+        ref = ref[:, :, -1:, -kept:]
+        return torch.where(keys, ours, 0.0), torch.where(keys, ref, 0.0)
+    return ours, ref[:, -1:]  # token-major (batch, 1, ...)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "gemma2", "qwen2_moe", "gpt_oss", "phi", "opt", "falcon"])
+def test_every_accessor_on_every_step_equals_a_recomputed_read(model_type):
+    """Every standardized tensor captured at every generation step equals the same read on the whole sequence
+    recomputed without a cache (unilens's plain trace, itself checked against HF in the other tests)."""
+    model, _, tok = _models(model_type)
+    layer = model.architecture.attention_layers[-1]
+    names = [f"{n}.{layer}" for n in ALL_NAMES]
+    names += ["logits"]
+    if model._attention_modules[layer].unilens_hooks.route == "softmax":  # inline attention: no q / k / v points
+        names = [n for n in names if n.split(".")[0] not in ("attention_queries", "attention_keys",
+                                                             "attention_values")]
+    out = generate(model, PROMPTS, max_new_tokens=STEPS, capture=names, min_new_tokens=STEPS)
+    prompt_mask = tok(PROMPTS, padding=True, return_tensors="pt")["attention_mask"]
+    for k in range(1, STEPS):
+        width = prompt_mask.shape[1] + k
+        mask = torch.cat([prompt_mask, torch.ones(2, k, dtype=prompt_mask.dtype)], dim=1)
+        ref = model.read({"input_ids": out.tokens[:, :width], "attention_mask": mask}, names)
+        for name in names:
+            ours, theirs = _last(name.split(".")[0], out.steps[name][k], ref[name], mask.bool())
+            if name.startswith("attention_scores"):  # masked keys hold the dtype's minimum: compare the rest
+                ours, theirs = ours.clamp(min=-1e4), theirs.clamp(min=-1e4)
+            _close(ours, theirs, f"{model_type} step {k} {name}")
+
+
+def test_attention_edit_in_tracer_all_acts_on_every_step():
+    """The same edit as test_attention_edit_acts_on_every_step, written with tracer.all() (the open loop)."""
+    model, eager, tok = _models("llama")
+    logits: list[torch.Tensor] = []
+    result = {}
+    with torch.no_grad(), model.generate(max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False) as tracer:
+        with tracer.invoke(PROMPTS):
+            for _ in tracer.all():
+                model.attention_probabilities[1] = _halve(model.attention_probabilities[1])
+                logits.append(model.logits[:, -1].save())
+        with tracer.invoke():
+            result["tokens"] = tracer.result.save()
+    assert len(logits) == STEPS
+    mask = tok(PROMPTS, padding=True, return_tensors="pt")["attention_mask"]
+    edited = _reference(eager, result["tokens"], mask, 1, STEPS, edit=_halve)
+    for k in range(STEPS):
+        _close(logits[k], edited[k][3], f"step {k} edited logits")

@@ -30,7 +30,11 @@ def _load(source: str | None, **kwargs):
     from .model import StandardizedTransformer, load_default
 
     if source is None:
-        print("loading the embedded SmolLM2-135M-Instruct (first run converts the GGUF file: about a minute)...", file=sys.stderr)
+        from .loading import default_model_path, gguf_cache_dir
+
+        if not (gguf_cache_dir(default_model_path()) / "config.json").exists():  # only when it will convert
+            print("converting the embedded SmolLM2-135M-Instruct GGUF file once (about a minute; cached after)...",
+                  file=sys.stderr)
         return load_default(**kwargs)
     from .testing import all_causal_model_types
 
