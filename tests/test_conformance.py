@@ -218,7 +218,8 @@ def test_sdpa_passes_every_supported_case():
     statuses = {(r.case, r.status) for r in report.results}
     assert ("basic", "pass") in statuses and ("padding_left", "pass") in statuses
     unsupported = {r.case for r in report.results if r.status == "unsupported"}
-    assert unsupported == {"sinks", "softcap", "gpt_oss_like", "gemma2_like", "decode_window_sinks"}
+    assert unsupported == {"sinks", "softcap", "gpt_oss_like", "gemma2_like", "decode_window_sinks", "decode_sinks",
+                           "decode_softcap", "decode_gpt_oss_like"}
     assert report.result("padding_left", "bfloat16").masked_rows == "zeros"
 
 
@@ -343,3 +344,121 @@ def test_diff_models_eager_vs_sdpa_no_divergence_fp32():
     assert not report.diverged, str(report)
     assert len(report.rows) == 12  # 4 layers x (attention, mlp, residual)
     assert max(r.max_abs for r in report.rows) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Where real kernels break: tiles past the first, decode paths, low-precision accumulation, module attributes
+# ---------------------------------------------------------------------------------------------------------------
+
+from unilens.conformance_faults import TILED_FAULT_NAMES, tiled_correct  # noqa: E402
+
+# fault -> a case of the default grid that must fail, the rule that must catch it
+TILED_EXPECTATIONS = {
+    "tile_no_rescale": ("decode_long", "absolute"),
+    "tile_drop_partial": ("tiles_129", "absolute"),
+    "tile_sinks_first_only": ("decode_sinks", "absolute"),
+    "decode_window_dropped": ("decode_window", "absolute"),
+    "decode_sinks_dropped": ("decode_sinks", "absolute"),
+    "decode_padding_dropped": ("decode_padding_left", "absolute"),
+    "decode_gqa_interleaved": ("decode_gqa", "absolute"),
+    "low_precision_accumulation": ("decode_long", "relative"),
+    "dropout_from_module": ("basic", "absolute|non-finite"),  # dropped mass can leave a zero denominator
+}
+
+
+def test_every_tiled_fault_has_an_expectation():
+    assert set(TILED_EXPECTATIONS) == set(TILED_FAULT_NAMES)
+
+
+@pytest.mark.parametrize("fault", sorted(TILED_EXPECTATIONS))
+def test_default_grid_catches_kernel_faults(fault):
+    """Each fault passes the short feature cases it does not touch and fails the default grid's case for it."""
+    case, rule = TILED_EXPECTATIONS[fault]
+    dtypes = ["bfloat16"] if rule == "relative" else ["float32", "bfloat16"]
+    report = check_attention(FAULTS[fault], dtypes=dtypes)
+    assert not report.passed
+    failed = report.result(case, dtypes[0])
+    assert failed.status == "fail" and failed.rule in rule.split("|"), (failed.rule, failed.message)
+    if fault.startswith("decode_"):  # a decode-only fault: every multi-query case passes
+        assert all(r.passed for r in report.results if default_case(r.case).q_len > 1)
+    if fault.startswith("tile_"):  # a fault past the first tile: every case with <= 64 keys passes
+        assert all(r.passed for r in report.results if default_case(r.case).keys <= 64)
+
+
+def default_case(name: str):
+    from unilens.conformance import default_cases
+
+    return {c.name: c for c in default_cases("thorough")}[name]
+
+
+@pytest.mark.parametrize("impl", ["correct_simple", "tiled_correct", "eager", "sdpa"])
+def test_correct_kernels_pass_the_default_grid_over_ten_seeds(impl):
+    """No false alarm: correct kernels (dense, tiled with a float32 online softmax, transformers' eager and sdpa)
+    pass every case of the default grid in three dtypes for 10 seeds (the precision verdict included)."""
+    kernel = {"correct_simple": correct, "tiled_correct": tiled_correct}.get(impl, impl)
+    for seed in range(10):
+        report = check_attention(kernel, seed=seed)
+        assert report.passed, f"seed {seed}:\n{report}"
+
+
+def test_correct_tiled_kernel_passes_the_thorough_grid():
+    report = check_attention(tiled_correct, level="thorough", dtypes=["float32", "bfloat16"], seed=3)
+    assert report.passed, str(report)
+    assert {"decode_1031", "prefill_1031", "gpt_oss_layout", "qwen2_layout"} <= {r.case for r in report.results}
+
+
+def test_precision_verdict_reports_relative_error_growth():
+    """The low-precision-accumulation kernel's relative error grows with the number of keys; the report carries the
+    ratio to a float32-accumulation kernel, which stays ~1 for a correct kernel."""
+    bad = check_attention(FAULTS["low_precision_accumulation"], cases=["decode", "decode_long"], dtypes=["bfloat16"])
+    good = check_attention(tiled_correct, cases=["decode", "decode_long"], dtypes=["bfloat16"])
+    ratio = {r.case: r.rel_rms / r.yardstick_rel_rms for r in bad.results}
+    assert ratio["decode_long"] > 2.0 and ratio["decode_long"] > ratio["decode"]
+    assert all(r.rel_rms <= 2.0 * r.yardstick_rel_rms for r in good.results)
+
+
+def test_padded_query_contract_flash_zeros():
+    """A kernel with flash_attention_2's convention (zeros at padded query positions) conforms; padded_queries=
+    'zeros' demands exactly that, so eager's averages there fail it while the flash-style kernel passes."""
+    from unilens.conformance_faults import _simple_attention
+
+    def flash_like(module, query, key, value, attention_mask, **kwargs):
+        out, _ = _simple_attention(module, query, key, value, attention_mask, fault=None, **kwargs)
+        if attention_mask is not None:  # zero every query that is a padding token
+            real = attention_mask.bool()[:, -query.shape[2]:]  # (batch, query)
+            out = out * real[:, :, None, None].to(out.dtype)
+        return out, None
+
+    flash_like.mask_format = "flash"
+    cases = ["padding_left", "padding_right", "decode_padding_left"]
+    assert check_attention(flash_like, cases=cases).passed
+    assert check_attention(flash_like, cases=cases, padded_queries="zeros").passed
+    strict = check_attention("eager", cases=["padding_right"], dtypes=["float32"], padded_queries="zeros")
+    assert not strict.passed and strict.results[0].rule == "padded queries"
+
+
+def test_cli_attn_check_takes_a_user_kernel(tmp_path):
+    """`unilens attn-check --level thorough --kernel mypkg.mod:fn` from the shell: exit 1 on a fault, 0 without."""
+    import os
+    import subprocess
+    import sys
+
+    pkg = tmp_path / "mypkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "mod.py").write_text(
+        "from unilens.conformance_faults import _tiled_attention\n"
+        "def fn(module, q, k, v, mask, **kw):\n"
+        "    return _tiled_attention(module, q, k, v, mask, fault='tile_drop_partial', **kw)\n"
+        "fn.mask_format = 'flash'\n"
+        "def good(module, q, k, v, mask, **kw):\n"
+        "    return _tiled_attention(module, q, k, v, mask, fault=None, **kw)\n"
+        "good.mask_format = 'flash'\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    cli = [sys.executable, "-m", "unilens.cli", "attn-check", "--level", "thorough", "--dtype", "float32"]
+    bad = subprocess.run([*cli, "--kernel", "mypkg.mod:fn"], capture_output=True, text=True, env=env)
+    assert bad.returncode == 1, bad.stderr[-2000:]
+    assert "FAIL" in bad.stdout and "tiles_129" in bad.stdout
+    good = subprocess.run([*cli, "--kernel", "mypkg.mod:good"], capture_output=True, text=True, env=env)
+    assert good.returncode == 0, good.stdout[-3000:] + good.stderr[-2000:]

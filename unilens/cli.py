@@ -17,6 +17,7 @@ examples:
                 --target " Paris" --against " Rome" --layers 0,5,10,15,20,25,29
   unilens support --out docs/support.md              # regenerate the architecture support table
   unilens attn-check --impl sdpa --dtype float32     # attention conformance against a float64 reference
+  unilens attn-check --level thorough --kernel mypkg.mod:fn   # your kernel, long sequences and decode steps
   unilens diff llama --a eager --b sdpa              # first layer where two implementations diverge
   unilens cache --texts data.jsonl --names layers_output.* --out acts/
 """
@@ -166,7 +167,8 @@ def cmd_attn_check(args) -> int:
     from .conformance import ImplementationUnavailable, run_attn_check
 
     try:
-        report = run_attn_check(args.impl, dtypes=args.dtype or ("float32", "bfloat16", "float16"))
+        report = run_attn_check(args.kernel or args.impl, dtypes=args.dtype or ("float32", "bfloat16", "float16"),
+                                cases=args.case, seed=args.seed, level=args.level, padded_queries=args.padded_queries)
     except ImplementationUnavailable as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -250,6 +252,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("attn-check", help="attention conformance against a float64 reference")
     p.add_argument("--impl", default="unilens", help="eager | sdpa | flex | unilens | module:function")
+    p.add_argument("--kernel", default=None, help="your kernel as package.module:function (attention-interface "
+                   "signature; overrides --impl)")
+    p.add_argument("--level", default="default", choices=["default", "thorough"],
+                   help="case grid: default (seconds) or thorough (1000+ keys, every feature at every length)")
+    p.add_argument("--case", action="append", default=None, help="an extra case by name (repeatable)")
+    p.add_argument("--padded-queries", default="any", choices=["any", "zeros"],
+                   help="what padded query rows may hold: any finite value (default) or flash_attention_2's zeros")
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", action="append", help="float32 / bfloat16 / float16 (repeatable; default all)")
     p.add_argument("--json", default=None, help="also save the report as JSON")
     p.set_defaults(func=cmd_attn_check)

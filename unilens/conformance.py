@@ -247,6 +247,8 @@ _FEATURE_COMPONENT = {
     "scaling": "scaling",
     "large_logits": "softmax numerics (large logits)",
     "shape": "shape handling",
+    "length": "long sequences (key tiles past the first: running max / sum carried across tiles, last partial tile)",
+    "decode": "the decode path (one query against a key/value cache)",
 }
 
 
@@ -303,14 +305,84 @@ class AttentionCase:
         )
 
 
-def default_cases() -> list[AttentionCase]:
+LEVELS = ("default", "thorough")
+
+
+def default_cases(level: str = "default") -> list[AttentionCase]:
     """The case grid: each variant alone (on top of `basic`), then combinations and shapes.
+
+    ``level="default"`` (seconds on CPU) adds, to the feature cases, sequences across 64- and 128-key tiles, chunked
+    prefill (queries against a cache offset) and decode steps (one query against a cache) crossed with every
+    feature; ``"thorough"`` adds lengths 127 / 128 / 129 / 257 / 1031 keys, prefill, chunked prefill and decode at
+    those lengths with every feature, and the layouts real models use (gpt-oss, gemma 2/3, mistral, qwen2).
 
     Example:
         >>> [c.name for c in default_cases()][:3]
         ['bidirectional', 'basic', 'padding_left']
+        >>> len(default_cases("thorough")) > len(default_cases())
+        True
     """
+    if level not in LEVELS:
+        raise ValueError(f"unknown level {level!r}; use one of {LEVELS}")
     C = AttentionCase
+    cases = _feature_cases(C) + _long_and_decode_cases(C)
+    if level == "thorough":
+        cases += _thorough_cases(C)
+    return cases
+
+
+def _long_and_decode_cases(C) -> list[AttentionCase]:
+    """Where optimized kernels break: past the first key tile, chunked prefill, and a separate decode path."""
+    decode = dict(q_len=1, k_len=150, base="decode_long")
+    return [
+        C("tiles_129", heads=2, kv_heads=2, q_len=129, base="basic", adds=("length",)),
+        C("chunked_prefill", heads=8, kv_heads=2, q_len=16, k_len=150, base="cross_length", adds=("length", "gqa")),
+        C("decode_long", q_len=1, k_len=150, base="decode", adds=("length",)),
+        C("decode_gqa", heads=8, kv_heads=2, **decode, adds=("gqa",)),
+        C("decode_mqa", heads=4, kv_heads=1, **decode, adds=("gqa",)),
+        C("decode_window", sliding_window=40, **decode, adds=("sliding_window",)),
+        C("decode_sinks", sinks=True, **decode, adds=("sinks",)),
+        C("decode_softcap", softcap=5.0, logit_scale=2.5, **decode, adds=("softcap",)),
+        C("decode_padding_left", batch=3, padding="left", pad_count=20, **decode, adds=("padding",)),
+        C("decode_padding_right", padding="right", pad_count=20, **decode, adds=("padding",)),
+        C("decode_gpt_oss_like", batch=3, heads=8, kv_heads=2, q_len=1, k_len=150, padding="left", pad_count=20,
+          sliding_window=128, sinks=True, base="decode_long", adds=("padding", "sliding_window", "sinks", "gqa")),
+    ]
+
+
+def _thorough_cases(C) -> list[AttentionCase]:
+    """Long sequences with every feature, and real models' layouts (head_dim 64, their GQA ratios and windows)."""
+    out = []
+    for n in (127, 128, 129, 257, 1031):
+        out.append(C(f"prefill_{n}", heads=4, kv_heads=2, q_len=n, head_dim=64, base="gqa", adds=("length",)))
+        out.append(C(f"decode_{n}", heads=4, kv_heads=2, q_len=1, k_len=n, head_dim=64, base="decode_gqa",
+                     adds=("length",)))
+    long = dict(heads=4, kv_heads=2, q_len=1, k_len=1031, head_dim=64, base="decode_1031")
+    out += [
+        C("decode_1031_window", sliding_window=256, **long, adds=("sliding_window",)),
+        C("decode_1031_sinks", sinks=True, **long, adds=("sinks",)),
+        C("decode_1031_softcap", softcap=20.0, logit_scale=2.0, **long, adds=("softcap",)),
+        C("decode_1031_padding_left", batch=3, padding="left", pad_count=300, **long, adds=("padding",)),
+        C("decode_1031_padding_right", padding="right", pad_count=300, **long, adds=("padding",)),
+        C("chunked_prefill_1031", heads=4, kv_heads=2, q_len=64, k_len=1031, head_dim=64, base="decode_1031",
+          adds=("cross_length",)),
+        C("prefill_1031_window_sinks", heads=4, kv_heads=2, q_len=1031, head_dim=64, sliding_window=128, sinks=True,
+          base="prefill_1031", adds=("sliding_window", "sinks")),
+        # real layouts (scaled down in heads, kept in head_dim, window and GQA ratio)
+        C("gpt_oss_layout", batch=2, heads=8, kv_heads=1, q_len=300, head_dim=64, padding="left", pad_count=40,
+          sliding_window=128, sinks=True, base="prefill_257", adds=("padding", "sliding_window", "sinks", "gqa")),
+        C("gemma2_layout", heads=8, kv_heads=4, q_len=300, head_dim=64, sliding_window=128, softcap=50.0,
+          scaling=64**-0.5, logit_scale=3.0, base="prefill_257", adds=("sliding_window", "softcap")),
+        C("gemma3_layout", heads=8, kv_heads=4, q_len=300, head_dim=64, sliding_window=128, scaling=0.125,
+          base="prefill_257", adds=("sliding_window", "scaling")),
+        C("mistral_layout", batch=3, heads=8, kv_heads=2, q_len=1, k_len=1031, head_dim=64, padding="right",
+          pad_count=100, sliding_window=512, base="decode_1031", adds=("padding", "sliding_window", "gqa")),
+        C("qwen2_layout", heads=7, kv_heads=1, q_len=257, head_dim=64, base="prefill_257", adds=("gqa",)),
+    ]
+    return out
+
+
+def _feature_cases(C) -> list[AttentionCase]:
     return [
         C("bidirectional", causal=False),
         C("basic", base="bidirectional", adds=("causal",)),
@@ -506,7 +578,9 @@ class _FakeAttentionModule(nn.Module):
         self.scaling = case.scale
         self.is_causal = case.causal
         self.layer_idx = 0
-        self.attention_dropout = 0.0
+        # nonzero on purpose: the caller passes dropout=0.0 in eval mode; a kernel that reads the module's attribute
+        # instead (and ignores the mode) drops probabilities and fails
+        self.attention_dropout = 0.5
         self.sliding_window = case.sliding_window
         self.sinks = None if sinks is None else nn.Parameter(sinks, requires_grad=False)
         self.train(False)
@@ -577,6 +651,29 @@ def _naive_attention(q, k, v, visible, scaling, sinks, softcap):
     else:
         probs = torch.softmax(scores, dim=-1)
     return torch.matmul(probs, v).transpose(1, 2), probs
+
+
+def _fp32_accumulation_attention(q, k, v, visible, scaling, sinks, softcap):
+    """A correct kernel of the inputs' dtype: the same rounded inputs, everything computed in float32, the output
+    rounded once to the dtype. The yardstick of the precision verdict (what good accumulation achieves)."""
+    out, probs = _naive_attention(q.float(), k.float(), v.float(), visible, scaling,
+                                  None if sinks is None else sinks.float(), softcap)
+    return out.to(q.dtype), probs.to(q.dtype)
+
+
+def _rel_rms(out: torch.Tensor, ref: torch.Tensor, valid_bq: torch.Tensor) -> float:
+    """Relative RMS error over valid rows: sqrt(mean((out - ref)^2)) / sqrt(mean(ref^2)), outputs (b, q, h, d)."""
+    rows = valid_bq[:, :, None, None].expand_as(ref)
+    if not rows.any():
+        return 0.0
+    diff = (out.double() - ref.double())[rows]
+    scale = ref.double()[rows].pow(2).mean().sqrt()
+    return float(diff.pow(2).mean().sqrt() / scale.clamp_min(1e-300))
+
+
+# The precision verdict decides in half precision only: there the accumulation dtype is a kernel's choice (bf16 /
+# fp16 sums lose digits with every key), while float32 kernels accumulate in float32 anyway.
+PRECISION_FACTOR = 2.0
 
 
 # ================================================================================================================
@@ -656,6 +753,9 @@ class CaseResult:
     probe_max_abs: float | None = None
     nonfinite: int = 0  # NaN / inf where the reference is finite (all rows)
     masked_rows: str = "none"  # behaviour on rows with no visible key: none | zeros | nan | finite (e.g. uniform)
+    rel_rms: float | None = None  # relative RMS error of the output over valid rows
+    yardstick_rel_rms: float | None = None  # the same for a correct kernel of this dtype (float32 accumulation)
+    rule: str = ""  # the pass rule that failed: absolute | relative | non-finite | weights | probe | padded queries
     message: str = ""
     diagnosis: str = ""
     heat: list[list[float]] | None = None  # (heads, query)
@@ -695,8 +795,9 @@ class ConformanceReport:
         raise KeyError(f"no result for case {case!r} in dtype {dtype!r}")
 
     def __str__(self) -> str:
-        head = (f"{'case':<20} {'dtype':<9} {'status':<11} {'max_abs':>9} {'bound':>9} {'naive':>9} {'max_rel':>9} "
-                f"{'%out':>6} {'worst(b,h,q)':>13} {'weights':>8} {'probe':>5} {'masked':>7}  diagnosis / message")
+        head = (f"{'case':<26} {'dtype':<9} {'status':<11} {'max_abs':>9} {'bound':>9} {'naive':>9} {'max_rel':>9} "
+                f"{'rel/fp32acc':>11} {'%out':>6} {'worst(b,h,q)':>13} {'weights':>8} {'probe':>5} {'masked':>7} "
+                f"{'rule':>9}  diagnosis / message")
         lines = [f"attention conformance: {self.implementation}  ->  {'PASS' if self.passed else 'FAIL'}", head,
                  "-" * len(head)]
         for r in self.results:
@@ -704,10 +805,12 @@ class ConformanceReport:
             tail = r.diagnosis or r.message
             if r.diagnosis and r.message:
                 tail = f"{r.diagnosis} | {r.message}"
+            ratio = (None if r.rel_rms is None or not r.yardstick_rel_rms else r.rel_rms / r.yardstick_rel_rms)
             lines.append(
-                f"{r.case:<20} {r.dtype:<9} {r.status:<11} {_fmt(r.max_abs):>9} {_fmt(r.bound):>9} "
-                f"{_fmt(r.naive_max_abs):>9} {_fmt(r.max_rel):>9} {_fmt(r.pct_outside, '.1f'):>6} {worst:>13} "
-                f"{r.weights[:8]:>8} {r.probe:>5} {r.masked_rows[:7]:>7}  {tail}"
+                f"{r.case:<26} {r.dtype:<9} {r.status:<11} {_fmt(r.max_abs):>9} {_fmt(r.bound):>9} "
+                f"{_fmt(r.naive_max_abs):>9} {_fmt(r.max_rel):>9} {_fmt(ratio, '.2f'):>11} "
+                f"{_fmt(r.pct_outside, '.1f'):>6} {worst:>13} {r.weights[:8]:>8} {r.probe:>5} {r.masked_rows[:7]:>7} "
+                f"{r.rule[:9]:>9}  {tail}"
             )
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
@@ -768,7 +871,10 @@ def _case_features(case: AttentionCase) -> set[str]:
     return feats
 
 
-def _check_one(impl, case: AttentionCase, dtype: torch.dtype, seed: int) -> CaseResult:
+PADDED_QUERIES = ("any", "zeros")
+
+
+def _check_one(impl, case: AttentionCase, dtype: torch.dtype, seed: int, padded_queries: str = "any") -> CaseResult:
     name = _dtype_name(dtype)
     blocked = sorted(set(impl.unsupported) & _case_features(case))
     if blocked:
@@ -779,7 +885,13 @@ def _check_one(impl, case: AttentionCase, dtype: torch.dtype, seed: int) -> Case
     sinks = inputs.get("sinks")
     sinks = None if sinks is None else sinks.to(dtype)
     visible = case.visible()
-    valid_bq = visible[:, 0].any(dim=-1)  # (batch, query): rows with at least one visible key
+    # The contract for padded query rows (the same in diff_models): a query that is itself a padding token, or that
+    # sees no key, is not compared. Its output never reaches a real token (eager returns an average of values there,
+    # flash_attention_2 zeros); only NaN / inf there fails, and padded_queries="zeros" demands flash's zeros.
+    pad = case.padding_mask()
+    real_q = torch.ones(case.batch, case.q_len, dtype=torch.bool) if pad is None else pad[:, case.keys - case.q_len:].bool()
+    sees = visible[:, 0].any(dim=-1)  # (batch, query): rows with at least one visible key
+    valid_bq = sees & real_q
     ref_kwargs = dict(scaling=case.scale, softcap=case.softcap, visible=visible,
                       sinks=None if sinks is None else sinks.double())
     ref_out, ref_probs, _ = reference_attention(q, k, v, **ref_kwargs)
@@ -796,6 +908,23 @@ def _check_one(impl, case: AttentionCase, dtype: torch.dtype, seed: int) -> Case
     cmp = _compare(out, ref_out, naive_out, valid_bq, softcap, dtype, "bqhd")
     res = CaseResult(case.name, name, "pass" if cmp.passed else "fail", cmp.max_abs, cmp.max_rel, cmp.pct_outside,
                      cmp.naive_max_abs, cmp.bound, cmp.worst, nonfinite=cmp.nonfinite, heat=cmp.heat)
+    if not cmp.passed:
+        res.rule = "absolute"
+    # Precision verdict: relative RMS error against the larger of a float32-accumulation kernel's and the plain
+    # same-dtype kernel's (both correct); a kernel summing in bf16 / fp16 grows past it with the number of keys.
+    acc_out, _ = _fp32_accumulation_attention(q, k, v, visible, case.scale, sinks, case.softcap)
+    res.rel_rms = _rel_rms(out, ref_out, valid_bq)
+    res.yardstick_rel_rms = max(_rel_rms(acc_out, ref_out, valid_bq), _rel_rms(naive_out, ref_out, valid_bq))
+    if dtype in (torch.bfloat16, torch.float16) and res.rel_rms > PRECISION_FACTOR * res.yardstick_rel_rms:
+        res.status = "fail"
+        res.rule = res.rule or "relative"
+        res.message = (f"relative RMS error {res.rel_rms:.2e} is {res.rel_rms / res.yardstick_rel_rms:.1f}x that of a "
+                       f"correct {name} kernel with float32 accumulation (limit {PRECISION_FACTOR:g}x)")
+    padded = ~real_q & sees
+    if padded_queries == "zeros" and padded.any() and out.double()[padded].abs().max() > 0:
+        res.status = "fail"
+        res.rule = res.rule or "padded queries"
+        res.message = (res.message + " nonzero output at padded query positions (padded_queries='zeros')").strip()
     # Masked rows: excluded from the error, but their behaviour is reported and NaN / inf there fails (a NaN in a
     # padded position's output poisons every later layer through 0 * NaN).
     masked = ~valid_bq
@@ -809,6 +938,7 @@ def _check_one(impl, case: AttentionCase, dtype: torch.dtype, seed: int) -> Case
             res.masked_rows = "finite (nonzero, e.g. eager's uniform average)"
     if cmp.nonfinite:
         res.status = "fail"
+        res.rule = "non-finite"
         res.message = f"{cmp.nonfinite} non-finite output values where the reference is finite"
     expected_w = (case.batch, case.heads, case.q_len, case.keys)
     if isinstance(weights, torch.Tensor) and tuple(weights.shape) == expected_w:
@@ -817,6 +947,7 @@ def _check_one(impl, case: AttentionCase, dtype: torch.dtype, seed: int) -> Case
         res.weights_max_abs, res.weights_bound = wc.max_abs, wc.bound
         if not wc.passed:
             res.status = "fail"
+            res.rule = res.rule or "weights"
     # Probe: identity values make the output row equal the probability row, exposing the softmax even when the
     # function returns no weights.
     v_id = _identity_values(case)
@@ -833,6 +964,7 @@ def _check_one(impl, case: AttentionCase, dtype: torch.dtype, seed: int) -> Case
             res.message = (res.message + f" probe raised {type(error).__name__}: {error}")[:300]
         if res.probe == "fail":
             res.status = "fail"
+            res.rule = res.rule or "probe"
     return res
 
 
@@ -879,6 +1011,8 @@ def check_attention(
     dtypes: Iterable[str | torch.dtype] = ("float32", "bfloat16", "float16"),
     seed: int = 0,
     *,
+    level: str = "default",
+    padded_queries: str = "any",
     mask_format: str | None = None,
     unsupported: dict[str, str] | None = None,
 ) -> ConformanceReport:
@@ -889,8 +1023,15 @@ def check_attention(
     query, heads, head_dim), attn_weights (batch, heads, query, key) or None)`; sinks also sit on `module.sinks`.
     It may be a name for `get_implementation`. `mask_format` (default "additive", eager's) says which mask it gets.
 
-    Pass rule per (case, dtype): see `_compare` (flash-attention's 2x-naive rule). Returned weights and an
-    identity-values probe are checked with the same rule; NaN / inf the reference lacks fails.
+    Pass rules per (case, dtype), the one that failed is reported (`CaseResult.rule`):
+    - absolute: max |error| within flash-attention's bound, 2x (3x with softcap) a plain same-dtype kernel's
+      (`_compare`); returned weights and an identity-values probe are held to the same bound;
+    - relative (bfloat16 / float16): relative RMS error at most 2x that of a correct kernel of the same dtype with
+      float32 accumulation; the long cases make a kernel that accumulates in half precision grow past it;
+    - non-finite: NaN / inf where the reference is finite fails, padded rows included.
+    Padded query rows (queries that are padding tokens, or see no key) are not compared: a conforming kernel may
+    return any finite value there (eager: an average of values; flash_attention_2: zeros); ``padded_queries="zeros"``
+    demands flash's zeros. ``level``: the case grid (`default_cases`), "default" (seconds) or "thorough".
 
     Example:
         >>> report = check_attention("eager", cases=["basic", "sinks"], dtypes=["float32"])
@@ -908,9 +1049,11 @@ def check_attention(
     if mask_format is not None or unsupported is not None:
         impl = dataclasses.replace(impl, mask_format=mask_format or impl.mask_format,
                                    unsupported=unsupported if unsupported is not None else impl.unsupported)
-    grid = {c.name: c for c in default_cases()}
+    if padded_queries not in PADDED_QUERIES:
+        raise ValueError(f"padded_queries must be one of {PADDED_QUERIES}, got {padded_queries!r}")
+    grid = {c.name: c for c in default_cases("thorough")}  # names of every level resolve
     if cases is None:
-        chosen = list(grid.values())
+        chosen = default_cases(level)
     else:
         chosen = []
         for c in cases:
@@ -925,7 +1068,7 @@ def check_attention(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        results = [_check_one(impl, c, _as_dtype(d), seed) for c in chosen for d in dtypes]
+        results = [_check_one(impl, c, _as_dtype(d), seed, padded_queries) for c in chosen for d in dtypes]
     finally:
         torch.set_num_threads(threads)
     _diagnose(results, all_cases)
@@ -933,13 +1076,21 @@ def check_attention(
 
 
 def run_attn_check(impl: str, dtypes: Iterable[str] = ("float32", "bfloat16", "float16"),
-                   cases: Sequence[str] | None = None, seed: int = 0) -> ConformanceReport:
+                   cases: Sequence[str] | None = None, seed: int = 0, level: str = "default",
+                   padded_queries: str = "any") -> ConformanceReport:
     """CLI entry point: `check_attention(get_implementation(impl), ...)`. Raises `ImplementationUnavailable`.
 
+    ``cases``: extra case names (of any level) run besides the level's grid.
+
     Example:
-        >>> print(run_attn_check("sdpa", dtypes=["float32"], cases=["basic"]))  # doctest: +SKIP
+        >>> run_attn_check("sdpa", dtypes=["float32"]).passed
+        True
     """
-    return check_attention(get_implementation(impl), cases=cases, dtypes=tuple(dtypes), seed=seed)
+    chosen = None
+    if cases:
+        chosen = list(dict.fromkeys([c.name for c in default_cases(level)] + list(cases)))
+    return check_attention(get_implementation(impl), cases=chosen, dtypes=tuple(dtypes), seed=seed, level=level,
+                           padded_queries=padded_queries)
 
 
 # ================================================================================================================

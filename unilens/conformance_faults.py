@@ -1,8 +1,10 @@
 """Deliberately wrong attention functions (one planted fault each) that `check_attention` must catch.
 
-They use the flash-attention-2 calling convention of transformers (`mask_format="flash"`: the `(batch, key)`
+The tiled ones (`TILED_FAULT_NAMES`) break where optimized kernels break: past the first key tile, in a separate
+one-query (decode) path, in low-precision accumulation. All use the flash-attention-2 calling convention of transformers (`mask_format="flash"`: the `(batch, key)`
 padding mask or None; the function applies causality and the sliding window itself), so masking bugs can live
-in them. `correct` is the same code with no fault, so a test can show that only the planted fault differs.
+in them. `correct` and `tiled_correct` are the same code with no fault, so a test can show that only the planted fault
+differs.
 
 Example:
     >>> from unilens.conformance import check_attention
@@ -92,6 +94,105 @@ def _simple_attention(
     return torch.matmul(probs, value).transpose(1, 2).contiguous(), None
 
 
+TILED_FAULT_NAMES = (
+    "tile_no_rescale",  # the running output is not rescaled when a later tile raises the running max
+    "tile_drop_partial",  # the last partial key tile is dropped
+    "tile_sinks_first_only",  # the sink's mass is taken against the first tile's max and never rescaled
+    "decode_window_dropped",  # the one-query (decode) path ignores the sliding window
+    "decode_sinks_dropped",  # ... ignores the sinks
+    "decode_padding_dropped",  # ... ignores the padding mask
+    "decode_gqa_interleaved",  # ... maps query head h to kv head h % kv_heads
+    "low_precision_accumulation",  # running sum and output accumulated in the input dtype (bf16 / fp16)
+    "dropout_from_module",  # applies module.attention_dropout whatever the dropout argument and the mode say
+)
+
+
+def _tiled_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    *,
+    fault: str | None,
+    tile: int = 64,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    s_aux: torch.Tensor | None = None,
+    **_: Any,
+) -> tuple[torch.Tensor, None]:
+    """Flash-style attention: keys in tiles of ``tile``, an online softmax (running max ``m``, running sum ``l``,
+    running output ``acc``) accumulated in float32, one optional planted fault. Returns (output, None)."""
+    batch, heads, q_len, head_dim = query.shape
+    kv_heads, k_len = key.shape[1], key.shape[2]
+    groups = heads // kv_heads
+    decode = q_len == 1
+    if fault == "decode_gqa_interleaved" and decode:
+        key, value = key.repeat(1, groups, 1, 1), value.repeat(1, groups, 1, 1)
+    else:
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    scaling = head_dim**-0.5 if scaling is None else scaling
+    low = fault == "low_precision_accumulation"
+    acc_dtype = query.dtype if low else torch.float32
+    q = query.float()
+    q_pos = torch.arange(q_len)[:, None] + (k_len - q_len)
+    padding = attention_mask if not (fault == "decode_padding_dropped" and decode) else None
+    window = sliding_window if not (fault == "decode_window_dropped" and decode) else None
+    sinks = s_aux if not (fault == "decode_sinks_dropped" and decode) else None
+    neg = torch.finfo(torch.float32).min
+    m = torch.full((batch, heads, q_len, 1), neg)  # running max
+    l = torch.zeros((batch, heads, q_len, 1), dtype=acc_dtype)  # running sum of exp
+    acc = torch.zeros((batch, heads, q_len, value.shape[-1]), dtype=acc_dtype)
+    sink_mass = None
+    if sinks is not None and fault != "tile_sinks_first_only":
+        m = sinks.float().reshape(1, -1, 1, 1).expand(batch, heads, q_len, 1).clone()  # the sink as a pseudo-key
+        l = torch.ones_like(l)
+    end = k_len - (k_len % tile) if fault == "tile_drop_partial" and k_len > tile and k_len % tile else k_len
+    for start in range(0, end, tile):
+        stop = min(start + tile, end)
+        k_t, v_t = key[:, :, start:stop].float(), value[:, :, start:stop].float()
+        s = torch.matmul(q, k_t.transpose(-1, -2)) * scaling  # (batch, heads, q, tile)
+        if softcap is not None:
+            s = torch.tanh(s / softcap) * softcap
+        k_pos = torch.arange(start, stop)[None, :]
+        visible = torch.ones(q_len, stop - start, dtype=torch.bool)
+        if getattr(module, "is_causal", True):
+            visible &= k_pos <= q_pos
+        if window is not None:
+            visible &= k_pos > q_pos - window
+        visible = visible[None, None]
+        if padding is not None:
+            visible = visible & padding.bool()[:, None, None, start:stop]
+        s = s.masked_fill(~visible, neg)
+        m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))
+        p = torch.exp(s - m_new)
+        if fault == "dropout_from_module":
+            p = nn.functional.dropout(p, p=getattr(module, "attention_dropout", 0.0), training=True)
+        alpha = torch.exp(m - m_new)
+        l = (l * alpha.to(acc_dtype) + p.sum(dim=-1, keepdim=True).to(acc_dtype)).to(acc_dtype)
+        pv = torch.matmul(p.to(acc_dtype) if low else p, v_t.to(acc_dtype) if low else v_t)
+        if fault == "tile_no_rescale" and start > 0:
+            acc = acc + pv.to(acc_dtype)
+        else:
+            acc = (acc * alpha.to(acc_dtype) + pv.to(acc_dtype)).to(acc_dtype)
+        m = m_new
+        if fault == "tile_sinks_first_only" and sinks is not None and start == 0:
+            sink_mass = torch.exp(sinks.float().reshape(1, -1, 1, 1) - m)  # never rescaled afterwards
+    denominator = l.float() + (sink_mass if sink_mass is not None else 0.0)
+    out = acc.float() / denominator
+    return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+
+def _make_tiled(fault: str | None, tile: int = 64) -> AttentionImplementation:
+    def fn(module, query, key, value, attention_mask, **kwargs):
+        return _tiled_attention(module, query, key, value, attention_mask, fault=fault, tile=tile, **kwargs)
+
+    fn.__name__ = f"tiled_{fault}" if fault else "tiled_correct"
+    return AttentionImplementation(fn.__name__, fn, mask_format="flash")
+
+
 def _make(fault: str | None) -> AttentionImplementation:
     def fn(module, query, key, value, attention_mask, **kwargs):
         return _simple_attention(module, query, key, value, attention_mask, fault=fault, **kwargs)
@@ -101,5 +202,9 @@ def _make(fault: str | None) -> AttentionImplementation:
 
 
 correct = _make(None)
+tiled_correct = _make_tiled(None)  # a correct flash-style kernel: tiles of 64 keys, float32 online softmax
 FAULTS: dict[str, AttentionImplementation] = {name: _make(name) for name in FAULT_NAMES}
+# tiles of 16 keys for the low-precision fault, so its accumulation error grows over many tiles
+FAULTS.update({name: _make_tiled(name, 16 if name == "low_precision_accumulation" else 64)
+               for name in TILED_FAULT_NAMES})
 globals().update(FAULTS)  # usable as "unilens.conformance_faults:wrong_scale"
