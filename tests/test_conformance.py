@@ -462,3 +462,55 @@ def test_cli_attn_check_takes_a_user_kernel(tmp_path):
     assert "FAIL" in bad.stdout and "tiles_129" in bad.stdout
     good = subprocess.run([*cli, "--kernel", "mypkg.mod:good"], capture_output=True, text=True, env=env)
     assert good.returncode == 0, good.stdout[-3000:] + good.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# diff_models in low precision: per-layer isolation against a noise yardstick
+# ---------------------------------------------------------------------------------------------------------------
+
+from unilens.conformance_faults import plant_attention_fault  # noqa: E402
+
+
+def _pair_and_inputs(dtype):
+    from unilens.testing import tiny_model
+
+    a, tok = tiny_model("llama", attn_implementation="eager", num_hidden_layers=4)
+    b, _ = tiny_model("llama", num_hidden_layers=4)  # sdpa, same seeded weights
+    enc = tok(["The capital of France is", "Hello there"], return_tensors="pt", padding=True)
+    return a.to(dtype), b.to(dtype), {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_diff_models_isolation_localizes_a_planted_fault_in_every_dtype(dtype):
+    a, b, inputs = _pair_and_inputs(dtype)
+    clean = diff_models(a, b, inputs)
+    assert not clean.faulty, str(clean)  # eager vs sdpa: no layer above its noise yardstick
+    for fault in ("no_self", "padding_ignored"):
+        faulty = plant_attention_fault(copy.deepcopy(b), 2, fault)
+        report = diff_models(a, faulty, inputs)
+        first = report.first_fault
+        assert first is not None and (first.layer, first.component) == (2, "attention"), (fault, str(report))
+        assert all(not r.exceeds for r in report.isolated if r.layer < 2)
+
+
+def test_diff_models_accepts_standardized_models_and_copies_caches():
+    """Two StandardizedTransformers of the same weights, a decode step with one cache object in the inputs: each
+    model (and each replay) gets its own copy, so identical models do not 'diverge' at layer 0."""
+    from unilens import StandardizedTransformer
+    from unilens.patching import cache_keyword, output_cache
+    from unilens.testing import tiny_model
+
+    hf_a, tok = tiny_model("llama")
+    hf_b, _ = tiny_model("llama")
+    a, b = StandardizedTransformer(hf_a, tokenizer=tok), StandardizedTransformer(hf_b, tokenizer=tok)
+    ids = tok(["The capital of France is"], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        out = hf_a(ids, use_cache=True)
+    cache = output_cache(out)
+    step = {"input_ids": out.logits[:, -1:].argmax(-1), "attention_mask": torch.ones(1, ids.shape[1] + 1,
+            dtype=torch.long), cache_keyword(hf_a): cache, "use_cache": True}
+    before = cache.get_seq_length()
+    report = diff_models(a, b, step)
+    assert not report.diverged and not report.faulty, str(report)
+    assert all(r.max_abs == 0.0 for r in report.rows)
+    assert cache.get_seq_length() == before  # the caller's cache is untouched

@@ -208,3 +208,86 @@ FAULTS: dict[str, AttentionImplementation] = {name: _make(name) for name in FAUL
 FAULTS.update({name: _make_tiled(name, 16 if name == "low_precision_accumulation" else 64)
                for name in TILED_FAULT_NAMES})
 globals().update(FAULTS)  # usable as "unilens.conformance_faults:wrong_scale"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Faults planted in one layer of a real model (for diff_models): that layer's attention gets its own config whose
+# implementation name points at a faulty wrapper around transformers' sdpa function.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _visible(attention_mask: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """sdpa's mask as a bool `(batch, 1, query, key)` (True = attend), causal when it is None."""
+    batch, q_len, k_len = query.shape[0], query.shape[2], key.shape[2]
+    if attention_mask is None:
+        q_pos = torch.arange(q_len)[:, None] + (k_len - q_len)
+        return (torch.arange(k_len)[None, :] <= q_pos)[None, None].expand(batch, 1, q_len, k_len)
+    return attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+
+
+def _sdpa(*args, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(*args, **kwargs)
+
+
+def _scale(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    return _sdpa(module, query, key, value, attention_mask, scaling=(scaling or query.shape[-1] ** -0.5) * 1.25,
+                 **kwargs)
+
+
+def _no_self(module, query, key, value, attention_mask, **kwargs):
+    """A query never sees its own key (a window or causal mask off by one); key 0 stays visible."""
+    allowed = _visible(attention_mask, query, key).clone()
+    q_len, k_len = query.shape[2], key.shape[2]
+    rows = torch.arange(q_len)
+    allowed[:, :, rows, rows + (k_len - q_len)] = False
+    allowed[:, :, :, 0] = True
+    return _sdpa(module, query, key, value, allowed, **kwargs)
+
+
+def _padding_ignored(module, query, key, value, attention_mask, **kwargs):
+    kwargs.pop("is_causal", None)
+    return _sdpa(module, query, key, value, None, is_causal=query.shape[2] > 1, **kwargs)
+
+
+def _decode_kv_heads_rolled(module, query, key, value, attention_mask, **kwargs):
+    """Only the one-query (decode) path maps query heads to the wrong key/value heads."""
+    if query.shape[2] == 1:
+        perm = torch.arange(key.shape[1]).roll(1)
+        key, value = key[:, perm], value[:, perm]
+    return _sdpa(module, query, key, value, attention_mask, **kwargs)
+
+
+MODEL_FAULTS = {"scale": _scale, "no_self": _no_self, "padding_ignored": _padding_ignored,
+                "decode_kv_heads_rolled": _decode_kv_heads_rolled}
+
+
+def plant_attention_fault(model: nn.Module, layer: int, fault: str) -> nn.Module:
+    """Make layer ``layer``'s attention of an HF model run fault ``fault`` (`MODEL_FAULTS`); returns the model.
+
+    Only that attention module gets a config of its own whose implementation is the faulty function; models whose
+    attention calls transformers' attention interface (Llama, Mistral, Qwen, ...) honour it.
+
+    Example:
+        >>> from unilens.testing import tiny_model
+        >>> hf, _ = tiny_model("llama")
+        >>> _ = plant_attention_fault(hf, 1, "scale")
+        >>> hf.model.layers[1].self_attn.config._attn_implementation, hf.model.layers[0].self_attn.config._attn_implementation
+        ('unilens_fault_scale', 'sdpa')
+    """
+    import copy
+
+    from transformers import AttentionInterface
+
+    from unilens.discovery import ModuleAccessor
+
+    if fault not in MODEL_FAULTS:
+        raise ValueError(f"unknown fault {fault!r}; choose one of {sorted(MODEL_FAULTS)}")
+    name = f"unilens_fault_{fault}"
+    AttentionInterface.register(name, MODEL_FAULTS[fault])
+    attention = ModuleAccessor(model).get_attention(layer)
+    config = copy.copy(attention.config)
+    config._attn_implementation = name
+    attention.config = config
+    return model
