@@ -422,6 +422,23 @@ def overhead_workload(model_type: str = "llama") -> Workload:
     )
 
 
+def conformance_workload(impl: str = "sdpa") -> Workload:
+    """Wall time of `check_attention` on the default grid (seconds) and on the thorough one, three dtypes."""
+    from unilens.conformance import check_attention
+
+    def grid(level: str):
+        def call():
+            return check_attention(impl, level=level).passed
+        return call
+
+    return Workload(
+        title=f"attention conformance grids ({impl}, float32 + bfloat16 + float16)",
+        baseline="default grid",
+        variants={"default grid": grid("default"), "thorough grid": grid("thorough")},
+        warmup=False,
+    )
+
+
 _PLAIN_STARTUP = """
 import glob, os, sys, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -584,6 +601,9 @@ def check_outputs(timing: Timing) -> list[str]:
             # same eager math (matmul, additive mask, fp32 softmax) in both; allow float32 rounding only
             torch.testing.assert_close(ul_p, hf_p, rtol=1e-5, atol=1e-6, msg=lambda m, i=i: f"layer {i}: {m}")
         notes.append("unilens probabilities match HF eager output_attentions (rtol 1e-5) on every layer.")
+    elif title.startswith("attention conformance"):
+        assert all(out.values()), "a correct kernel failed its conformance grid"
+        notes.append("the kernel passes both grids; the thorough grid goes to 1031 keys with every feature.")
     elif title.startswith("time to first result"):
         answers = {name: value.strip().splitlines()[-1] if name != "unilens lens (CLI)" else value
                    for name, value in out.items()}
@@ -866,6 +886,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     workload = cache_workload(model, hf_sdpa, cache_texts(tokenizer, 24 if args.quick else 64))
     _log(workload.title)
     timing = measure(workload, "SmolLM2, fp32 store", *plan)
+    workload.notes.extend(check_outputs(timing))
+    timings.append(timing)
+
+    workload = conformance_workload()
+    _log(workload.title)
+    timing = measure(workload, "every case, seed 0", 1 if args.quick else 2, 0, 1, 2)
     workload.notes.extend(check_outputs(timing))
     timings.append(timing)
 

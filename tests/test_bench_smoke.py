@@ -128,3 +128,9 @@ def test_startup_workload_runs_whole_processes(bench):
     load_default(check=False)  # the converted copy the plain script loads exists
     timing = bench.measure(bench.startup_workload(), "smoke", reps=1, budget_s=0, min_reps=1, max_reps=1)
     assert any("Paris" in note for note in bench.check_outputs(timing))
+
+
+def test_conformance_workload_builds(bench):
+    workload = bench.conformance_workload()
+    assert set(workload.variants) == {"default grid", "thorough grid"}
+    assert workload.variants["default grid"]() is True  # the default grid runs in seconds

@@ -514,3 +514,39 @@ def test_diff_models_accepts_standardized_models_and_copies_caches():
     assert not report.diverged and not report.faulty, str(report)
     assert all(r.max_abs == 0.0 for r in report.rows)
     assert cache.get_seq_length() == before  # the caller's cache is untouched
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_diff_models_localizes_faults_in_smollm2_half_precision(dtype):
+    """SmolLM2 in bf16 / fp16: eager vs sdpa has no fault (the propagated rows alone would call rounding growth a
+    divergence), and four planted attention faults in layer 17 (one only on the decode path) are each localized to
+    layer 17's attention."""
+    from unilens.loading import default_model_path, load_hf_model
+    from unilens.patching import cache_keyword, output_cache
+
+    def load(implementation):
+        return load_hf_model(default_model_path(), dtype=dtype, attn_implementation=implementation)
+
+    eager, tok = load("eager")
+    tok.padding_side = "left"
+    enc = tok(["The capital of France is", "Hello there"], return_tensors="pt", padding=True)
+    prefill = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+    with torch.no_grad():
+        out = eager(**prefill, use_cache=True)
+    decode = {"input_ids": out.logits[:, -1:].argmax(-1),
+              "attention_mask": torch.cat([enc["attention_mask"], torch.ones(2, 1, dtype=torch.long)], dim=1),
+              cache_keyword(eager): output_cache(out), "use_cache": True}
+    sdpa, _ = load("sdpa")
+    for inputs in (prefill, decode):
+        clean = diff_models(eager, sdpa, inputs)
+        assert not clean.faulty, str(clean)
+    for fault, inputs in (("scale", prefill), ("no_self", prefill), ("padding_ignored", prefill),
+                          ("decode_kv_heads_rolled", decode)):
+        faulty = plant_attention_fault(load("sdpa")[0], 17, fault)
+        report = diff_models(eager, faulty, inputs)
+        first = report.first_fault
+        assert first is not None and (first.layer, first.component) == (17, "attention"), (fault, str(report))
+    # the decode-only fault leaves the prefill alone
+    assert not diff_models(eager, plant_attention_fault(load("sdpa")[0], 17, "decode_kv_heads_rolled"),
+                           prefill).faulty
