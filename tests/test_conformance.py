@@ -517,7 +517,7 @@ def test_diff_models_accepts_standardized_models_and_copies_caches():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_diff_models_localizes_faults_in_smollm2_half_precision(dtype):
     """SmolLM2 in bf16 / fp16: eager vs sdpa has no fault (the propagated rows alone would call rounding growth a
     divergence), and four planted attention faults in layer 17 (one only on the decode path) are each localized to
@@ -547,6 +547,22 @@ def test_diff_models_localizes_faults_in_smollm2_half_precision(dtype):
         report = diff_models(eager, faulty, inputs)
         first = report.first_fault
         assert first is not None and (first.layer, first.component) == (17, "attention"), (fault, str(report))
+        assert first.op.startswith("attention function"), first.op  # q / k / v agree: the kernel is at fault
     # the decode-only fault leaves the prefill alone
     assert not diff_models(eager, plant_attention_fault(load("sdpa")[0], 17, "decode_kv_heads_rolled"),
                            prefill).faulty
+
+
+def test_diff_models_names_the_op_inside_the_faulty_attention():
+    """Per-op localization for attention classes that call transformers' attention interface: queries / keys /
+    values, the attention function, or the output projection."""
+    a, b, inputs = _pair_and_inputs(torch.float32)
+    cases = {"attention function": plant_attention_fault(copy.deepcopy(b), 2, "no_self")}
+    for name, proj in (("queries", "q_proj"), ("output projection", "o_proj")):
+        faulty = copy.deepcopy(b)
+        with torch.no_grad():
+            getattr(faulty.model.layers[2].self_attn, proj).weight.mul_(1.5)
+        cases[name] = faulty
+    for expected, faulty in cases.items():
+        first = diff_models(a, faulty, inputs).first_fault
+        assert (first.layer, first.component) == (2, "attention") and first.op.startswith(expected), first

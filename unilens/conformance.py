@@ -1111,6 +1111,7 @@ class DivergenceRow:
     max_abs: float
     mean_abs: float
     tolerance: float
+    op: str | None = None  # for the first isolated attention fault: the op inside it that first diverges
 
     @property
     def exceeds(self) -> bool:
@@ -1157,6 +1158,8 @@ class DivergenceReport:
         if self.isolated:
             title += ("; per-layer isolation: " + (f"first fault at layer {fault.layer} {fault.component}" if fault
                                                    else "no layer above its noise yardstick"))
+            if fault is not None and fault.op:
+                title += f" (first op: {fault.op})"
         head = f"{'layer':>5} {'component':<10} {'max_abs':>10} {'mean_abs':>10} {'tol':>10}  "
         lines = [title]
         for label, rows, mark_row in (("propagated", self.rows, first), ("isolated", self.isolated, fault)):
@@ -1359,8 +1362,88 @@ def _isolate(model_a: nn.Module, model_b: nn.Module, inputs: dict[str, Any], kee
         spacing = torch.finfo(dtype).eps * float(scale.max())
         tolerance = factor * float(noise.max()) + spacing
         err_max = float(torch.nan_to_num(err, nan=float("inf")).max())
-        rows.append(DivergenceRow(key[0], key[1], err_max, float(err.mean()), tolerance))
+        row = DivergenceRow(key[0], key[1], err_max, float(err.mean()), tolerance)
+        if row.exceeds and key[1] == "attention" and not any(r.exceeds for r in rows):  # the first fault: split it
+            row.op = _localize_in_attention(dict(_sites(model_a))[key], modules_b[key], modules_ref[key], args,
+                                            kwargs, high, keep, factor)
+        rows.append(row)
     return rows
+
+
+def _implementation_function(module: nn.Module, name: str) -> Callable:
+    """The function an attention module runs for implementation ``name`` (its own eager function for "eager")."""
+    import sys
+
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if name == "eager":
+        own = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+        if own is None:
+            raise KeyError("no eager_attention_forward next to the class")
+        return own
+    return ALL_ATTENTION_FUNCTIONS[name]
+
+
+def _attention_ops(module: nn.Module, args: tuple, kwargs: dict, dtype: torch.dtype | None) -> dict | None:
+    """Replay an attention module and record what its attention function received and returned: queries / keys /
+    values (after norms and rotary) and its output (the output projection's input). None for classes that do not
+    call transformers' attention interface (nothing to split there)."""
+    from transformers import AttentionInterface
+
+    name = getattr(getattr(module, "config", None), "_attn_implementation", None)
+    if not isinstance(name, str):
+        return None
+    recorded: dict[str, torch.Tensor] = {}
+
+    def recorder(mod, query, key, value, attention_mask, *rest, **kw):
+        out = _implementation_function(mod, name)(mod, query, key, value, attention_mask, *rest, **kw)
+        if not recorded:
+            recorded.update(queries=query.detach(), keys=key.detach(), values=value.detach(),
+                            function=_first_tensor(out).detach())
+        return out
+
+    AttentionInterface.register("unilens_record_ops", recorder)
+    config = module.config
+    module.config = copy.copy(config)
+    module.config._attn_implementation = "unilens_record_ops"
+    try:
+        _replay(module, args, kwargs, dtype)
+    except KeyError:
+        return None
+    finally:
+        module.config = config
+    return recorded or None
+
+
+# The ops inside an attention module, in order, and what a fault there means.
+_ATTENTION_OPS = (
+    ("queries", "queries (projection, norms, rotary)"),
+    ("keys", "keys (projection, norms, rotary)"),
+    ("values", "values (projection)"),
+    ("function", "attention function (scores, mask, softmax, P @ V)"),
+)
+
+
+def _localize_in_attention(module_a, module_b, module_ref, args, kwargs, high, keep, factor) -> str | None:
+    """Which op inside an attention module first exceeds its noise yardstick (else the output projection)."""
+    ops = [_attention_ops(m, args, kwargs, d) for m, d in ((module_a, None), (module_b, None), (module_ref, high))]
+    if any(o is None for o in ops):
+        return None
+    a, b, ref = ops
+    for name, meaning in _ATTENTION_OPS:
+        x, y, r = a[name].double(), b[name].double(), ref[name].double()
+        if x.shape != y.shape:
+            return f"{meaning}: shapes {tuple(x.shape)} vs {tuple(y.shape)}"
+        err, noise, scale = (y - x).abs(), (x - r).abs(), x.abs()
+        if name == "function" and keep is not None:  # (batch, query, heads, dim): padded queries are not compared
+            real = _positions(keep, x)
+            if real is not None:
+                err, noise, scale = err[real], noise[real], scale[real]
+        dtype = a[name].dtype
+        tolerance = factor * float(noise.max()) + torch.finfo(dtype).eps * float(scale.max())
+        if float(torch.nan_to_num(err, nan=float("inf")).max()) > tolerance:
+            return meaning
+    return "output projection (the attention function's output matches)"
 
 
 def diff_models(model_a: nn.Module, model_b: nn.Module, inputs: dict[str, Any] | torch.Tensor,
