@@ -85,8 +85,8 @@ _DELAY_ENV = "UNILENS_CACHE_TEST_DELAY"
 _DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))  # no space / quota exceeded
 _DEFAULT_SHARD_BYTES = 256 * 2**20  # automatic shard_tokens: about 256 MiB of activations per shard
 
-# Accessor name -> how its tensor maps to per-token rows. Listed in the order the forward computes them inside
-# one layer (nnsight 0.8 requires values to be requested in execution order).
+# Accessor name -> how its tensor maps to per-token rows. (Reads are made in the model's recorded forward order,
+# `unilens.order.forward_order`: nnsight 0.8 serves values in execution order.)
 #   "token": (batch, seq, *row)   "heads_first": (batch, heads, seq, d)   "probs": (batch, heads, query, key)
 _KINDS: dict[str, str] = {
     "layers_input": "token",
@@ -102,7 +102,6 @@ _KINDS: dict[str, str] = {
     "mlps_output": "token",
     "layers_output": "token",
 }
-_ORDER = {name: i for i, name in enumerate(_KINDS)}
 CACHEABLE_NAMES: tuple[str, ...] = (*_KINDS, "logits")
 _NOT_CACHEABLE = {
     "attention_scores": "pre-softmax scores hold the model's masking constant at masked keys, which does not "
@@ -138,24 +137,13 @@ class _Name:
     def key(self) -> str:
         return self.accessor if self.layer is None else f"{self.accessor}.{self.layer}"
 
-    @property
-    def sort_key(self) -> tuple[float, int]:
-        return (math.inf, 0) if self.layer is None else (self.layer, _ORDER[self.accessor])
-
-
-def _layers_with(model: "StandardizedTransformer", accessor: str) -> list[int]:
-    """Layers where ``accessor`` exists (hybrid stacks have layers without attention or MLP)."""
-    arch = model.architecture
-    if accessor.startswith("attention"):
-        return [i for i, parts in enumerate(arch.layers) if parts.attention is not None]
-    if accessor.startswith("mlps"):
-        part = "mlp_in" if accessor == "mlps_input" else "mlp_out"
-        return [i for i, parts in enumerate(arch.layers) if getattr(parts, part) is not None]
-    return list(range(model.num_layers))
 
 
 def _resolve_names(model: "StandardizedTransformer", names: str | Sequence[str]) -> list[_Name]:
-    """``["layers_output.*", "attention_probabilities.3"]`` -> sorted, de-duplicated names in forward order."""
+    """``["layers_output.*", "attention_probabilities.3"]`` -> de-duplicated names in the model's forward order
+    (parsed by `unilens.order.parse_names`, ordered by the recorded `forward_order`)."""
+    from .order import forward_order, parse_names
+
     if isinstance(names, str):
         names = [names]
     names = list(names)
@@ -164,38 +152,20 @@ def _resolve_names(model: "StandardizedTransformer", names: str | Sequence[str])
             f"names is empty: pass at least one name, e.g. 'layers_output.*'. Cacheable: {CACHEABLE_NAMES}"
         )
     valid = ", ".join(f"{n}.<layer|*>" for n in _KINDS) + ", logits"
-    out: dict[str, _Name] = {}
     for raw in names:
         if not isinstance(raw, str):
             raise CacheError(f"names must be strings like 'layers_output.3', got {raw!r}")
-        accessor, _, index = raw.strip().partition(".")
-        if accessor == "logits" and not index:
-            out["logits"] = _Name("logits", None)
-            continue
+        accessor = raw.strip().partition(".")[0]
         if accessor in _NOT_CACHEABLE:
             raise CacheError(f"{raw!r} cannot be cached: {_NOT_CACHEABLE[accessor]}.")
-        if accessor not in _KINDS:
+        if accessor not in _KINDS and accessor != "logits":
             raise CacheError(f"unknown activation name {raw!r}. Valid names: {valid}.")
-        available = _layers_with(model, accessor)
-        if index == "*":
-            if not available:
-                raise CacheError(f"{raw!r}: this {model.architecture.model_type} model has no layer with {accessor}.")
-            for i in available:
-                out[f"{accessor}.{i}"] = _Name(accessor, i)
-            continue
-        if not re.fullmatch(r"-?\d+", index or ""):
-            raise CacheError(
-                f"{raw!r}: give a layer index or '*' after the dot, e.g. '{accessor}.0' or '{accessor}.*'."
-            )
-        n = model.num_layers
-        layer = int(index)
-        if not -n <= layer < n:
-            raise CacheError(f"{raw!r}: layer {layer} out of range, the model has {n} layers (0..{n - 1}).")
-        layer %= n
-        if layer not in available:
-            raise CacheError(f"{raw!r}: layer {layer} has no {accessor} (hybrid model); layers that do: {available}.")
-        out[f"{accessor}.{layer}"] = _Name(accessor, layer)
-    return sorted(out.values(), key=lambda name: name.sort_key)
+    try:
+        locations = parse_names(model, names)
+    except (ValueError, IndexError, TypeError) as err:
+        raise CacheError(str(err)) from err
+    order = forward_order(model)
+    return [_Name(a, i) for a, i in sorted(locations, key=lambda loc: order.get(loc, -1))]
 
 
 # ----------------------------------------------------------------------------------------------------------------
