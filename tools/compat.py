@@ -201,7 +201,8 @@ def regressions(col: Column, lock: Column) -> tuple[list[str], list[str]]:
         res2, att2 = _supported(here[model_type])
         if (res and not res2) or (att and not att2):
             what = "residual" if res and not res2 else "attention probabilities"
-            types.append(f"{model_type} ({what}: {here[model_type].get('note') or here[model_type]['attention_probs']})")
+            detail = here[model_type].get("note") or here[model_type]["attention_probs"]
+            types.append(f"{model_type} ({what}: {detail})")
     return tests, types
 
 

@@ -890,7 +890,8 @@ def _check_one(impl, case: AttentionCase, dtype: torch.dtype, seed: int, padded_
     # sees no key, is not compared. Its output never reaches a real token (eager returns an average of values there,
     # flash_attention_2 zeros); only NaN / inf there fails, and padded_queries="zeros" demands flash's zeros.
     pad = case.padding_mask()
-    real_q = torch.ones(case.batch, case.q_len, dtype=torch.bool) if pad is None else pad[:, case.keys - case.q_len:].bool()
+    real_q = (torch.ones(case.batch, case.q_len, dtype=torch.bool) if pad is None
+              else pad[:, case.keys - case.q_len:].bool())  # (batch, query): queries that are real tokens
     sees = visible[:, 0].any(dim=-1)  # (batch, query): rows with at least one visible key
     valid_bq = sees & real_q
     ref_kwargs = dict(scaling=case.scale, softcap=case.softcap, visible=visible,

@@ -1,10 +1,11 @@
 """Deliberately wrong attention functions (one planted fault each) that `check_attention` must catch.
 
 The tiled ones (`TILED_FAULT_NAMES`) break where optimized kernels break: past the first key tile, in a separate
-one-query (decode) path, in low-precision accumulation. All use the flash-attention-2 calling convention of transformers (`mask_format="flash"`: the `(batch, key)`
-padding mask or None; the function applies causality and the sliding window itself), so masking bugs can live
-in them. `correct` and `tiled_correct` are the same code with no fault, so a test can show that only the planted fault
-differs.
+one-query (decode) path, in low-precision accumulation. All use the flash-attention-2 calling convention of
+transformers (`mask_format="flash"`: the `(batch, key)` padding mask or None; the function applies causality and the
+sliding window itself), so masking bugs can live in them. `correct` and `tiled_correct` are the same code with no
+fault, so a test can show that only the planted fault differs. `plant_attention_fault` puts one of `MODEL_FAULTS`
+into one layer of a real model (for `diff_models`).
 
 Example:
     >>> from unilens.conformance import check_attention
@@ -273,8 +274,8 @@ def plant_attention_fault(model: nn.Module, layer: int, fault: str) -> nn.Module
         >>> from unilens.testing import tiny_model
         >>> hf, _ = tiny_model("llama")
         >>> _ = plant_attention_fault(hf, 1, "scale")
-        >>> hf.model.layers[1].self_attn.config._attn_implementation, hf.model.layers[0].self_attn.config._attn_implementation
-        ('unilens_fault_scale', 'sdpa')
+        >>> [layer.self_attn.config._attn_implementation for layer in hf.model.layers]
+        ['sdpa', 'unilens_fault_scale']
     """
     import copy
 

@@ -120,8 +120,8 @@ def _check_inputs(inputs: tuple) -> None:
             ):
                 continue
         raise TypeError(
-            "model.trace / generate / invoke take text (a string or a list of strings), token ids (a list of ints, a list of "
-            "lists of ints or a LongTensor (batch, seq)) or a tokenizer output (a dict with input_ids); got "
+            "model.trace / generate / invoke take text (a string or a list of strings), token ids (a list of ints, a "
+            "list of lists of ints or a LongTensor (batch, seq)) or a tokenizer output (a dict with input_ids); got "
             f"{type(value).__name__} {value!r:.60}."
         )
 
@@ -356,17 +356,19 @@ class StandardizedTransformer(LanguageModel):
         if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == ids.shape[0]:
             empty = (~mask.bool().any(dim=-1)).nonzero().flatten().tolist()
             if empty:
+                rows = f"; rows {empty}" if len(empty) > 1 else ""
                 raise ValueError(
-                    f"row {empty[0]} of the batch is empty (only padding{'; rows ' + str(empty) if len(empty) > 1 else ''}"
-                    "): an empty prompt would return numbers computed from padding alone. Remove it or give it text."
+                    f"row {empty[0]} of the batch is empty (only padding{rows}): an empty prompt would return numbers "
+                    "computed from padding alone. Remove it or give it text."
                 )
         vocab = self.module_accessor.get_embed_tokens().weight.shape[0]
         low, high = int(ids.min()), int(ids.max())
         if low < 0 or high >= vocab:
             bad = low if low < 0 else high
             where = (ids == bad).nonzero()[0].tolist()
-            raise ValueError(f"token id {bad} (at {'row, position ' if len(where) == 2 else 'index '}{where}) is outside "
-                             f"the model's vocabulary 0..{vocab - 1}; ids must come from this model's tokenizer.")
+            at = "row, position " if len(where) == 2 else "index "
+            raise ValueError(f"token id {bad} (at {at}{where}) is outside the model's vocabulary 0..{vocab - 1}; ids "
+                             "must come from this model's tokenizer.")
 
     def _remember_batch(self, module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)

@@ -153,7 +153,9 @@ def parse_names(model: "StandardizedTransformer", names: str | Sequence[str]) ->
             out.extend((accessor, i) for i in available)
             continue
         if not re.fullmatch(r"-?\d+", index or ""):
-            raise ValueError(f"{raw!r}: give a layer index or '*' after the dot, e.g. '{accessor}.0' or '{accessor}.*'.")
+            raise ValueError(
+                f"{raw!r}: give a layer index or '*' after the dot, e.g. '{accessor}.0' or '{accessor}.*'."
+            )
         layer = int(index)
         if not -n <= layer < n:
             raise IndexError(f"{raw!r}: layer {layer} out of range, the model has {n} layers (0..{n - 1}).")

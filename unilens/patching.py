@@ -230,8 +230,9 @@ class CorruptedRun:
         return False
 
     def cache_kwargs(self, start: int, pairs: Sequence[int] | Sequence[Sequence[int]]) -> dict:
-        """The cache keyword (``cache`` or ``past_key_values``): a copy of the cache cut to the first ``start`` tokens, one row per entry of
-        ``pairs`` (the pair whose cache it is), or per entry of ``pairs[i]`` for layer ``i`` (a staggered batch)."""
+        """The cache keyword (``cache`` or ``past_key_values``): a copy of the cache cut to the first ``start``
+        tokens, one row per entry of ``pairs`` (the pair whose cache it is), or per entry of ``pairs[i]`` for layer
+        ``i`` (a staggered batch)."""
         cache = copy.deepcopy(self.cache)
         cache.crop(start - self.seq)  # negative: remove the tokens from `start` on
         per_layer = [list(p) for p in pairs] if pairs and not isinstance(pairs[0], int) else None
