@@ -432,7 +432,7 @@ def conformance_workload(impl: str = "sdpa") -> Workload:
         return call
 
     return Workload(
-        title=f"attention conformance grids ({impl}, float32 + bfloat16 + float16)",
+        title=f"conformance grids of check_attention ({impl}, float32 + bfloat16 + float16)",
         baseline="default grid",
         variants={"default grid": grid("default"), "thorough grid": grid("thorough")},
         warmup=False,
@@ -601,7 +601,7 @@ def check_outputs(timing: Timing) -> list[str]:
             # same eager math (matmul, additive mask, fp32 softmax) in both; allow float32 rounding only
             torch.testing.assert_close(ul_p, hf_p, rtol=1e-5, atol=1e-6, msg=lambda m, i=i: f"layer {i}: {m}")
         notes.append("unilens probabilities match HF eager output_attentions (rtol 1e-5) on every layer.")
-    elif title.startswith("attention conformance"):
+    elif title.startswith("conformance grids"):
         assert all(out.values()), "a correct kernel failed its conformance grid"
         notes.append("the kernel passes both grids; the thorough grid goes to 1031 keys with every feature.")
     elif title.startswith("time to first result"):
