@@ -228,7 +228,7 @@ class AttentionHooks(nn.Module):
     @property
     def active(self) -> bool:
         """Whether this forward takes the hookable path."""
-        return self.always_materialize or bool(self.current.points) or bool(self.pending.points)
+        return self.always_materialize or self.materialize
 
     @property
     def materialize(self) -> bool:

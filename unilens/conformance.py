@@ -1343,9 +1343,9 @@ def _isolate(model_a: nn.Module, model_b: nn.Module, inputs: dict[str, Any], kee
     high = torch.float64 if dtype == torch.float32 else torch.float32
     reference = copy.deepcopy(model_a).to(high)
     recorded = _record(model_a, inputs)
-    modules_b, modules_ref = dict(_sites(model_b)), dict(_sites(reference))
+    modules_a, modules_b, modules_ref = dict(_sites(model_a)), dict(_sites(model_b)), dict(_sites(reference))
     rows = []
-    for key, _ in _sites(model_a):
+    for key in modules_a:
         if key not in recorded or key not in modules_b:
             continue
         args, kwargs, out_a = recorded[key]
@@ -1365,7 +1365,7 @@ def _isolate(model_a: nn.Module, model_b: nn.Module, inputs: dict[str, Any], kee
         err_max = float(torch.nan_to_num(err, nan=float("inf")).max())
         row = DivergenceRow(key[0], key[1], err_max, float(err.mean()), tolerance)
         if row.exceeds and key[1] == "attention" and not any(r.exceeds for r in rows):  # the first fault: split it
-            row.op = _localize_in_attention(dict(_sites(model_a))[key], modules_b[key], modules_ref[key], args,
+            row.op = _localize_in_attention(modules_a[key], modules_b[key], modules_ref[key], args,
                                             kwargs, high, keep, factor)
         rows.append(row)
     return rows

@@ -52,6 +52,19 @@ def last_real_positions(mask: torch.Tensor) -> torch.Tensor:
     return seq - 1 - torch.flip(mask.to(torch.long), dims=[1]).argmax(dim=1)
 
 
+def rows_position(mask: Any, position: int) -> torch.Tensor | None:
+    """``(batch,)`` index of a negative ``position`` counted from each row's last real token on a right-padded batch
+    (``-1``: the last real token); None where plain negative indexing already means that (left or no padding).
+
+    Example:
+        >>> rows_position(torch.tensor([[1, 1, 0], [1, 1, 1]]), -1).tolist()
+        [1, 2]
+    """
+    if position >= 0 or not isinstance(mask, torch.Tensor) or mask.dim() != 2 or bool(mask[:, -1].all()):
+        return None
+    return (last_real_positions(mask) + 1 + position).clamp(min=0)
+
+
 # Config attributes holding the number of positions a model was built for, in order of preference.
 _CONTEXT_ATTRIBUTES = ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len", "seq_length")
 
@@ -278,14 +291,12 @@ class StandardizedTransformer(LanguageModel):
         """nnsight's driver of one trace / generation. Reads out of forward order are explained in standardized
         names (which read to move above which), and afterwards no attention request outlives the run (a loop body
         that asked for a generation step that never came, or a forward that raised)."""
-        from nnsight.intervention.interleaver import OutOfOrderError
-
         from .order import explain_out_of_order
 
         self._trace_reads.clear()
         try:
             return super().interleave(fn, *args, **kwargs)
-        except OutOfOrderError as err:
+        except _OutOfOrderError as err:
             message = explain_out_of_order(self, str(err), list(self._trace_reads))
             if message is None:
                 raise
@@ -630,11 +641,11 @@ class StandardizedTransformer(LanguageModel):
             vector = factor * steering_vector.to(out.dtype).to(out.device)
             mask = self.attention_mask  # read after the wait above: this forward's mask
             right_padded = isinstance(mask, torch.Tensor) and mask.dim() == 2 and not bool(mask[:, -1].all())
-            if right_padded and isinstance(positions, int) and positions < 0:
+            index = rows_position(mask, positions) if isinstance(positions, int) else None
+            if index is not None:
                 # counted from each row's last real token, not from the padded end (left padding: the same thing)
-                index = last_real_positions(mask).to(out.device) + 1 + positions  # (batch,)
                 chosen = torch.zeros(out.shape[:2], dtype=torch.bool, device=out.device)
-                chosen[torch.arange(out.shape[0], device=out.device), index.clamp(min=0)] = True
+                chosen[torch.arange(out.shape[0], device=out.device), index.to(out.device)] = True
                 keep = torch.zeros(out.shape[0], dtype=torch.bool, device=out.device)
                 keep[rows] = True
                 delta = (chosen & keep[:, None])[..., None].to(out.dtype) * vector

@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .model import StandardizedTransformer, last_real_positions
+from .model import StandardizedTransformer, rows_position
 
 __all__ = [
     "collect_last_token_activations_session",
@@ -141,11 +141,10 @@ def set_layer_output(model: StandardizedTransformer, layer: int, tensor: torch.T
 
 def _select(model: StandardizedTransformer, value: torch.Tensor, idx: int) -> torch.Tensor:
     """``value[:, idx]`` where a negative ``idx`` counts from each row's last real token (either padding side)."""
-    mask = model.attention_mask
-    if idx >= 0 or mask is None or mask.dim() != 2 or bool(mask[:, -1].all()):
+    index = rows_position(model.attention_mask, idx)  # (batch,), or None: plain indexing is right
+    if index is None:
         return value[:, idx]
-    index = (last_real_positions(mask).to(value.device) + 1 + idx).clamp(min=0)  # (batch,)
-    return value[torch.arange(value.shape[0], device=value.device), index]
+    return value[torch.arange(value.shape[0], device=value.device), index.to(value.device)]
 
 
 def get_token_activations(
