@@ -2,7 +2,7 @@
 
 Run ``python bench/run.py [--quick] [--anchors]`` (``make bench``); it writes ``bench/RESULTS.md``.
 The workload builders (``forward_workload``, ``attention_workload``, ``logit_lens_workload``,
-``patching_workload``, ``cache_workload``, ``overhead_workload``) are importable so ``tests/test_bench_smoke.py`` can run each
+``patching_workload``, ``cache_workload``, ``overhead_workload``, ``distributed_cache_runs``) are importable so ``tests/test_bench_smoke.py`` can run each
 once on a tiny model.
 """
 
@@ -211,6 +211,55 @@ def attention_workload(model, hf_eager, batch: dict[str, torch.Tensor]) -> Workl
     )
 
 
+# The forward order of a Llama-style layer, written out by hand (the baseline of the run_with_cache row: what a user
+# who knows nnsight's rule writes). Names a model lacks are skipped.
+HAND_ORDER: tuple[str, ...] = (
+    "layers_input", "attention_inputs_per_head", "attention_queries_input", "attention_keys_input",
+    "attention_values_input", "input_norms_scale", "input_norms_normalized", "attentions_input",
+    "attention_queries_pre_rotary",
+    "attention_keys_pre_rotary", "attention_queries", "attention_keys", "attention_values", "attention_scores",
+    "attention_probabilities", "attention_heads", "attention_head_results", "attentions_output", "layers_resid_mid",
+    "post_attention_norms_scale", "post_attention_norms_normalized", "mlps_input", "mlps_pre_activation",
+    "mlps_pre_linear", "mlps_post_activation", "mlps_output", "layers_output",
+)  # fmt: skip
+
+
+def tl_cache_workload(model, batch: dict[str, torch.Tensor]) -> Workload:
+    """``run_with_cache`` with every TL name (every standardized tensor they alias, read in ONE forward, names in any
+    order) vs the same standardized reads written by hand in forward order in one trace."""
+    from unilens import tl
+
+    infos = [tl.resolve(model, n) for n in tl.hook_names(model)]
+    locations = set(loc for info in infos for loc in info.read_locations)
+    n = model.num_layers
+    hand = [("token_embeddings", None)] + [(a, i) for i in range(n) for a in HAND_ORDER if (a, i) in locations]
+    hand += [loc for loc in (("final_norm_scale", None), ("final_norm_normalized", None)) if loc in locations]
+    missing = locations - set(hand) - {("logits", None)}
+    assert not missing, f"the hand order lacks {sorted(missing)}"
+
+    def by_hand():
+        saved: dict = {}  # built before the block: nnsight does not push containers back
+        with torch.no_grad(), model.trace(batch):
+            for accessor, layer in hand:
+                value = getattr(model, accessor)
+                saved[(accessor, layer)] = (value if layer is None else value[layer]).save()
+            saved[("logits", None)] = model.logits.save()
+        return saved
+
+    def cache():
+        return model.run_with_cache(batch["input_ids"], attention_mask=batch["attention_mask"])
+
+    return Workload(
+        title="TransformerLens-style run_with_cache, every name",
+        baseline="one trace, the same standardized reads in forward order by hand",
+        variants={"one trace, the same standardized reads in forward order by hand": by_hand,
+                  "unilens run_with_cache (every TL name)": cache},
+        targets={"unilens run_with_cache (every TL name)": Target("ratio<=", 1.0)},
+        notes=[f"{len(infos)} TL names over {len(locations)} standardized tensors (the per-head input copies and "
+               "hook_mlp_in are views of the residual reads)."],
+    )
+
+
 def manual_logit_lens(hf, tokenizer, prompts: Sequence[str]) -> torch.Tensor:
     """The by-hand baseline: one forward with plain torch hooks keeping each layer's last-position hidden state,
     then ONE final norm + unembedding + softmax on the stacked ``(batch, layers, hidden)`` tensor.
@@ -381,6 +430,89 @@ def cache_workload(model, hf_sdpa, texts: Sequence[str], batch_size: int = 8) ->
         targets={"unilens cache_activations to disk": Target("throughput>=", 0.8)},
         notes=[f"store written under {root} (safetensors shards + manifest), rewritten each repetition."],
     )
+
+
+# Data-parallel caching: every configuration is its own process (or torchrun job) running bench/cache_worker.py,
+# which times plain forwards of its batches and cache_activations alternately, in the same process.
+DP_CONFIGS = {  # label: (torchrun ranks or None for a plain process, torch threads per process)
+    "one process, 2 threads": (None, 2),
+    "torchrun 1 rank x 2 threads": (1, 2),
+    "torchrun 2 ranks x 1 thread": (2, 1),
+}
+DP_START, DP_END = "<!-- distributed-cache:start -->", "<!-- distributed-cache:end -->"
+
+
+def distributed_cache_runs(
+    texts: int = 48, shard_tokens: int = 250, reps: int = 3, names: Sequence[str] = ("layers_output.*",),
+    model_folder: str | None = None, configs: Sequence[str] = tuple(DP_CONFIGS), timeout_s: float = 1800,
+) -> dict[str, dict[str, Any]]:
+    """Run bench/cache_worker.py once per configuration (``DP_CONFIGS``); {label: the worker's JSON result}."""
+    import subprocess
+
+    results = {}
+    root = Path(tempfile.mkdtemp(prefix="unilens-bench-dp-"))
+    for label in configs:
+        ranks, threads = DP_CONFIGS[label]
+        launcher = [sys.executable] if ranks is None else [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks)]
+        cmd = [*launcher, str(HERE / "cache_worker.py"), "--threads", str(threads), "--texts", str(texts),
+               "--shard-tokens", str(shard_tokens), "--reps", str(reps), "--names", *names,
+               "--out", str(root / "store"), "--result", str(root / "result.json")]  # fmt: skip
+        cmd += ["--model", model_folder] if model_folder else []
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TRANSFORMERS_VERBOSITY": "error"}
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{label} failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
+        results[label] = json.loads((root / "result.json").read_text())
+    import shutil
+
+    shutil.rmtree(root, ignore_errors=True)
+    return results
+
+
+def distributed_cache_section(results: dict[str, dict[str, Any]], model_name: str) -> list[str]:
+    """The delimited RESULTS.md section: tokens/s and MB/s written per configuration, ratio to plain forwards of
+    the same batches (same process), and 2 ranks x 1 thread against 1 rank x 2 threads, with the goals."""
+    any_result = next(iter(results.values()))
+    lines = [DP_START, f"## Data-parallel activation caching ({model_name})", "",
+             f"`cache_activations(..., {any_result['names']})` of {any_result['texts']} texts / "
+             f"{any_result['tokens']} tokens in {any_result['shards']} shards (batch 8, float32 store), every "
+             "configuration its own process or `torchrun` job (bench/cache_worker.py). Within each, plain HF sdpa "
+             "forwards of exactly the batches caching runs (same shard plan, sort, padding, `logits_to_keep`) and "
+             "the caching call alternate, each timed between barriers (a distributed time is the slowest rank's); "
+             "medians.", "",
+             "| configuration | reps | plain tokens/s | caching tokens/s | MB/s written | caching / plain tokens/s | "
+             "goal | met |", "|---|---:|---:|---:|---:|---:|---|---|"]  # fmt: skip
+    rates = {}
+    for label, r in results.items():
+        plain, cache = statistics.median(r["times"]["plain"]), statistics.median(r["times"]["cache"])
+        rates[label] = r["tokens"] / cache
+        ratio = plain / cache
+        goal, met = ("", "")
+        if label == "one process, 2 threads":
+            goal, met = ">= 0.95x", "yes" if ratio >= 0.95 else "**no**"
+        lines.append(f"| {label} | {len(r['times']['cache'])} | {r['tokens'] / plain:,.0f} | {rates[label]:,.0f} | "
+                     f"{r['bytes'] / cache / 2**20:,.1f} | {ratio:.3f}x | {goal} | {met} |")
+    two, one = "torchrun 2 ranks x 1 thread", "torchrun 1 rank x 2 threads"
+    if two in rates and one in rates:
+        ratio = rates[two] / rates[one]
+        lines += ["", f"- 2 ranks x 1 thread / 1 rank x 2 threads, caching tokens/s: **{ratio:.3f}x** (goal >= 0.9x: "
+                  f"{'met' if ratio >= 0.9 else 'not met'})."]
+    lines += [f"- load average at the end: {', '.join(f'{x:.2f}' for x in os.getloadavg())} "
+              f"({os.cpu_count()} logical cores).", DP_END, ""]
+    return lines
+
+
+def write_section(path: Path, lines: list[str]) -> None:
+    """Replace the ``DP_START``..``DP_END`` block of ``path`` (or append it): the rest of the file is kept."""
+    text = path.read_text() if path.exists() else ""
+    block = "\n".join(lines).rstrip("\n") + "\n"
+    if DP_START in text and DP_END in text:
+        head, rest = text.split(DP_START, 1)
+        text = head + block.rstrip("\n") + rest.split(DP_END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block
+    path.write_text(text)
 
 
 def overhead_workload(model_type: str = "llama") -> Workload:
@@ -601,6 +733,18 @@ def check_outputs(timing: Timing) -> list[str]:
             # same eager math (matmul, additive mask, fp32 softmax) in both; allow float32 rounding only
             torch.testing.assert_close(ul_p, hf_p, rtol=1e-5, atol=1e-6, msg=lambda m, i=i: f"layer {i}: {m}")
         notes.append("unilens probabilities match HF eager output_attentions (rtol 1e-5) on every layer.")
+    elif title.startswith("TransformerLens-style run_with_cache"):
+        from unilens import tl
+
+        hand = out["one trace, the same standardized reads in forward order by hand"]
+        logits, cache = out["unilens run_with_cache (every TL name)"]
+        model = cache.model
+        torch.testing.assert_close(logits, hand[("logits", None)], rtol=0, atol=0)
+        for name in cache:
+            info = tl.resolve(model, name)
+            ref = info.from_reads([hand[loc] for loc in info.read_locations])
+            torch.testing.assert_close(cache[name], ref, rtol=0, atol=0, msg=lambda m, name=name: f"{name}: {m}")
+        notes.append(f"all {len(cache)} cached tensors equal the hand-ordered trace's bitwise.")
     elif title.startswith("conformance grids"):
         assert all(out.values()), "a correct kernel failed its conformance grid"
         notes.append("the kernel passes both grids; the thorough grid goes to 1031 keys with every feature.")
@@ -826,7 +970,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--patch-layers", type=int, default=None,
                         help="patch only this many evenly spaced layers (default: all; --quick: 3)")
     parser.add_argument("--out", default=str(HERE / "RESULTS.md"), help="where to write the report")
+    parser.add_argument("--only-distributed-cache", action="store_true",
+                        help="run only the data-parallel caching configurations and replace their delimited "
+                        "section of --out (the rest of the file is kept)")
     args = parser.parse_args(argv)
+    if args.only_distributed_cache:
+        results = distributed_cache_runs(texts=24 if args.quick else 48, reps=2 if args.quick else 3)
+        write_section(Path(args.out), distributed_cache_section(results, unilens.loading.DEFAULT_MODEL_NAME))
+        _log(f"wrote the data-parallel caching section of {args.out}")
+        return 0
 
     from unilens.loading import default_model_path, load_hf_model
 
@@ -866,6 +1018,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             timing = measure(workload, size, *plan)
             workload.notes.extend(check_outputs(timing))
             timings.append(timing)
+
+    workload = tl_cache_workload(model, encode(tokenizer, prompts_by_size["batch 8 x 16 tokens"]))
+    _log(workload.title)
+    timing = measure(workload, "batch 8 x 16 tokens", *plan)
+    workload.notes.extend(check_outputs(timing))
+    timings.append(timing)
 
     n_patch = args.patch_layers if args.patch_layers is not None else (3 if args.quick else None)
     patch_layers = None
@@ -907,6 +1065,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     workload.notes.extend(check_outputs(timing))
     timings.append(timing)
 
+    _log("data-parallel activation caching (subprocesses and torchrun jobs)")
+    dp_lines = distributed_cache_section(distributed_cache_runs(texts=24 if args.quick else 48,
+                                                                reps=2 if args.quick else 3),
+                                         unilens.loading.DEFAULT_MODEL_NAME)  # fmt: skip
+
     anchors: tuple[dict | None, str] | None = None
     if args.anchors:
         _log("anchors: nnterp / TransformerLens in bench/.venv-anchors")
@@ -926,6 +1089,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     lines += ["", "## Tables", ""]
     for timing in timings:
         lines += table(timing)
+    lines += dp_lines
     if anchors is not None:
         lines += anchor_section(*anchors, unilens_ratios=anchor_comparable(timings))
     lines += ["Profiles of the workloads that missed a target, and what would close them: bench/README.md.", ""]

@@ -136,3 +136,34 @@ def test_conformance_workload_builds(bench):
     workload.variants["thorough grid"] = workload.variants["default grid"]  # the smoke run keeps to seconds
     timing = _run_once(bench, workload)
     assert any("passes both grids" in note for note in bench.check_outputs(timing))
+
+
+def test_tl_cache_workload_matches_the_hand_ordered_trace(bench, models):
+    model = models[0]
+    batch = bench.encode(model.tokenizer, bench.make_prompts(model.tokenizer, 2, 8))
+    timing = _run_once(bench, bench.tl_cache_workload(model, batch))
+    assert bench.check_outputs(timing)  # every cached tensor equals the hand-ordered trace's bitwise
+
+
+def test_distributed_cache_runs_one_process_and_two_ranks(bench, tmp_path):
+    """The data-parallel caching rows on a tiny model folder: a plain process and a 2-rank torchrun job (gloo)."""
+    hf, tok = tiny_model("llama", num_hidden_layers=3)
+    hf.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    results = bench.distributed_cache_runs(texts=16, shard_tokens=60, reps=1, model_folder=str(tmp_path / "model"),
+                                           configs=["one process, 2 threads", "torchrun 2 ranks x 1 thread"],
+                                           timeout_s=300)  # fmt: skip
+    one, two = results["one process, 2 threads"], results["torchrun 2 ranks x 1 thread"]
+    assert (one["world"], two["world"]) == (1, 2) and two["torchrun"]
+    # the same store on disk (same tokens, same bytes) and the same batches, split over the ranks
+    assert one["tokens"] == two["tokens"] and one["bytes"] == two["bytes"] and one["batches"] == two["batches"]
+    assert one["shards"] >= 2
+    lines = bench.distributed_cache_section(results, "tiny llama")
+    assert lines[0] == bench.DP_START and bench.DP_END in lines
+    assert sum(line.startswith("| one process") or line.startswith("| torchrun") for line in lines) == 2
+    out = tmp_path / "RESULTS.md"
+    out.write_text("# results\n\nkept\n")
+    bench.write_section(out, lines)
+    bench.write_section(out, lines)  # replaced, not appended twice
+    text = out.read_text()
+    assert text.startswith("# results\n\nkept\n") and text.count(bench.DP_START) == 1

@@ -164,7 +164,7 @@ def test_plot_topk_tokens_rejects_bad_input(tok, tmp_path):
     with pytest.raises(ValueError, match="softmax"):
         plot_topk_tokens(torch.randn(3, 512), tok)  # logits, not probabilities
     with pytest.raises(ValueError, match="dimensions"):
-        plot_topk_tokens(random_probs(512), tok)
+        plot_topk_tokens(random_probs(1, 2, 3, 512), tok)  # (vocab,) is accepted, as in nnterp
     with pytest.raises(ValueError, match="k must be"):
         plot_topk_tokens(random_probs(3, 512), tok, k=0)
     with pytest.raises(ValueError, match=r"\.html, \.png or \.svg"):

@@ -104,8 +104,12 @@ def test_first_tokens_of_word_and_space_word(lm):
     assert first_id(tok, "Paris") != first_id(tok, " Paris")
     expected = [first_id(tok, "Paris"), first_id(tok, " Paris")]
     assert get_first_tokens("Paris", tok) == expected
-    assert get_first_tokens(" Paris", tok) == expected  # leading spaces are stripped
-    assert get_first_tokens("   Paris", tok) == expected
+    # nnterp's rule: no stripping; the " word" variant is dropped when it starts with the lone space token
+    space = first_id(tok, " ")
+    for word in (" Paris", "   Paris"):
+        rule = [first_id(tok, word)] + [first_id(tok, " " + word)] * (first_id(tok, " " + word) != space)
+        assert get_first_tokens(word, tok) == list(dict.fromkeys(rule))
+    assert get_first_tokens(" Paris", tok) == [first_id(tok, " Paris")]
     assert get_first_tokens(["Paris", " Paris"], tok) == expected  # deduplicated
 
     # "Madrid" and "Mxq" share their first tokens ("M", " M"): each id appears once, order kept.
@@ -119,7 +123,7 @@ def test_first_tokens_of_word_and_space_word(lm):
 def test_from_strings_categories(lm):
     tok = lm.tokenizer
     prompt = Prompt.from_strings("The capital of France is", TARGETS, tok)
-    assert prompt.target_strings == {"correct": ["Paris"], "traps": ["London", "Madrid"], "long": ["the country of France"]}
+    assert prompt.target_strings == TARGETS  # as given (nnterp)
     traps = []
     for word in ["London", "Madrid"]:
         for variant in [word, " " + word]:
@@ -219,10 +223,11 @@ def test_run_prompts_extra_dims_and_prompt_run(lm, prompts):
         torch.testing.assert_close(left[category], right[category], atol=1e-5, rtol=0)
         # The last "layer" of the lens is the model's own output.
         torch.testing.assert_close(left[category][:, -1], expected_last[category], atol=1e-5, rtol=0)
-    single = prompts[3].run(lm, get_probs_func=padded_probs_func("right", per_layer=True))
+    per_layer = padded_probs_func("right", per_layer=True)
+    single = prompts[3].run(lm, lambda m, text: per_layer(m, [text]))  # nnterp: get_probs(model, prompt string)
     for category in TARGETS:
-        assert single[category].shape == (n_layers + 1,)
-        torch.testing.assert_close(single[category], left[category][3], atol=1e-5, rtol=0)
+        assert single[category].shape == (1, n_layers + 1)  # the batch axis is kept (nnterp)
+        torch.testing.assert_close(single[category][0], left[category][3], atol=1e-5, rtol=0)
 
 
 def test_run_prompts_progress_bar_only_for_several_batches(lm, prompts, capsys):
@@ -240,22 +245,24 @@ def test_run_prompts_errors(lm, prompts):
         run_prompts(lm, prompts + [other], get_probs_func=padded_probs_func("left"))
     with pytest.raises(ValueError, match="batch of 2 prompts"):
         run_prompts(lm, prompts[:2], get_probs_func=lambda model, batch: torch.rand(1, 512))
-    with pytest.raises(ValueError, match="no prompts"):
-        run_prompts(lm, [], get_probs_func=padded_probs_func("left"))
+    assert run_prompts(lm, [], get_probs_func=padded_probs_func("left")) == {}  # nnterp: nothing to run
     # The default get_probs_func needs a StandardizedTransformer and says so.
     with pytest.raises(TypeError, match="StandardizedTransformer"):
         run_prompts(lm, prompts)
 
 
 def test_prompts_to_df(lm, prompts):
-    df = prompts_to_df(prompts, lm.tokenizer)
-    assert list(df.columns) == ["prompt", "correct", "correct_tokens", "traps", "traps_tokens", "long", "long_tokens"]
-    assert df["prompt"].tolist() == PROMPTS
-    assert df["traps"][0] == ["London", "Madrid"]
+    df = prompts_to_df(prompts, lm.tokenizer)  # nnterp's layout: one column per prompt
+    assert list(df.index) == ["prompt", "correct_string", "traps_string", "long_string", "correct_tokens",
+                              "traps_tokens", "long_tokens"]
+    assert list(df.columns) == list(range(len(PROMPTS)))
+    assert df.loc["prompt"].tolist() == PROMPTS
+    assert df[0]["traps_string"] == ["London", "Madrid"]
     tok = lm.tokenizer
-    assert df["correct_tokens"][0] == [tok.convert_ids_to_tokens(first_id(tok, "Paris")),
+    assert df[0]["correct_tokens"] == [tok.convert_ids_to_tokens(first_id(tok, "Paris")),
                                        tok.convert_ids_to_tokens(first_id(tok, " Paris"))]  # fmt: skip
-    assert df["correct_tokens"][0] == ["Paris", "ĠParis"]
+    assert df[0]["correct_tokens"] == ["Paris", "ĠParis"]
+    assert "correct_tokens" not in prompts_to_df(prompts).index  # no tokenizer: strings only
 
 
 # ------------------------------------------------------------------------------------------
@@ -274,7 +281,8 @@ def test_run_prompts_default_with_standardized_transformer(lm, prompts, padding_
     for batch_size in (1, 3):
         results = run_prompts(model, prompts, batch_size=batch_size, progress=False)
         for category in TARGETS:
-            assert results[category].shape == (len(PROMPTS),)
-            torch.testing.assert_close(results[category], expected[category], atol=1e-5, rtol=0)
+            assert results[category].shape == (len(PROMPTS), 1)  # nnterp's default: a one-layer axis
+            torch.testing.assert_close(results[category][:, 0], expected[category], atol=1e-5, rtol=0)
     single = prompts[2].run(model)
-    torch.testing.assert_close(single["correct"], expected["correct"][2], atol=1e-5, rtol=0)
+    assert single["correct"].shape == (1, 1)
+    torch.testing.assert_close(single["correct"][0, 0], expected["correct"][2], atol=1e-5, rtol=0)

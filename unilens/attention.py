@@ -676,7 +676,10 @@ def is_linear_projection(proj: nn.Module) -> bool:
 
 def _output_projection_weight(proj: nn.Module, n_heads: int) -> torch.Tensor:
     """W_O `(heads, head_dim, hidden)` from a Linear (weight (out, in)) or a GPT-2 Conv1D (weight (in, out))."""
-    weight = proj.weight.t() if isinstance(proj, nn.Linear) else proj.weight  # (heads * head_dim, hidden)
+    from .offload import parameter  # a pre-hook runs before accelerate loads an offloaded weight: read its map
+
+    weight = parameter(proj, "weight")
+    weight = weight.t() if isinstance(proj, nn.Linear) else weight  # (heads * head_dim, hidden)
     return weight.reshape(n_heads, weight.shape[0] // n_heads, weight.shape[1])
 
 
@@ -719,12 +722,14 @@ def _make_output_projection_hooks(hooks: AttentionHooks, proj: nn.Module):
         z = args[0]
         n_heads = hooks._num_heads
         z4 = z.reshape(*z.shape[:-1], n_heads, z.shape[-1] // n_heads)  # (batch, seq, heads, head_dim)
-        w_o = _output_projection_weight(_proj, n_heads).to(z.dtype)  # (heads, head_dim, hidden)
+        w_o = _output_projection_weight(_proj, n_heads).to(z.device, z.dtype)  # (heads, head_dim, hidden)
         results = torch.einsum("...hd,hdm->...hm", z4, w_o)  # (batch, seq, heads, hidden)
         results = hooks.head_results(results)
         out = results.sum(dim=-2)
         if getattr(_proj, "bias", None) is not None:
-            out = out + _proj.bias.to(out.dtype)
+            from .offload import parameter
+
+            out = out + parameter(_proj, "bias").to(out.device, out.dtype)
         return out
 
     return pre_hook, post_hook

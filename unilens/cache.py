@@ -35,6 +35,18 @@ same call resumes from its last complete shard. Memory holds one shard's rows pl
 
 Texts that are empty (``""``) or tokenize to no token are skipped with a warning; their indices are listed in
 the manifest (``inputs.skipped_texts``) and other texts keep their original ``text_index``.
+
+Data parallel (`unilens.distributed`): under an initialized ``torch.distributed`` process group (``torchrun
+--nproc-per-node N -m unilens cache ...``), every rank plans the same shards, the shards still to compute are dealt
+round robin over ranks, each rank writes its own shard files plus a ``shard_k.done.json`` record, and rank 0 alone
+writes ``manifest.json`` (at the start, and after gathering every rank's records at the end). Shard bytes depend only
+on the inputs and arguments, so the store is byte-identical to a one-process run; a relaunch after a crash of any
+rank keeps every recorded shard and computes the rest.
+
+Generation (``generate_tokens=n``): each text is continued greedily by the model's own ``generate`` (KV cache on)
+and the activations of every token fed through the model are read during generation, step by step (one text per
+``generate`` call): a text's rows are its prompt tokens, then up to ``n`` generated tokens (fewer when the model
+ends the text; the token after the last row is generated but never fed back, so it has none).
 """
 
 from __future__ import annotations
@@ -60,6 +72,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_save
 
+from .distributed import RankProgress, all_gather_objects, barrier, broadcast_object, rank_world
+
 if TYPE_CHECKING:
     from .model import StandardizedTransformer
 
@@ -79,6 +93,8 @@ FORMAT = "unilens-activation-cache"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 _SHARD_RE = re.compile(r"^shard_\d{5}\.safetensors$")
+# A shard finished by one rank of a distributed run, not yet listed in manifest.json (rank 0 lists it at the end)
+_DONE_RE = re.compile(r"^shard_(\d{5})\.done\.json$")
 _TMP_SUFFIX = ".tmp"
 # Testing hook: seconds to sleep after each batch, so a test can kill a run mid-shard.
 _DELAY_ENV = "UNILENS_CACHE_TEST_DELAY"
@@ -183,22 +199,39 @@ def _sha256_tensor_sample(t: torch.Tensor, max_elements: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def _save(value: Any) -> Any:
+    """``nnsight.save``: marks a container built outside a trace to come back from a remote request too."""
+    from nnsight import save
+
+    return save(value)
+
+
 def _model_identity(model: "StandardizedTransformer") -> dict[str, Any]:
-    """model_type + config fingerprint + sampled checksums of the first, middle and last parameter."""
+    """model_type + config fingerprint + sampled checksums of the first, middle and last parameter (in remote mode
+    the weights are on the server: the deployment's repo id stands for them)."""
     hf = model.module_accessor.model
     config = hf.config.to_dict()
     for key in ("_name_or_path", "name_or_path", "transformers_version", "_commit_hash"):
         config.pop(key, None)  # where / with what it was loaded, not what it computes
     config_json = json.dumps(config, sort_keys=True, default=str)
     params = list(hf.named_parameters())
+    if getattr(hf, "hf_device_map", None):  # dispatched (accelerate): tied weights are separate meta tensors there,
+        tied = set(getattr(hf, "all_tied_weights_keys", None) or {})  # one shared parameter in memory: list it once
+        params = [(n, p) for n, p in params if n not in tied]
     picked = {params[i][0]: params[i][1] for i in sorted({0, len(params) // 2, len(params) - 1})} if params else {}
+    if any(p.device.type == "meta" for p in picked.values()):  # offloaded by accelerate (device_map): stored values
+        from .offload import parameter
+
+        modules = dict(hf.named_modules())
+        picked = {n: parameter(modules[n.rpartition(".")[0]], n.rpartition(".")[2], root=hf) for n in picked}
     return {
         "model_type": model.architecture.model_type,
         "class": type(hf).__name__,
         "num_layers": model.num_layers,
         "hidden_size": model.hidden_size,
         "config_sha256": hashlib.sha256(config_json.encode()).hexdigest(),
-        "weights_sha256": {name: _sha256_tensor_sample(p) for name, p in picked.items()},
+        "weights_sha256": {"remote": str(model.__dict__.get("repo_id"))} if model.__dict__.get("_remote_mode")
+        else {name: _sha256_tensor_sample(p) for name, p in picked.items()},
     }
 
 
@@ -338,6 +371,7 @@ def _run_batch(
                 saved[name.key] = model.logits.save()
             else:
                 saved[name.key] = getattr(model, name.accessor)[name.layer].save()
+        saved = _save(saved)  # a remote request returns saved names only: the dict itself
     return saved, mask
 
 
@@ -442,12 +476,15 @@ def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [] if a == b else [f"{prefix.rstrip('.')}: store has {a!r}, this run has {b!r}"]
 
 
-def _prepare_out_dir(out_dir: Path, header: dict[str, Any]) -> list[dict[str, Any]]:
-    """Check ``out_dir`` holds nothing or a store of this very run; return its complete shard entries."""
+def _prepare_out_dir(out_dir: Path, header: dict[str, Any], plan: list[tuple[int, int]], tokens: "_Tokens"
+                     ) -> dict[int, dict[str, Any]]:
+    """Check ``out_dir`` holds nothing or a store of this very run; return its complete shards ``{k: entry}``: the
+    ones manifest.json lists and the ones ranks of a distributed run finished (``shard_k.done.json``)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest_path = out_dir / MANIFEST
     files = [p for p in out_dir.iterdir()]
-    ours = lambda p: _SHARD_RE.match(p.name) or p.name == MANIFEST or p.name.endswith(_TMP_SUFFIX)  # noqa: E731
+    ours = lambda p: (_SHARD_RE.match(p.name) or _DONE_RE.match(p.name) or p.name == MANIFEST  # noqa: E731
+                      or p.name.endswith(_TMP_SUFFIX))
     if not manifest_path.exists():
         foreign = sorted(p.name for p in files if not ours(p))
         if foreign:
@@ -478,11 +515,52 @@ def _prepare_out_dir(out_dir: Path, header: dict[str, Any]) -> list[dict[str, An
                 warnings.warn(f"{entry['file']} is missing or truncated; recomputing from it.", stacklevel=3)
                 break
             done.append(entry)
-    listed = {entry["file"] for entry in done}
+    complete = {k: entry for k, entry in enumerate(done)}
+    if manifest_path.exists():
+        for p in sorted(files):  # shards finished by ranks of a distributed run after the manifest was written
+            match = _DONE_RE.match(p.name)
+            if match and int(match.group(1)) not in complete and int(match.group(1)) < len(plan):
+                k = int(match.group(1))
+                try:
+                    entry = json.loads(p.read_text())
+                except (OSError, json.JSONDecodeError):
+                    continue  # unreadable: recompute the shard
+                expected = _expected_entry(k, plan, tokens, rows=not header["args"].get("generate_tokens"))
+                if isinstance(entry, dict) and entry == {**entry, **expected}:
+                    shard = out_dir / entry["file"]
+                    if shard.is_file() and shard.stat().st_size == entry.get("bytes"):
+                        complete[k] = entry
+    listed = {entry["file"] for entry in complete.values()}
     for p in files:  # temp files and shards written after the last manifest update are never read: remove them
-        if p.name.endswith(_TMP_SUFFIX) or (_SHARD_RE.match(p.name) and p.name not in listed):
+        if (p.name.endswith(_TMP_SUFFIX) or (_SHARD_RE.match(p.name) and p.name not in listed)
+                or (_DONE_RE.match(p.name) and int(_DONE_RE.match(p.name).group(1)) not in complete)):
             p.unlink(missing_ok=True)
-    return done
+    return complete
+
+
+def _expected_entry(k: int, plan: list[tuple[int, int]], tokens: "_Tokens", rows: bool = True) -> dict[str, Any]:
+    """The plan-determined fields of shard ``k``'s manifest entry (file name, original text range, and the global
+    rows unless texts are continued by generation: then a shard's row count is known once it is computed)."""
+    a, b = plan[k]
+    entry: dict[str, Any] = {
+        "file": _shard_name(k), "texts": [int(tokens.text_index[a]), int(tokens.text_index[b - 1]) + 1],
+    }  # fmt: skip
+    if rows:
+        entry["rows"] = [int(tokens.offsets[a]), int(tokens.offsets[b])]
+    return entry
+
+
+def _contiguous(done: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The entries of shards ``0..k`` with every one of them complete (what manifest.json lists), their ``rows``
+    (global row range) laid end to end from each shard's row count."""
+    out: list[dict[str, Any]] = []
+    start = 0
+    while len(out) in done:
+        entry = done[len(out)]
+        n = entry["rows"][1] - entry["rows"][0]
+        out.append({**entry, "rows": [start, start + n]})
+        start += n
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -500,6 +578,7 @@ def cache_activations(
     dtype: torch.dtype | str | None = None,
     shard_tokens: int | None = None,
     progress: bool = True,
+    generate_tokens: int = 0,
 ) -> "ActivationStore":
     """Run ``model`` over ``texts`` and store the per-token activations ``names`` in ``out_dir`` (resumable).
 
@@ -509,6 +588,11 @@ def cache_activations(
     ``shard_tokens`` is the number of rows after which a shard is closed (default: about 256 MiB per shard).
     Calling again with the same arguments after a crash resumes from the last complete shard; on a complete
     store it returns the store at once. A store made with other arguments is refused, never mixed.
+    ``generate_tokens=n``: also store up to ``n`` greedily generated tokens per text, read during generation
+    (module docstring; not for ``attention_probabilities``).
+
+    Under an initialized ``torch.distributed`` process group every rank must make the same call (same model,
+    texts, arguments): shards are split over ranks, rank 0 writes the manifest, every rank returns the store.
 
     Example:
         >>> import tempfile
@@ -532,8 +616,18 @@ def cache_activations(
         raise CacheError(f"max_length must be a positive int or None, got {max_length!r}.")
     if shard_tokens is not None and (not isinstance(shard_tokens, int) or shard_tokens < 1):
         raise CacheError(f"shard_tokens must be a positive int or None, got {shard_tokens!r}.")
+    if not isinstance(generate_tokens, int) or generate_tokens < 0:
+        raise CacheError(f"generate_tokens must be an int >= 0, got {generate_tokens!r}.")
     store_dtype = _parse_dtype(dtype)
     resolved = _resolve_names(model, names)
+    if generate_tokens:
+        for name in resolved:
+            if name.accessor == "attention_probabilities":
+                raise CacheError(
+                    f"{name.key} cannot be cached with generate_tokens: each generated token attends over a key "
+                    "length that grows by one per step, which has no fixed row shape here. Cache it without "
+                    "generate_tokens (a forward over the text), or cache attention_heads / attention_queries."
+                )
 
     tokens = _tokenize(model.tokenizer, texts, max_length)
     if tokens.skipped:
@@ -572,6 +666,7 @@ def cache_activations(
             "shard_tokens": shard_tokens,
             "key_length": key_length if any(n.accessor == "attention_probabilities" for n in resolved) else None,
             "padding": "right",
+            **({"generate_tokens": generate_tokens} if generate_tokens else {}),
         },
         "inputs": {
             "num_texts": len(texts),
@@ -585,59 +680,94 @@ def cache_activations(
         "versions": _versions(),
     }
     manifest_path = out_dir / MANIFEST
-    done = _prepare_out_dir(out_dir, header)
-    manifest = {**header, "complete": len(done) == len(plan), "shards": done}
-    try:
-        _write_manifest(manifest_path, manifest)
-    except OSError as err:
-        if err.errno in _DISK_FULL:
-            raise _disk_full(err, out_dir, len(done), MANIFEST) from err
-        raise
-
-    done_tokens = sum(e["rows"][1] - e["rows"][0] for e in done)
-    delay = float(os.environ.get(_DELAY_ENV, "0") or 0)
-    bar = _progress_bar(total, done_tokens, progress)
-    try:
-        for k in range(len(done), len(plan)):
-            a, b = plan[k]
-            data, n_rows = _compute_shard(
-                model, resolved, tokens, a, b, batch_size, key_length, pad_id, rows_spec, bar, delay
+    rank, world = rank_world()
+    if world > 1:  # every rank must be about to write the very same store
+        digests = all_gather_objects(hashlib.sha256(json.dumps(header, sort_keys=True, default=str).encode())
+                                     .hexdigest())
+        if len(set(digests)) > 1:
+            odd = [r for r, d in enumerate(digests) if d != digests[0]]
+            raise CacheError(
+                f"ranks {odd} would write a different store than rank 0 (model weights, texts or arguments differ); "
+                "every rank must call cache_activations with the same model, texts and arguments."
             )
-            entry = {
-                "file": _shard_name(k),
-                "sha256": hashlib.sha256(data).hexdigest(),
-                "bytes": len(data),
-                "rows": [done_tokens, done_tokens + n_rows],
-                "texts": [int(tokens.text_index[a]), int(tokens.text_index[b - 1]) + 1],
-            }
+    status: Any = None
+    if rank == 0:  # only rank 0 touches manifest.json; the others learn the finished shards from it
+        try:
+            done = _prepare_out_dir(out_dir, header, plan, tokens)
+            _write_manifest(manifest_path, {**header, "complete": len(done) == len(plan), "shards": _contiguous(done)})
+            status = done
+        except CacheError as err:
+            status = err
+        except OSError as err:
+            if err.errno not in _DISK_FULL:
+                raise
+            status = _disk_full(err, out_dir, 0, MANIFEST)
+    status = broadcast_object(status)
+    if isinstance(status, BaseException):
+        raise status
+    done = {int(k): entry for k, entry in status.items()}
+
+    # The shards still to compute, split over ranks by shard: round robin over the plan's order
+    todo = [k for k in range(len(plan)) if k not in done]
+    mine = todo[rank::world]
+    if world > 1 and rank == 0 and 0 < len(todo) < world:
+        warnings.warn(
+            f"{len(todo)} shard(s) to compute for {world} ranks: ranks {list(range(len(todo), world))} stay idle. "
+            "Shards are the unit of work: pass a smaller shard_tokens to spread the texts over every rank.",
+            stacklevel=2,
+        )
+    delay = float(os.environ.get(_DELAY_ENV, "0") or 0)
+    done_tokens = sum(e["rows"][1] - e["rows"][0] for e in done.values())
+    upper = total + generate_tokens * len(tokens.text_index)  # with generation: at most this many rows
+    bar = RankProgress(upper, done_tokens, progress, desc="caching activations")
+    written: dict[int, dict[str, Any]] = {}
+    try:
+        for k in mine:
+            a, b = plan[k]
+            if generate_tokens:
+                data, n_rows = _compute_shard_generated(
+                    model, resolved, tokens, a, b, generate_tokens, pad_id, rows_spec, bar, delay
+                )
+            else:
+                data, n_rows = _compute_shard(
+                    model, resolved, tokens, a, b, batch_size, key_length, pad_id, rows_spec, bar, delay
+                )
+            entry = {"rows": [0, n_rows], **_expected_entry(k, plan, tokens, rows=not generate_tokens),
+                     "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}  # fmt: skip
             try:
                 _write_shard(out_dir / entry["file"], data)
             except OSError as err:
                 if err.errno in _DISK_FULL:
-                    raise _disk_full(err, out_dir, len(done), entry["file"]) from err
+                    raise _disk_full(err, out_dir, len(_contiguous(done)), entry["file"]) from err
                 raise
             del data
-            done.append(entry)
-            done_tokens += n_rows
-            manifest = {**header, "complete": len(done) == len(plan), "shards": done}
+            written[k] = entry
             try:
-                _write_manifest(manifest_path, manifest)
-            except OSError as err:  # the shard is on disk but unlisted: it is recomputed on resume
+                if world == 1:  # one process: the manifest lists every shard as soon as it is on disk
+                    done[k] = entry
+                    listed = _contiguous(done)
+                    _write_manifest(manifest_path, {**header, "complete": len(done) == len(plan), "shards": listed})
+                else:  # a rank's own record; rank 0 lists it in manifest.json once every rank is done
+                    _atomic_write(out_dir / f"shard_{k:05d}.done.json", json.dumps(entry, sort_keys=True).encode())
+            except OSError as err:  # the shard is on disk but unrecorded: it is recomputed on resume
                 if err.errno in _DISK_FULL:
-                    raise _disk_full(err, out_dir, len(done) - 1, MANIFEST) from err
+                    raise _disk_full(err, out_dir, len(_contiguous(done)), MANIFEST) from err
                 raise
+        bar.finish()
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
+    if world > 1:
+        for part in all_gather_objects(written):  # also the barrier: every rank has written its shards
+            done.update(part)
+    if rank == 0:
+        listed = _contiguous(done)
+        if world > 1:
+            _write_manifest(manifest_path, {**header, "complete": len(done) == len(plan), "shards": listed})
+        for k in range(len(listed)):  # records of shards the manifest now lists
+            (out_dir / f"shard_{k:05d}.done.json").unlink(missing_ok=True)
+    barrier()  # the manifest is written before any rank reads the store
     return ActivationStore(out_dir)
 
-
-def _progress_bar(total: int, initial: int, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, unit="tok", unit_scale=True, desc="caching activations", smoothing=0.1)
 
 
 def _compute_shard(
@@ -678,6 +808,72 @@ def _compute_shard(
     tensors["text_index"] = torch.from_numpy(np.repeat(tokens.text_index[a:b], lengths))
     tensors["position"] = torch.from_numpy(np.concatenate([np.arange(n) for n in lengths]).astype(np.int64))
     return safetensors_save(tensors, metadata={"format": "pt"}), n_rows
+
+
+def _generate_steps(
+    model: "StandardizedTransformer", names: list[_Name], prompt: np.ndarray, n_new: int, pad_id: int
+) -> tuple[dict[str, list[torch.Tensor]], torch.Tensor]:
+    """Greedy ``model.generate`` of ``n_new + 1`` tokens after one prompt (KV cache on), saving ``names`` at every
+    forward step: step 0 is the prompt ``(1, prompt, ...)``, step ``j`` the ``j``-th generated token fed back
+    ``(1, 1, ...)``. Returns ``({name: [step tensors]}, generated ids (new,))``; fewer steps when the model ends
+    the text (end-of-sequence) early. The ``n_new + 1``-th token is generated but never fed back (no row)."""
+    ids = torch.from_numpy(prompt)[None].to(model.input_device)  # (1, prompt)
+    steps: dict[str, list[torch.Tensor]] = {name.key: [] for name in names}  # built outside the trace (nnsight)
+    result: dict[str, torch.Tensor] = {}
+    # every position's logits when they are cached (generate keeps only the last one by default)
+    keep = {"logits_to_keep": 0} if any(n.layer is None for n in names) and model._keep_last_logits_kwargs() else {}
+    with warnings.catch_warnings():
+        # a text that ends early leaves the loop's last request unserved: nnsight warns; the steps made are kept
+        warnings.filterwarnings("ignore", message=".*was never reached.*")
+        with torch.no_grad(), model.generate(max_new_tokens=n_new + 1, do_sample=False, pad_token_id=pad_id,
+                                             **keep) as tracer:  # fmt: skip
+            with tracer.invoke({"input_ids": ids, "attention_mask": torch.ones_like(ids)}):
+                for _ in tracer.iter[: n_new + 1]:
+                    for name in names:
+                        value = model.logits if name.layer is None else getattr(model, name.accessor)[name.layer]
+                        steps[name.key].append(value.save())
+            with tracer.invoke():
+                result["tokens"] = tracer.result.save()
+    return steps, result["tokens"][0, len(prompt) :].cpu()
+
+
+def _compute_shard_generated(
+    model: "StandardizedTransformer",
+    names: list[_Name],
+    tokens: _Tokens,
+    a: int,
+    b: int,
+    n_new: int,
+    pad_id: int,
+    rows_spec: dict[str, dict[str, Any]],
+    bar: Any,
+    delay: float,
+) -> tuple[bytes, int]:
+    """Like `_compute_shard`, each text continued by up to ``n_new`` generated tokens whose activations are read
+    during generation (one text per ``generate`` call: no padding): rows = prompt tokens, then generated tokens."""
+    parts: dict[str, list[torch.Tensor]] = {key: [] for key in rows_spec}
+    ids, text_index, position = [], [], []
+    for k in range(a, b):
+        prompt = tokens.of(k)
+        steps, new = _generate_steps(model, names, prompt, n_new, pad_id)
+        n_steps = min(len(v) for v in steps.values())  # forwards made: prompt + generated tokens fed back
+        for name in names:
+            per_step = [_per_token(name, v, 1, v.shape[2 if _KINDS.get(name.accessor) == "heads_first" else 1], 0)
+                        for v in steps[name.key][:n_steps]]  # (1, seq, *row) each
+            rows = torch.cat(per_step, dim=1)[0]  # (prompt + generated fed back, *row)
+            parts[name.key].append(rows.to(device="cpu", dtype=_DTYPES[rows_spec[name.key]["dtype"]]))
+        fed = np.concatenate([prompt, new[: n_steps - 1].numpy().astype(np.int64)])
+        ids.append(fed)
+        text_index.append(np.full(len(fed), tokens.text_index[k], dtype=np.int64))
+        position.append(np.arange(len(fed), dtype=np.int64))
+        bar.update(len(fed))
+        if delay:
+            time.sleep(delay)
+    tensors = {key: torch.cat(value) for key, value in parts.items()}
+    tensors["token_ids"] = torch.from_numpy(np.concatenate(ids))
+    tensors["text_index"] = torch.from_numpy(np.concatenate(text_index))
+    tensors["position"] = torch.from_numpy(np.concatenate(position))
+    return safetensors_save(tensors, metadata={"format": "pt"}), int(tensors["token_ids"].shape[0])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -881,6 +1077,7 @@ def main_cache(
     shard_tokens: int | None = None,
     dtype: str | None = None,
     progress: bool = True,
+    generate_tokens: int = 0,
 ) -> ActivationStore:
     """CLI entry: read texts from ``texts_path``, load ``model_source`` (default: the embedded SmolLM2), cache.
 
@@ -892,14 +1089,27 @@ def main_cache(
         >>> store["layers_output.0"].shape[0] == len(store)
         True
     """
-    texts = read_texts(texts_path)
-    from .model import StandardizedTransformer, load_default
+    from .distributed import init_from_env
 
-    model = load_default() if model_source is None else StandardizedTransformer(model_source)
-    return cache_activations(
-        model, texts, names, out_dir, batch_size=batch_size, max_length=max_length, dtype=dtype,
-        shard_tokens=shard_tokens, progress=progress,
-    )  # fmt: skip
+    started = init_from_env()  # under torchrun: join its process group (gloo on CPU, nccl with CUDA)
+    try:
+        texts = read_texts(texts_path)
+        from .model import StandardizedTransformer, load_default
+
+        kwargs: dict[str, Any] = {}
+        if started and torch.cuda.is_available():  # each rank on its own GPU
+            kwargs["device_map"] = {"": torch.cuda.current_device()}
+        if model_source is None:
+            model = load_default(**kwargs)
+        else:
+            model = StandardizedTransformer(model_source, dtype=torch.float32, **kwargs)
+        return cache_activations(
+            model, texts, names, out_dir, batch_size=batch_size, max_length=max_length, dtype=dtype,
+            shard_tokens=shard_tokens, progress=progress, generate_tokens=generate_tokens,
+        )  # fmt: skip
+    finally:
+        if started:
+            torch.distributed.destroy_process_group()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -913,6 +1123,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-tokens", type=int, default=None)
     p.add_argument("--dtype", default=None, choices=sorted(_DTYPES))
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--generate-tokens", type=int, default=0, help="also store up to this many greedily generated "
+                   "tokens per text, read during generation (KV cache on)")
     return p
 
 
@@ -922,11 +1134,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         store = main_cache(
             args.texts, args.names, args.out_dir, args.model, args.batch_size, args.max_length,
             shard_tokens=args.shard_tokens, dtype=args.dtype, progress=not args.no_progress,
+            generate_tokens=args.generate_tokens,
         )  # fmt: skip
     except (CacheError, CacheDiskFullError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(store)
+    if int(os.environ.get("RANK", "0")) == 0:  # one line per job, not per torchrun rank
+        print(store)
     return 0
 
 

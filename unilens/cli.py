@@ -20,6 +20,7 @@ examples:
   unilens attn-check --level thorough --kernel mypkg.mod:fn   # your kernel, long sequences and decode steps
   unilens diff llama --a eager --b sdpa              # first layer where two implementations diverge
   unilens cache --texts data.jsonl --names layers_output.* --out acts/
+  torchrun --nproc-per-node 2 -m unilens cache --texts data.jsonl --names layers_output.* --out acts/
 """
 
 DEMO_PROMPT = "The capital of France is"
@@ -200,9 +201,19 @@ def cmd_diff(args) -> int:
 
 
 def cmd_cache(args) -> int:
-    from .cache import main_cache
+    import os
 
-    main_cache(args.texts, args.names, args.out, args.model, args.batch_size, args.max_length)
+    from .cache import CacheDiskFullError, CacheError, main_cache
+
+    try:  # under `torchrun --nproc-per-node N -m unilens cache ...` every rank runs this; main_cache joins the group
+        store = main_cache(args.texts, args.names, args.out, args.model, args.batch_size, args.max_length,
+                           shard_tokens=args.shard_tokens, dtype=args.dtype, progress=not args.no_progress,
+                           generate_tokens=args.generate_tokens)
+    except (CacheError, CacheDiskFullError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if int(os.environ.get("RANK", "0")) == 0:  # one summary per job
+        print(store)
     return 0
 
 
@@ -280,6 +291,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help=model_help)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=None)
+    p.add_argument("--shard-tokens", type=int, default=None, help="rows per shard (shards are the unit of work "
+                   "split over torchrun ranks; default: about 256 MiB per shard)")
+    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16", "float64"],
+                   help="stored dtype (default: the model's)")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--generate-tokens", type=int, default=0, help="also store up to this many greedily generated "
+                   "tokens per text, read step by step during generation (KV cache on)")
     p.set_defaults(func=cmd_cache)
     return parser
 

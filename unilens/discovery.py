@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .offload import module_device
+
 __all__ = [
     "Architecture",
     "ArchitectureError",
@@ -451,7 +453,7 @@ def probe_parallel(model: nn.Module, arch: Architecture) -> bool:
         raise _StopForward
 
     handles = [attention.register_forward_hook(on_attention), mlp_in.register_forward_pre_hook(on_mlp, with_kwargs=True)]
-    device = next(model.parameters()).device
+    device = module_device(model.get_input_embeddings())  # accelerate's execution device under device_map
     vocab = model.get_input_embeddings().weight.shape[0]
     ids = (torch.arange(4, device=device).unsqueeze(0) * 7 + 3) % vocab
     try:
@@ -584,7 +586,7 @@ def probe_dataflow(model: nn.Module, arch: Architecture) -> None:
         after_last_layer[0] = True
 
     handles.append(model.get_submodule(arch.layers_path)[-1].register_forward_hook(on_last_layer))
-    device = next(model.parameters()).device
+    device = module_device(model.get_input_embeddings())  # accelerate's execution device under device_map
     vocab = model.get_input_embeddings().weight.shape[0]
     try:
         model(input_ids=(torch.arange(4, device=device).unsqueeze(0) * 7 + 3) % vocab)

@@ -99,20 +99,25 @@ def plot_topk_tokens(
     tokenizer,
     k: int = 4,
     title: str | None = None,
+    use_token_ids: bool = False,
     file: str | Path | None = None,
-    width: int | None = None,
-    height: int | None = None,
+    save_html: bool = True,
+    height: int | None = 300,
+    width: int | None = 400,
     show: bool = False,
 ):
-    """Heatmap of the top-k tokens at each layer: rows are layers, columns are ranks.
+    """Heatmap of the top-k tokens at each layer: rows are layers, columns are ranks (nnterp's arguments).
 
     Cells show the token text (see `token_label`), colour is the probability, hover gives the token,
     its id and its probability. With a batch, one subplot per prompt, stacked.
 
     Args:
-        next_token_probs: `(layers, vocab)` or `(batch, layers, vocab)` probabilities (e.g. `logit_lens`).
-        file: write the figure to `.html` (self-contained, plotly.js inlined), `.png` or `.svg`.
-        show: call `fig.show()`.
+        next_token_probs: `(vocab,)`, `(layers, vocab)` or `(batch, layers, vocab)` probabilities (e.g. `logit_lens`).
+        use_token_ids: cells show token ids instead of token text.
+        file: write the figure to `.html` (self-contained, plotly.js inlined), `.png` or `.svg`; with `save_html`, a
+            `.png` / `.svg` also gets an `.html` beside it.
+        height, width: per prompt's subplot (pixels; None: sized to the number of layers and k).
+        show: call `fig.show()` (nnterp always shows; unilens only when asked, so scripts do not open browsers).
 
     Returns:
         a `plotly.graph_objects.Figure`.
@@ -125,7 +130,9 @@ def plot_topk_tokens(
         (3, 5)
     """
     go, make_subplots = _plotly()
-    probs = _as_probs(next_token_probs, "next_token_probs", (2, 3))
+    probs = _as_probs(next_token_probs, "next_token_probs", (1, 2, 3))
+    if probs.ndim == 1:
+        probs = probs[None]  # (1, vocab): one layer
     if probs.ndim == 2:
         probs = probs[None]  # (1, layers, vocab)
     batch, n_layers, vocab = probs.shape
@@ -137,7 +144,8 @@ def plot_topk_tokens(
     ranks = [str(r + 1) for r in range(k)]
     layers = list(range(n_layers))
     for b in range(batch):
-        labels = [[_plotly_text(token_label(tokenizer, i)) for i in row] for row in top_ids[b].tolist()]
+        labels = [[str(i) if use_token_ids else _plotly_text(token_label(tokenizer, i)) for i in row]
+                  for row in top_ids[b].tolist()]
         fig.add_trace(
             go.Heatmap(
                 z=top_probs[b].tolist(),  # (layers, k)
@@ -161,9 +169,11 @@ def plot_topk_tokens(
     fig.update_layout(
         title=title,
         width=width or max(420, 110 * k + 160),
-        height=height or batch * max(260, 26 * n_layers + 120),
+        height=batch * (height or max(260, 26 * n_layers + 120)),
     )
     _write(fig, file, show)
+    if file is not None and save_html and Path(file).suffix.lower() != ".html":
+        _write(fig, Path(file).with_suffix(".html"), False)
     return fig
 
 

@@ -101,11 +101,23 @@ def _from_pretrained(cls, source: str, what: str, **kwargs):
             "HuggingFace cache, and downloads are not possible offline. Pass a local folder, a .gguf file, or "
             f"an already-loaded model with tokenizer=. (transformers said: {str(err).splitlines()[0]})"
         ) from err
-    except ValueError as err:
-        if "Unrecognized configuration class" in str(err) or "AutoModelForCausalLM" in str(err):
+    except (ValueError, KeyError) as err:
+        if isinstance(err, ValueError) and (
+            "Unrecognized configuration class" in str(err) or "AutoModelForCausalLM" in str(err)
+        ):
             raise ValueError(
                 f"{source!r} is not a causal language model (transformers has no AutoModelForCausalLM class for "
                 "it). unilens works on decoder-only causal LMs."
+            ) from err
+        device_map = kwargs.get("device_map")
+        if isinstance(device_map, dict) and {"cpu", "disk"} & {str(v) for v in device_map.values()}:
+            # accelerate's errors for tied weights split across devices: KeyError 'lm_head.weight' (not in the
+            # offload index) or "weight is on the meta device, we need a `value`" (tied to an offloaded one)
+            raise ValueError(
+                f"accelerate could not dispatch {source!r} with this device_map ({type(err).__name__}: {err}). The "
+                "usual cause: weights tied to each other (the token embedding and lm_head when "
+                "config.tie_word_embeddings is true) placed on different devices; give the tied modules the same "
+                "entry (e.g. both 'disk'), or use device_map='auto' with max_memory."
             ) from err
         raise
 
@@ -190,4 +202,8 @@ def load_hf_model(
     for key, value in (tokenizer_kwargs or {}).items():
         setattr(tokenizer, key, value)
     model.eval()
+    from .offload import check_offload_map, is_dispatched
+
+    if is_dispatched(model):  # device_map / offload_folder: every offloaded weight must be in accelerate's map
+        check_offload_map(model)
     return model, tokenizer

@@ -216,6 +216,10 @@ class StandardizedTransformer(LanguageModel):
     ``device_map``, ``attn_implementation``...). A load-time check compares the standardized residual
     stream with HF's ``output_hidden_states`` (``check=False`` skips it).
 
+    ``remote=True`` (NDIF; or a host URL, ``"local"`` for nnsight's dry run on a loaded model object, or a
+    ``unilens.remote.Loopback`` server): no weights are loaded here (meta device); every trace is a request, and
+    what the server's plain model cannot serve is refused before it is sent (``unilens.remote``, docs/remote.md).
+
     Example:
         >>> from unilens import StandardizedTransformer
         >>> from unilens.testing import tiny_model
@@ -234,26 +238,35 @@ class StandardizedTransformer(LanguageModel):
         tokenizer: Any = None,
         *,
         check: bool = True,
-        check_renaming: bool | None = None,
+        check_renaming: bool = True,
+        allow_dispatch: bool = True,
         enable_attention_probs: bool = False,
+        check_attn_probs_with_trace: bool = True,
+        allow_multimodal: bool = False,
         trust_remote_code: bool = False,
         tokenizer_kwargs: dict | None = None,
-        rename_config: dict[str, str] | None = None,
+        rename_config: Any = None,
+        rename: dict[str, str] | None = None,
         remote: bool = False,
         **kwargs: Any,
     ) -> None:
-        if check_renaming is not None:  # nnterp's name for the same switch
-            check = check_renaming
-        if remote:
-            raise NotImplementedError(
-                "remote=True (NDIF): unilens loads and validates weights locally, which remote execution does not "
-                "allow. Use nnsight's LanguageModel(repo_id, rename=unilens.get_rename_dict()) and pass remote=True "
-                "to its trace; the standardized module names work there."
-            )
+        # nnterp's options (unilens.rename_utils): check_renaming is nnterp's name for `check`; rename_config (a
+        # RenameConfig), rename= and attn_rename= / mlp_rename= ... steer discovery; allow_dispatch /
+        # allow_multimodal are accepted (the model is loaded before any check; mixed layer stacks are served)
+        check = check and check_renaming
+        if remote:  # NDIF (True / a host URL), nnsight's "local" dry run, or a unilens.remote.Loopback server
+            from .remote import build_remote
+
+            build_remote(self, model, tokenizer, remote, check=check, trust_remote_code=trust_remote_code,
+                         tokenizer_kwargs=tokenizer_kwargs, rename_config=rename_config, **kwargs)
+            return
+        from .rename_utils import apply_rename_config, nnsight_aliases, resolve_rename_options
+
+        rename_config, user_rename = resolve_rename_options(rename_config, rename, kwargs)
         hf_model, tok = load_hf_model(
             model, tokenizer, tokenizer_kwargs=tokenizer_kwargs, trust_remote_code=trust_remote_code, **kwargs
         )
-        arch = discover(hf_model)
+        arch = apply_rename_config(hf_model, discover(hf_model), rename_config)
         accessor = ModuleAccessor(hf_model, arch)
         attention_modules = [
             accessor.get_attention(i) if parts.attention else None for i, parts in enumerate(arch.layers)
@@ -262,16 +275,23 @@ class StandardizedTransformer(LanguageModel):
 
         arch.parallel = probe_parallel(hf_model, arch)
         probe_dataflow(hf_model, arch)
-        attention_setup = install_attention_hooks(
-            hf_model, attention_modules, always_materialize=enable_attention_probs
-        )
+        apply_rename_config(hf_model, arch, rename_config, after_probe=True)
+        # enable_attention_probs (always take the hookable path) is switched on after the load-time check, whose HF
+        # oracle forward runs the model's original attention, where no hook point can be served
+        attention_setup = install_attention_hooks(hf_model, attention_modules, always_materialize=False)
+        from .hook_points import install_hook_points  # hook_points owns the other TL-style points
+
+        hook_point_setup = install_hook_points(hf_model, arch, attention_modules, self._unflatten_tokens)
         # side channel for the batch's attention mask: next_token_probs needs each row's last real token,
         # whatever the padding side (a root pre-hook runs in the model thread before any layer).
         object.__setattr__(self, "_last_batch", {})
         object.__setattr__(self, "_trace_reads", [])  # (accessor, layer) read by the running trace, in order
         hf_model.register_forward_pre_hook(self._remember_batch, with_kwargs=True)
-        rename = get_rename_dict(hf_model, rename_config, architecture=arch)
+        rename = get_rename_dict(hf_model, nnsight_aliases(rename_config, user_rename), architecture=arch)
         padding_side = (tokenizer_kwargs or {}).get("padding_side")
+        from .offload import prepare_dispatched  # device_map / offload_folder: see unilens.offload
+
+        prepare_dispatched(hf_model)
         super().__init__(hf_model, tokenizer=tok, rename=rename)
         if padding_side is not None:  # nnsight sets left padding on causal models; honour the user's choice
             self.tokenizer.padding_side = padding_side
@@ -280,17 +300,39 @@ class StandardizedTransformer(LanguageModel):
         object.__setattr__(self, "module_accessor", accessor)
         object.__setattr__(self, "_attention_modules", attention_modules)
         object.__setattr__(self, "_attention_setup", attention_setup)
+        object.__setattr__(self, "_hook_point_setup", hook_point_setup)
         self._build_accessors()
+        from .rename_utils import AttentionProbabilitiesAccessor, check_config_sizes
+
+        object.__setattr__(self, "rename_config", rename_config)
+        object.__setattr__(self, "attention_probabilities", AttentionProbabilitiesAccessor(
+            self, rename_config, enable_attention_probs, general=self.attention_probabilities))
+        check_config_sizes(self, rename_config)
         if check:
             from .validation import validate_model
 
             validate_model(self)
+        for module in attention_modules if enable_attention_probs else ():
+            if module is not None and hasattr(module, "unilens_hooks"):
+                module.unilens_hooks.always_materialize = True
+        if check and rename_config is not None:  # nnterp's renaming check on the overridden parts (shapes)
+            from .rename_utils import check_model_renaming, get_ignores
+
+            check_model_renaming(self, arch.model_type, get_ignores(self, rename_config), allow_dispatch,
+                                 allow_multimodal)
+        if check:
+            custom = getattr(rename_config, "attn_prob_source", None) is not None
+            if (enable_attention_probs or custom) and arch.attention_layers:  # nnterp's probability check
+                self.attention_probabilities.check_source(allow_dispatch=allow_dispatch,
+                                                          use_trace=check_attn_probs_with_trace)
 
     # --- plumbing ---------------------------------------------------------------------------------
     def interleave(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         """nnsight's driver of one trace / generation. Reads out of forward order are explained in standardized
         names (which read to move above which), and afterwards no attention request outlives the run (a loop body
         that asked for a generation step that never came, or a forward that raised)."""
+        if self.__dict__.get("_remote_mode"):  # also runs on the server, where unilens is not installed: no imports
+            return _interleave_remote(self, fn, *args, **kwargs)
         from .order import explain_out_of_order
 
         self._trace_reads.clear()
@@ -306,6 +348,41 @@ class StandardizedTransformer(LanguageModel):
                 hooks = getattr(module, "unilens_hooks", None)
                 if hooks is not None:
                     hooks.clear_requests()
+            hook_point_setup = self.__dict__.get("_hook_point_setup")
+            if hook_point_setup is not None:  # the torch hooks of requested hook points live for one trace
+                hook_point_setup.clear()
+
+    # --- remote mode (unilens.remote) ------------------------------------------------------------------
+    def trace(self, *inputs: Any, **kwargs: Any) -> Any:
+        """nnsight's ``trace``; in remote mode every trace goes to the model's server (``remote=`` at load)."""
+        target = self.__dict__.get("_remote_target")
+        if target is not None and kwargs.get("backend") is None:
+            from .remote import remote_backend
+
+            kwargs["backend"] = remote_backend(self, target, **_remote_options(kwargs))
+        elif kwargs.get("remote") and not self.__dict__.get("_remote_mode"):
+            raise ValueError(f"trace(remote={kwargs['remote']!r}) on a model loaded locally: load it in remote mode "
+                             "instead, StandardizedTransformer(repo_id, remote=True) (or remote='local' with a loaded "
+                             "model object), so unilens builds the view a server's plain model can serve.")
+        return LanguageModel.trace(self, *inputs, **kwargs)
+
+    def session(self, *args: Any, **kwargs: Any) -> Any:
+        """nnsight's ``session``; in remote mode the whole session is one request to the model's server."""
+        target = self.__dict__.get("_remote_target")
+        if target is not None and kwargs.get("backend") is None:
+            from .remote import remote_backend
+
+            kwargs["backend"] = remote_backend(self, target, **_remote_options(kwargs))
+        return LanguageModel.session(self, *args, **kwargs)
+
+    def _remoteable_class(self) -> type:
+        """NDIF serves plain nnsight deployments: the model key names nnsight's class (unilens ships by value)."""
+        return LanguageModel._remoteable_class(self)
+
+    def __getstate__(self) -> dict:
+        state = LanguageModel.__getstate__(self)
+        state.pop("_remote_target", None)  # the client's connection (a loopback server holds a whole model)
+        return state
 
     def _note_read(self, accessor: str, layer: int | None) -> None:
         """Remember what a trace reads, in its order, to explain an out-of-order read in standardized names."""
@@ -337,6 +414,44 @@ class StandardizedTransformer(LanguageModel):
 
         return read(self, inputs, names, **trace_kwargs)
 
+    # --- TransformerLens-style surface (unilens.tl) ---------------------------------------------------------
+    def run_with_cache(self, input: Any, names_filter: Any = None, **kwargs: Any):
+        """TL's ``run_with_cache`` (``unilens.tl.run_with_cache``): ``(logits, cache)`` from one forward."""
+        from .tl import run_with_cache
+
+        return run_with_cache(self, input, names_filter, **kwargs)
+
+    def run_with_hooks(self, input: Any, fwd_hooks: Any = (), *args: Any, **kwargs: Any):
+        """TL's ``run_with_hooks`` (``unilens.tl.run_with_hooks``): ``fwd_hooks=[(name, fn(tensor, hook))]``."""
+        from .tl import run_with_hooks
+
+        return run_with_hooks(self, input, fwd_hooks, *args, **kwargs)
+
+    def to_tokens(self, input: Any, prepend_bos: bool | None = None, padding_side: str | None = None,
+                  move_to_device: bool = True, truncate: bool = True) -> torch.Tensor:
+        """TL's ``to_tokens`` (``unilens.tl.to_tokens``): BOS prepended by default, right padding."""
+        from .tl import to_tokens
+
+        return to_tokens(self, input, prepend_bos, padding_side, move_to_device, truncate)
+
+    def to_str_tokens(self, input: Any, prepend_bos: bool | None = None, padding_side: str | None = None):
+        """TL's ``to_str_tokens`` (``unilens.tl.to_str_tokens``)."""
+        from .tl import to_str_tokens
+
+        return to_str_tokens(self, input, prepend_bos, padding_side)
+
+    def to_string(self, tokens: Any):
+        """TL's ``to_string`` (``unilens.tl.to_string``)."""
+        from .tl import to_string
+
+        return to_string(self, tokens)
+
+    def to_single_token(self, string: str) -> int:
+        """TL's ``to_single_token`` (``unilens.tl.to_single_token``)."""
+        from .tl import to_single_token
+
+        return to_single_token(self, string)
+
     def _keep_last_logits_kwargs(self, n: int = 1) -> dict[str, Any]:
         """Forward kwargs for a trace that reads the logits of the last ``n`` positions only: the unembedding
         then runs on those (``logits_to_keep=n``, where the model's forward takes it; else on every position),
@@ -353,7 +468,7 @@ class StandardizedTransformer(LanguageModel):
         ids or a tokenizer output) so a bad one gets a one-line error. (Not an override of ``trace`` itself: nnsight
         finds the ``with`` block from the frame that called it.)"""
         _check_inputs(inputs)
-        return super()._batch_size(*inputs, **kwargs)
+        return LanguageModel._batch_size(self, *inputs, **kwargs)  # no zero-argument super(): runs on NDIF too
 
     def _check_ids(self, ids: Any, mask: Any) -> None:
         """Refuse token ids the model would misread: empty prompts, non-integer ids, ids outside the vocabulary."""
@@ -465,6 +580,10 @@ class StandardizedTransformer(LanguageModel):
             ("attention_head_results", "head_results"),
         ):
             setters[name] = AttentionHookAccessor(self, hook)
+        from .hook_points import LAYER_POINTS, HookPointAccessor
+
+        for name in LAYER_POINTS:  # pre-rotary q/k, per-head attention inputs, MLP neurons, resid_mid, norms
+            setters[name] = HookPointAccessor(self, name)
         for name, value in setters.items():
             object.__setattr__(self, name, value)
 
@@ -492,6 +611,11 @@ class StandardizedTransformer(LanguageModel):
 
     @property
     def num_heads(self) -> int:
+        config = self.__dict__.get("rename_config")
+        if getattr(config, "attn_head_config_key", None) is not None:  # RenameConfig names the key / the number
+            from .rename_utils import get_num_attention_heads
+
+            return int(get_num_attention_heads(self.module_accessor.model, rename_config=config))
         return int(self._config_value("num_attention_heads", "n_head", "num_heads", "n_heads"))
 
     @property
@@ -509,6 +633,10 @@ class StandardizedTransformer(LanguageModel):
     @property
     def weights(self):
         """Per-layer weight views in TransformerLens shapes: ``model.weights[i].W_Q``, ``model.weights.W_U``."""
+        if self.__dict__.get("_remote_mode"):
+            from .remote import RemoteUnsupportedError, refusal
+
+            raise RemoteUnsupportedError(refusal("weights"))
         from .weights import WeightViews
 
         views = self.__dict__.get("_weight_views")
@@ -527,8 +655,41 @@ class StandardizedTransformer(LanguageModel):
 
     @property
     def token_embeddings(self) -> torch.Tensor:
-        """Output of the token embedding, ``(batch, seq, hidden)`` (before any model-specific scaling)."""
+        """Output of the token embedding, ``(batch, seq, hidden)`` (before any model-specific scaling); settable."""
         return self._envoy_at(self.architecture.embed_path).output
+
+    @token_embeddings.setter
+    def token_embeddings(self, value: torch.Tensor) -> None:
+        envoy = self._envoy_at(self.architecture.embed_path)
+        _check_shape("token_embeddings", value, envoy.output)
+        envoy.output = value
+
+    @property
+    def final_norm_scale(self) -> torch.Tensor:
+        """The final norm's ``sqrt(var + eps)`` ``(batch, seq, 1)`` (TL ``ln_final.hook_scale``); settable."""
+        from .hook_points import HookPointAccessor
+
+        return HookPointAccessor(self, "final_norm_scale").get()
+
+    @final_norm_scale.setter
+    def final_norm_scale(self, value: torch.Tensor) -> None:
+        from .hook_points import HookPointAccessor
+
+        HookPointAccessor(self, "final_norm_scale").set(value)
+
+    @property
+    def final_norm_normalized(self) -> torch.Tensor:
+        """The final norm's input normalized, before weight / bias ``(batch, seq, hidden)`` (TL
+        ``ln_final.hook_normalized``); settable (the norm's output is recomputed from it)."""
+        from .hook_points import HookPointAccessor
+
+        return HookPointAccessor(self, "final_norm_normalized").get()
+
+    @final_norm_normalized.setter
+    def final_norm_normalized(self, value: torch.Tensor) -> None:
+        from .hook_points import HookPointAccessor
+
+        HookPointAccessor(self, "final_norm_normalized").set(value)
 
     @property
     def logits(self) -> torch.Tensor:
@@ -551,8 +712,23 @@ class StandardizedTransformer(LanguageModel):
 
     @property
     def input_device(self) -> torch.device:
-        """Where inputs go: the token embedding's device (the first device under ``device_map``)."""
-        return self.module_accessor.get_embed_tokens().weight.device
+        """Where inputs go: the token embedding's device (the first device under ``device_map``; accelerate's
+        execution device when the embedding is offloaded to CPU / disk; the CPU in remote mode)."""
+        if self.__dict__.get("_remote_mode"):
+            return torch.device("cpu")  # inputs travel with the request; the server moves them to its device
+        from .offload import module_device
+
+        return module_device(self.module_accessor.get_embed_tokens())
+
+    @property
+    def device(self) -> torch.device | None:
+        """Where nnsight moves a trace's inputs: its own rule (the first parameter's device), except when accelerate
+        offloaded that parameter (``meta`` until its module runs): then the embedding's execution device."""
+        device = LanguageModel.device.fget(self)  # no zero-argument super(): runs on NDIF too (shipped by value)
+        if device is not None and device.type == "meta" and not self.__dict__.get("_remote_mode"):
+            if getattr(self.module_accessor.get_embed_tokens(), "_hf_hook", None) is not None:  # accelerate's hook
+                return self.input_device
+        return device
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -562,8 +738,43 @@ class StandardizedTransformer(LanguageModel):
     def attention_mask(self) -> torch.Tensor | None:
         return self._last_batch.get("attention_mask")
 
+    @property
+    def input_size(self) -> torch.Size:
+        """``(batch, seq)`` of the input ids of the running (or last) forward."""
+        ids = self.input_ids
+        if ids is None:
+            raise ValueError("input_size: no forward has run yet; read it inside or after a trace.")
+        return ids.shape
+
+    def detect_layer_output_type(self) -> None:
+        """nnterp's probe of whether layers return tuples; unilens's ``layers_output`` is always the plain tensor,
+        so there is nothing to detect (kept so nnterp scripts run)."""
+        return None
+
+    @property
+    def add_prefix_false_tokenizer(self):
+        """The tokenizer, loaded with ``add_prefix_space=False`` where it has that option (``get_first_tokens``
+        reads ``"word"`` and ``" word"`` with it); the model's own tokenizer when it adds no prefix space."""
+        cached = self.__dict__.get("_add_prefix_false_tokenizer")
+        if cached is not None:
+            return cached
+        tok = self.tokenizer
+        if getattr(tok, "add_prefix_space", False):
+            from transformers import AutoTokenizer
+
+            source = getattr(tok, "name_or_path", None)
+            try:
+                tok = AutoTokenizer.from_pretrained(source, add_prefix_space=False)
+            except Exception as err:  # a tokenizer built in memory has no files to reload
+                raise ValueError(
+                    f"add_prefix_false_tokenizer: the tokenizer adds a prefix space and cannot be reloaded from "
+                    f"{source!r} without it ({err}); pass a tokenizer loaded with add_prefix_space=False."
+                ) from err
+        object.__setattr__(self, "_add_prefix_false_tokenizer", tok)
+        return tok
+
     # --- helpers ------------------------------------------------------------------------------------
-    def project_on_vocab(self, hidden: torch.Tensor) -> torch.Tensor:
+    def project_on_vocab(self, hidden_state: torch.Tensor) -> torch.Tensor:
         """Final norm + unembedding (+ the model's logit scaling / softcap): hidden ``(..., hidden)`` -> logits.
 
         Works inside a trace (through nnsight, without counting as a module call) and outside.
@@ -576,7 +787,7 @@ class StandardizedTransformer(LanguageModel):
             >>> lens.shape[-1] == model.vocab_size
             True
         """
-        h = hidden
+        h = hidden_state
         arch = self.architecture
         if arch.head_chain is None:
             raise ArchitectureError(arch.head_error)
@@ -584,16 +795,42 @@ class StandardizedTransformer(LanguageModel):
             h = self._envoy_at(path)(h)
         return apply_logit_postprocessing(self._envoy_at(arch.lm_head_path)(h), arch.logit_postprocessing)
 
-    def get_topk_closest_tokens(self, hidden: torch.Tensor, k: int = 5) -> torch.Tensor:
-        """Ids of the ``k`` most likely tokens when ``hidden`` is projected on the vocabulary."""
-        return self.project_on_vocab(hidden).topk(k, dim=-1).indices
+    def probs_to_dict(self, tokens: torch.Tensor, probs: torch.Tensor) -> dict[str, float]:
+        """``{token string: probability}`` for token ids ``tokens`` ``(k,)`` and their probabilities ``(k,)``."""
+        names = self.tokenizer.convert_ids_to_tokens([int(t) for t in tokens])
+        return {name: float(p) for name, p in zip(names, torch.as_tensor(probs).detach().tolist())}
+
+    def get_topk_closest_tokens(self, hidden_state: torch.Tensor, k: int = 5) -> dict[str, float] | list[dict[str, float]]:
+        """The ``k`` most likely tokens when ``hidden_state`` ``(hidden,)`` or ``(batch, hidden)`` is projected on the
+        vocabulary (final norm + unembedding + softmax): ``{token: probability}``, or a list of them (nnterp's result).
+
+        Example:
+            >>> from unilens.testing import tiny_model
+            >>> model = StandardizedTransformer(*tiny_model("llama"))
+            >>> len(model.get_topk_closest_tokens(torch.randn(model.hidden_size), k=3))
+            3
+        """
+        if hidden_state.shape[-1] != self.hidden_size:
+            raise ValueError(f"hidden state shape {tuple(hidden_state.shape)} does not match the model's hidden size "
+                             f"{self.hidden_size}.")
+        if hidden_state.ndim not in (1, 2):
+            raise ValueError(f"hidden state must be (hidden,) or (batch, hidden), got {tuple(hidden_state.shape)}.")
+        unembed = self.module_accessor.get_unembed().weight
+        with torch.no_grad():
+            logits = self.module_accessor.project_on_vocab(hidden_state.to(unembed.device, unembed.dtype))
+        top = logits.float().softmax(-1).topk(k, dim=-1)
+        if hidden_state.ndim == 1:
+            return self.probs_to_dict(top.indices, top.values)
+        return [self.probs_to_dict(i, v) for i, v in zip(top.indices, top.values)]
 
     def skip_layer(self, layer: int, skip_with: torch.Tensor | None = None) -> None:
         """Inside a trace: make layer ``layer`` output its input (or ``skip_with``)."""
         self.skip_layers(layer, layer, skip_with)
 
-    def skip_layers(self, start_layer: int, end_layer: int, skip_with: torch.Tensor | None = None) -> None:
-        """Inside a trace: skip layers ``start_layer..end_layer`` (inclusive): the residual stream passes through."""
+    def skip_layers(self, start_layer: int, end_layer: int, skip_with: torch.Tensor | None = None,
+                    layer_returns_tuple: bool | None = None) -> None:
+        """Inside a trace: skip layers ``start_layer..end_layer`` (inclusive): the residual stream passes through.
+        ``layer_returns_tuple`` is nnterp's hint; unilens unpacks layer outputs itself and ignores it."""
         start, end = self.layers_output._index(start_layer), self.layers_output._index(end_layer)
         if end < start:
             raise ValueError(f"skip_layers: end_layer {end_layer} comes before start_layer {start_layer}.")
@@ -607,8 +844,8 @@ class StandardizedTransformer(LanguageModel):
         steering_vector: torch.Tensor,
         factor: float = 1.0,
         positions: int | Sequence[int] | slice | None = None,
-        batch_index: int | Sequence[int] | slice | None = None,
         token_positions: int | Sequence[int] | slice | None = None,
+        batch_index: int | Sequence[int] | slice | None = None,
     ) -> None:
         """Inside a trace: add ``factor * steering_vector`` to ``layers_output`` of each layer in ``layers``.
 
@@ -665,6 +902,24 @@ class StandardizedTransformer(LanguageModel):
             f"StandardizedTransformer({arch.model_type}: {self.num_layers} layers, hidden {self.hidden_size}, "
             f"{self.num_heads} heads, vocab {self.vocab_size}; layers at {arch.layers_path})"
         )
+
+
+def _remote_options(kwargs: dict) -> dict:
+    """Take nnsight's per-call remote options out of trace / session kwargs (the model's server is fixed at load)."""
+    kwargs.pop("remote", None)
+    return {k: kwargs.pop(k) for k in ("blocking", "job_id", "verbose") if k in kwargs}
+
+
+def _interleave_remote(model: StandardizedTransformer, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """The remote-mode run of one trace, on the server's plain model (or a local dry run): the batch's input ids and
+    mask are remembered by a pre-hook that lives for this run only, and no attention request exists. Runs where
+    unilens is not installed (shipped by value): no imports, no zero-argument ``super()``."""
+    model._trace_reads.clear()
+    handle = model._module.register_forward_pre_hook(model._remember_batch, with_kwargs=True)
+    try:
+        return LanguageModel.interleave(model, fn, *args, **kwargs)
+    finally:
+        handle.remove()
 
 
 def load_default(**kwargs: Any) -> StandardizedTransformer:

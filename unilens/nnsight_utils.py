@@ -21,9 +21,12 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from .discovery import ModuleAccessor as _DiscoveryAccessor
 from .model import StandardizedTransformer, rows_position
 
 __all__ = [
+    "GetModuleOutput",
+    "ModuleAccessor",
     "collect_last_token_activations_session",
     "collect_token_activations_batched",
     "compute_next_token_probs",
@@ -50,6 +53,52 @@ __all__ = [
 GetModuleOutput = Callable[[StandardizedTransformer, int], torch.Tensor]
 
 
+class ModuleAccessor(_DiscoveryAccessor):
+    """Plain torch modules of an HF model under the standardized names (no nnsight): nnterp's
+    ``ModuleAccessor(model, rename_config=None, rename=None)``; a RenameConfig / ``rename`` dict steers discovery
+    as in ``StandardizedTransformer``.
+
+    Example:
+        >>> from unilens.testing import tiny_model
+        >>> hf, _ = tiny_model("gpt2")
+        >>> acc = ModuleAccessor(hf)
+        >>> acc.get_attention(0) is hf.transformer.h[0].attn, acc.ln_final is hf.transformer.ln_f
+        (True, True)
+    """
+
+    def __init__(self, model: Any, rename_config: Any = None, rename: dict[str, str] | None = None,
+                 architecture: Any = None):
+        if architecture is None:
+            from .discovery import discover, probe_dataflow
+            from .rename_utils import apply_rename_config, resolve_rename_options
+
+            config, _ = resolve_rename_options(rename_config, rename, {})
+            architecture = apply_rename_config(model, discover(model), config)
+            probe_dataflow(model, architecture)  # the final norm, settled by data flow
+            apply_rename_config(model, architecture, config, after_probe=True)
+        super().__init__(model, architecture)
+
+    def get_attention(self, layer: int):
+        """The attention module of decoder layer ``layer``."""
+        return super().get_attention(layer)
+
+    def get_mlp(self, layer: int):
+        """The MLP module of decoder layer ``layer``."""
+        return super().get_mlp(layer)
+
+    @property
+    def embed_tokens(self):
+        return self.get_embed_tokens()
+
+    @property
+    def ln_final(self):
+        return self.get_unembed_norm()
+
+    @property
+    def lm_head(self):
+        return self.get_unembed()
+
+
 def _standardized(model: Any) -> StandardizedTransformer:
     if not isinstance(model, StandardizedTransformer):
         raise TypeError(
@@ -69,74 +118,74 @@ def get_layers(model: StandardizedTransformer):
     return _standardized(model).layers
 
 
-def get_num_layers(model: StandardizedTransformer) -> int:
+def get_num_layers(nn_model: StandardizedTransformer) -> int:
     """The number of decoder layers."""
-    return _standardized(model).num_layers
+    return _standardized(nn_model).num_layers
 
 
-def get_layer(model: StandardizedTransformer, layer: int):
+def get_layer(nn_model: StandardizedTransformer, layer: int):
     """Decoder layer ``layer`` (an nnsight envoy)."""
-    return get_layers(model)[layer]
+    return get_layers(nn_model)[layer]
 
 
-def get_layer_input(model: StandardizedTransformer, layer: int) -> torch.Tensor:
+def get_layer_input(nn_model: StandardizedTransformer, layer: int) -> torch.Tensor:
     """Inside a trace: the residual stream entering layer ``layer``, ``(batch, seq, hidden)``."""
-    return _standardized(model).layers_input[layer]
+    return _standardized(nn_model).layers_input[layer]
 
 
-def get_layer_output(model: StandardizedTransformer, layer: int) -> torch.Tensor:
+def get_layer_output(nn_model: StandardizedTransformer, layer: int) -> torch.Tensor:
     """Inside a trace: the residual stream after layer ``layer``, ``(batch, seq, hidden)``."""
-    return _standardized(model).layers_output[layer]
+    return _standardized(nn_model).layers_output[layer]
 
 
-def get_attention(model: StandardizedTransformer, layer: int):
+def get_attention(nn_model: StandardizedTransformer, layer: int):
     """The attention module of layer ``layer`` (an nnsight envoy)."""
-    return _standardized(model).attentions[layer]
+    return _standardized(nn_model).attentions[layer]
 
 
-def get_attention_output(model: StandardizedTransformer, layer: int) -> torch.Tensor:
+def get_attention_output(nn_model: StandardizedTransformer, layer: int) -> torch.Tensor:
     """Inside a trace: the attention branch's output of layer ``layer`` (never including the residual)."""
-    return _standardized(model).attentions_output[layer]
+    return _standardized(nn_model).attentions_output[layer]
 
 
-def get_mlp(model: StandardizedTransformer, layer: int):
+def get_mlp(nn_model: StandardizedTransformer, layer: int):
     """The MLP module of layer ``layer`` (an nnsight envoy)."""
-    return _standardized(model).mlps[layer]
+    return _standardized(nn_model).mlps[layer]
 
 
-def get_mlp_output(model: StandardizedTransformer, layer: int) -> torch.Tensor:
+def get_mlp_output(nn_model: StandardizedTransformer, layer: int) -> torch.Tensor:
     """Inside a trace: the MLP branch's output of layer ``layer``."""
-    return _standardized(model).mlps_output[layer]
+    return _standardized(nn_model).mlps_output[layer]
 
 
-def get_logits(model: StandardizedTransformer) -> torch.Tensor:
+def get_logits(nn_model: StandardizedTransformer) -> torch.Tensor:
     """Inside a trace: the logits ``(batch, seq, vocab)``."""
-    return _standardized(model).logits
+    return _standardized(nn_model).logits
 
 
-def get_unembed_norm(model: StandardizedTransformer):
+def get_unembed_norm(nn_model: StandardizedTransformer):
     """The final norm before the unembedding (an nnsight envoy)."""
-    return _standardized(model).ln_final
+    return _standardized(nn_model).ln_final
 
 
-def get_unembed(model: StandardizedTransformer):
+def get_unembed(nn_model: StandardizedTransformer):
     """The unembedding (lm_head, an nnsight envoy)."""
-    return _standardized(model).lm_head
+    return _standardized(nn_model).lm_head
 
 
-def project_on_vocab(model: StandardizedTransformer, h: torch.Tensor) -> torch.Tensor:
+def project_on_vocab(nn_model: StandardizedTransformer, h: torch.Tensor) -> torch.Tensor:
     """Final norm + unembedding of hidden states ``(..., hidden)`` -> logits ``(..., vocab)``."""
-    return _standardized(model).project_on_vocab(h)
+    return _standardized(nn_model).project_on_vocab(h)
 
 
-def get_next_token_probs(model: StandardizedTransformer) -> torch.Tensor:
+def get_next_token_probs(nn_model: StandardizedTransformer) -> torch.Tensor:
     """Inside a trace: next-token probabilities ``(batch, vocab)`` at each row's last real token."""
-    return _standardized(model).next_token_probs
+    return _standardized(nn_model).next_token_probs
 
 
-def set_layer_output(model: StandardizedTransformer, layer: int, tensor: torch.Tensor) -> None:
+def set_layer_output(nn_model: StandardizedTransformer, layer: int, tensor: torch.Tensor) -> None:
     """Inside a trace: replace the residual stream after layer ``layer`` (shape-checked)."""
-    _standardized(model).layers_output[layer] = tensor
+    _standardized(nn_model).layers_output[layer] = tensor
 
 
 def _select(model: StandardizedTransformer, value: torch.Tensor, idx: int) -> torch.Tensor:
@@ -163,8 +212,9 @@ def get_token_activations(
     model = _standardized(nn_model)
     if tracer is None and prompts is None:
         raise ValueError("pass prompts, or call this inside a trace with tracer=")
-    if remote:
-        raise NotImplementedError("remote execution is not wrapped by unilens yet (see the README).")
+    if remote and not model.__dict__.get("_remote_mode"):
+        raise NotImplementedError("remote=True needs a model loaded in remote mode, StandardizedTransformer(repo_id, "
+                                  "remote=True): its traces all run remotely (docs/remote.md).")
     get_activations = get_activations or get_layer_output
     idx = -1 if idx is None else idx
     n = model.num_layers
@@ -224,8 +274,9 @@ def compute_next_token_probs(nn_model: StandardizedTransformer, prompt: str | Se
                              remote: bool = False) -> torch.Tensor:
     """Next-token probabilities ``(batch, vocab)`` of ``prompt`` at each row's last real token, on the CPU."""
     model = _standardized(nn_model)
-    if remote:
-        raise NotImplementedError("remote execution is not wrapped by unilens yet (see the README).")
+    if remote and not model.__dict__.get("_remote_mode"):
+        raise NotImplementedError("remote=True needs a model loaded in remote mode, StandardizedTransformer(repo_id, "
+                                  "remote=True): its traces all run remotely (docs/remote.md).")
     saved: dict[str, torch.Tensor] = {}
     with torch.no_grad(), model.trace(prompt):
         saved["probs"] = model.next_token_probs.cpu().save()

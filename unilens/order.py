@@ -3,10 +3,12 @@ names in any order, and an out-of-order read inside a trace is explained in stan
 
 from __future__ import annotations
 
+import contextlib
 import re
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
+from nnsight import save as _nnsight_save
 
 if TYPE_CHECKING:
     from .model import StandardizedTransformer
@@ -21,9 +23,18 @@ LAYER_ACCESSORS: tuple[str, ...] = (
     "layers_input", "attentions_input", "attention_queries", "attention_keys", "attention_values",
     "attention_scores", "attention_probabilities", "attention_heads", "attention_head_results",
     "attentions_output", "mlps_input", "mlps_output", "layers_output",
+    # unilens.hook_points (TL's hook_q / hook_k, attention inputs per head, MLP neurons, resid_mid, norms)
+    "attention_queries_pre_rotary", "attention_keys_pre_rotary", "attention_inputs_per_head",
+    "attention_queries_input", "attention_keys_input", "attention_values_input", "mlps_pre_activation",
+    "mlps_pre_linear", "mlps_post_activation", "layers_resid_mid", "input_norms_scale", "input_norms_normalized",
+    "post_attention_norms_scale", "post_attention_norms_normalized",
 )  # fmt: skip
 # Whole-model tensors: the token embeddings come first, the logits (and what is computed from them) last.
-MODEL_ACCESSORS: tuple[str, ...] = ("token_embeddings", "logits", "next_token_probs")
+MODEL_ACCESSORS: tuple[str, ...] = ("token_embeddings", "final_norm_scale", "final_norm_normalized", "logits",
+                                    "next_token_probs")
+
+# the LAYER_ACCESSORS that unilens.hook_points serves (refused per layer with a reason)
+_POINT_NAMES = frozenset(LAYER_ACCESSORS[LAYER_ACCESSORS.index("attention_queries_pre_rotary"):])
 
 # (accessor, layer or None)
 Location = tuple[str, "int | None"]
@@ -50,7 +61,29 @@ def _layer_sites(model: "StandardizedTransformer", i: int) -> dict[str, tuple[st
     for point in ("queries", "keys", "values", "scores", "probabilities", "heads", "head_results"):
         has = parts.attention is not None and model._attention_modules[i] is not None
         sites[f"attention_{point}"] = sub(f"{parts.attention}.unilens_hooks.{point}", "output") if has else None
+    setup = model.__dict__.get("_hook_point_setup")  # unilens.hook_points: None where refused (or not installed)
+    for point in _POINT_NAMES:
+        path = setup.path(point, i) if setup is not None else None
+        sites[point] = (path, "output") if path is not None else None
     return sites
+
+
+_UNSET = object()
+
+
+def _recording_forward(forward: Callable, inputs: list[Location], outputs: list[Location],
+                       note: Callable[[Location], None]) -> Callable:
+    """``forward`` noting ``inputs`` when it starts and ``outputs`` when it returns (where nnsight serves them)."""
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        for loc in inputs:
+            note(loc)
+        out = forward(*args, **kwargs)
+        for loc in outputs:
+            note(loc)
+        return out
+
+    return recording
 
 
 def forward_order(model: "StandardizedTransformer") -> dict[Location, int]:
@@ -73,47 +106,69 @@ def forward_order(model: "StandardizedTransformer") -> dict[Location, int]:
     events: list[Location] = []
     handles = []
 
-    def record(loc: Location):
-        def hook(*_args):
-            if loc not in events:  # a module called twice per forward: nnsight's first visit is what a read gets
-                events.append(loc)
+    def note(loc: Location) -> None:
+        if loc not in events:  # a module called twice per forward: nnsight's first visit is what a read gets
+            events.append(loc)
 
-        return hook
+    def record(loc: Location):
+        return lambda *_args: note(loc)
 
     # head results are computed in a forward hook of the output projection, after nnsight has seen its output
-    # (on Bloom that output is attentions_output itself). Registered first: hooks prepended later run before it.
+    # (on Bloom that output is attentions_output itself, noted by the forward wrapper below, before any hook)
     for i, module in enumerate(model._attention_modules):
         name = getattr(getattr(module, "unilens_hooks", None), "output_projection_name", None)
         if name is not None:
             projection = module.get_submodule(name)
             handles.append(projection.register_forward_hook(record(("_projection_output", i)), prepend=True))
-    embed = hf.get_submodule(model.architecture.embed_path)
-    handles.append(embed.register_forward_hook(record(("token_embeddings", None))))
+    # module -> the locations nnsight serves from its input / its output
+    sites: dict[int, tuple[torch.nn.Module, list[Location], list[Location]]] = {}
+
+    def site(path: str, io: str, loc: Location) -> None:
+        module = hf.get_submodule(path)
+        entry = sites.setdefault(id(module), (module, [], []))
+        entry[1 if io == "input" else 2].append(loc)
+
+    site(model.architecture.embed_path, "output", ("token_embeddings", None))
+    setup = model.__dict__.get("_hook_point_setup")
+    if setup is not None:
+        for point in ("final_norm_scale", "final_norm_normalized"):
+            path = setup.path(point, None)
+            if path is not None:
+                site(path, "output", (point, None))
+        setup.request_all()
     for i in range(model.num_layers):
-        for accessor, site in _layer_sites(model, i).items():
-            if site is None or accessor == "attention_head_results":
-                continue
-            module = hf.get_submodule(site[0])
-            # nnsight hands a module's output to the trace inside its forward, before any torch forward hook
-            # (unilens's own head_results hook included): prepend, so this probe sees it in the same place
-            if site[1] == "input":
-                handles.append(module.register_forward_pre_hook(record((accessor, i)), prepend=True))
-            else:
-                handles.append(module.register_forward_hook(record((accessor, i)), prepend=True))
+        for accessor, where in _layer_sites(model, i).items():
+            if where is not None and accessor != "attention_head_results":
+                site(where[0], where[1], (accessor, i))
+    # nnsight hands a module's input and output to the trace from the module's `forward` (its controller sits in the
+    # module's __dict__): AFTER every torch forward pre-hook (a hook point served from a pre-hook of that module, e.g.
+    # layers_resid_mid from the MLP's pre-hook on OLMo 2, comes first) and BEFORE every forward hook (unilens's head
+    # results and MLP-neuron points come after). The probe sits in the same place: it wraps `forward` itself.
+    wrapped: list[tuple[torch.nn.Module, Any]] = []
     points = [p for p in HOOK_NAMES if p != "head_results"]
     for module in model._attention_modules:
         if module is not None:
             request_materialize(module, points=points)
     ids = torch.arange(3, 7, device=model.input_device)[None]  # 4 tokens: every layer runs, masks are causal
     try:
+        for module, inputs, outputs in sites.values():
+            wrapped.append((module, module.__dict__.get("forward", _UNSET)))
+            module.__dict__["forward"] = _recording_forward(module.forward, inputs, outputs, note)
         with torch.no_grad():
             hf(input_ids=ids)
     finally:
         for handle in handles:
             handle.remove()
+        for module, previous in wrapped:
+            if previous is _UNSET:
+                del module.__dict__["forward"]
+            else:
+                module.__dict__["forward"] = previous
         for module in model._attention_modules:
             if module is not None:
                 module.unilens_hooks.clear_requests()
+        if setup is not None:
+            setup.clear()
     order: dict[Location, int] = {}
     for rank, loc in enumerate(events):
         if loc[0] == "_projection_output":
@@ -139,16 +194,31 @@ def parse_names(model: "StandardizedTransformer", names: str | Sequence[str]) ->
     out: list[Location] = []
     valid = ", ".join(f"{a}.<layer|*>" for a in LAYER_ACCESSORS) + ", " + ", ".join(MODEL_ACCESSORS)
     n = model.num_layers
+    availability: dict[str, list[int]] = {}
+    layer_sites: dict[int, dict] = {}
+    sites = lambda i: layer_sites[i] if i in layer_sites else layer_sites.setdefault(i, _layer_sites(model, i))  # noqa: E731
     for raw in names:
         if not isinstance(raw, str):
             raise TypeError(f"names must be strings like 'layers_output.3', got {type(raw).__name__} {raw!r}.")
         accessor, _, index = raw.strip().partition(".")
+        if model.__dict__.get("_remote_mode"):
+            from .remote import RemoteUnsupportedError, refusal, refused_name
+
+            if refused_name(accessor):  # the server's plain model cannot give it: say so, not "no such layer"
+                raise RemoteUnsupportedError(refusal(accessor))
+        setup = model.__dict__.get("_hook_point_setup")
         if accessor in MODEL_ACCESSORS and not index:
+            if setup is not None and accessor.startswith("final_norm_"):
+                setup.check(accessor, None)  # UnsupportedHookPoint with the reason where the model has none
             out.append((accessor, None))
             continue
         if accessor not in LAYER_ACCESSORS:
             raise ValueError(f"unknown tensor name {raw!r}. Valid names: {valid}.")
-        available = [i for i in range(n) if _layer_sites(model, i)[accessor] is not None]
+        if accessor not in availability:  # once per accessor: _layer_sites costs ~1 ms a layer
+            availability[accessor] = [i for i in range(n) if sites(i)[accessor] is not None]
+        available = availability[accessor]
+        if not available and setup is not None and accessor in _POINT_NAMES and n:
+            setup.check(accessor, 0)  # refused on every layer: UnsupportedHookPoint says why
         if index == "*":
             out.extend((accessor, i) for i in available)
             continue
@@ -160,6 +230,8 @@ def parse_names(model: "StandardizedTransformer", names: str | Sequence[str]) ->
         if not -n <= layer < n:
             raise IndexError(f"{raw!r}: layer {layer} out of range, the model has {n} layers (0..{n - 1}).")
         layer %= n
+        if layer not in available and setup is not None and accessor in _POINT_NAMES:
+            setup.check(accessor, layer)  # UnsupportedHookPoint: why this layer lacks the point
         if layer not in available:
             raise ValueError(f"{raw!r}: layer {layer} has no {accessor} (hybrid model); layers that do: {available}.")
         out.append((accessor, layer))
@@ -174,12 +246,16 @@ def _get(model: "StandardizedTransformer", loc: Location) -> Any:
     return value if layer is None else value[layer]
 
 
-def read(model: "StandardizedTransformer", inputs: Any, names: str | Sequence[str], **trace_kwargs: Any
+def read(model: "StandardizedTransformer", inputs: Any, names: str | Sequence[str],
+         edits: "dict[Location, Callable[[Any], Any]] | None" = None, no_grad: bool = True, **trace_kwargs: Any
          ) -> dict[str, torch.Tensor]:
     """Every requested standardized tensor from ONE forward, whatever the order of ``names``.
 
     The reads are made in the order the forward computes them (``forward_order``), so nnsight's rule that reads
     follow the forward never reaches the caller. Returns ``{"layers_output.3": tensor, ...}`` in the order asked.
+    ``edits``: ``{("layers_output", 3): fn}`` replaces a tensor by ``fn(tensor)`` where the forward computes it
+    (in the same forward-order pass; a read of an edited tensor returns the edited value). ``no_grad=False``
+    keeps autograd (e.g. to backpropagate through edits).
 
     Example:
         >>> from unilens import StandardizedTransformer
@@ -189,13 +265,53 @@ def read(model: "StandardizedTransformer", inputs: Any, names: str | Sequence[st
         >>> list(acts), tuple(acts["attention_probabilities.1"].shape)
         (['logits', 'layers_output.1', 'attention_probabilities.1'], (1, 4, 5, 5))
     """
-    locations = parse_names(model, names)
+    key = (names,) if isinstance(names, str) else tuple(names)
+    parsed = model.__dict__.setdefault("_read_plans", {})  # names -> locations: what a model has does not change
+    try:
+        locations = parsed.get(key)
+    except TypeError:  # an unhashable name: parse_names says what is wrong with it
+        locations, key = None, None
+    if locations is None:
+        locations = parse_names(model, names)
+        if key is not None:
+            if len(parsed) > 256:
+                parsed.clear()
+            parsed[key] = locations
+    edits = dict(edits or {})
     order = forward_order(model)
     saved: dict[Location, Any] = {}  # filled inside the trace: only saved values leave it
-    with torch.no_grad(), model.trace(inputs, **trace_kwargs):
-        for loc in sorted(locations, key=lambda loc: order.get(loc, -1)):
-            saved[loc] = _get(model, loc).save()
+    wanted = set(locations)
+    visits = sorted(dict.fromkeys([*locations, *edits]), key=lambda loc: order.get(loc, -1))
+    with torch.no_grad() if no_grad else contextlib.nullcontext(), model.trace(inputs, **trace_kwargs):
+        for loc in visits:
+            value = _get(model, loc)
+            if loc in edits:
+                new = edits[loc](value)
+                if new is not value:
+                    _set(model, loc, new)
+                    value = new
+            if loc in wanted:
+                saved[loc] = value.save()
+        saved = _nnsight_save(saved)  # a remote request returns saved names only: the dict itself
     return {(a if i is None else f"{a}.{i}"): saved[(a, i)] for a, i in locations}
+
+
+def _set(model: "StandardizedTransformer", loc: Location, value: Any) -> None:
+    accessor, layer = loc
+    if accessor == "token_embeddings":
+        from .model import _check_shape
+
+        envoy = model._envoy_at(model.architecture.embed_path)
+        _check_shape(accessor, value, envoy.output)
+        envoy.output = value
+        return
+    if layer is None:
+        prop = getattr(type(model), accessor, None)
+        if not (isinstance(prop, property) and prop.fset is not None):
+            raise ValueError(f"{accessor} cannot be edited inside the forward; edit a per-layer tensor instead.")
+        setattr(model, accessor, value)
+        return
+    getattr(model, accessor)[layer] = value
 
 
 def explain_out_of_order(model: "StandardizedTransformer", message: str, reads: Sequence[Location]) -> str | None:

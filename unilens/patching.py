@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import inspect
 import math
 import warnings
@@ -68,10 +67,14 @@ def check_metric(values: torch.Tensor, n: int) -> torch.Tensor:
     return values
 
 
-@functools.lru_cache(maxsize=None)
+_CACHE_KEYWORDS: dict[type, str] = {}  # a plain dict, not functools.lru_cache: this module ships by value to NDIF
+
+
 def _cache_keyword_of(forward_cls: type) -> str:
-    params = inspect.signature(forward_cls.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
+    if forward_cls not in _CACHE_KEYWORDS:
+        params = inspect.signature(forward_cls.forward).parameters
+        _CACHE_KEYWORDS[forward_cls] = "cache" if "cache" in params else "past_key_values"
+    return _CACHE_KEYWORDS[forward_cls]
 
 
 def cache_keyword(hf_model: torch.nn.Module) -> str:

@@ -90,7 +90,7 @@ def validate_model(model: "StandardizedTransformer", text: str = PROBE_TEXT, rai
     """
     hf = model.module_accessor.model
     arch = model.architecture
-    device = next(hf.parameters()).device
+    device = model.input_device  # the embedding's execution device (accelerate's, under device_map)
     enc = model.tokenizer(text, return_tensors="pt")
     ids = enc["input_ids"][:, :12].to(device)
     # the oracle runs the model's own attention implementation, not unilens's: a model whose code branches on the

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from functools import cached_property
 
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .attention import find_output_projection, is_linear_projection
+from .offload import is_dispatched, parameter
 
 __all__ = ["LayerWeights", "WeightViews", "layer_weights"]
 
@@ -30,14 +30,16 @@ _MLA_MARKERS = ("kv_a_proj_with_mqa", "kv_b_proj")
 
 
 def _linear_weight_out_in(module: nn.Module) -> torch.Tensor:
-    """Weight as (out, in) whatever the layer type (GPT-2 Conv1D stores (in, out))."""
+    """Weight as (out, in) whatever the layer type (GPT-2 Conv1D stores (in, out)); an offloaded weight (meta
+    device under accelerate's ``device_map``) is read from accelerate's offload map (`unilens.offload`)."""
+    weight = parameter(module, "weight")
     if isinstance(module, Conv1D):
-        return module.weight.t()
-    return module.weight
+        return weight.t()
+    return weight
 
 
 def _bias(module: nn.Module, out: int, like: torch.Tensor) -> torch.Tensor:
-    b = getattr(module, "bias", None)
+    b = parameter(module, "bias")
     return b if b is not None else torch.zeros(out, dtype=like.dtype, device=like.device)
 
 
@@ -58,7 +60,8 @@ def _num_heads(attn: nn.Module, config) -> int:
 
 
 class LayerWeights:
-    """Lazily computed weight views of one attention layer (plain tensors, sharing storage where possible).
+    """Lazily computed weight views of one attention layer (plain tensors, sharing storage where possible; layers
+    that accelerate offloaded to CPU / disk under ``device_map`` give their stored values, copies on the CPU).
 
     Shapes: `W_Q (heads, hidden, head_dim)`, `W_K` / `W_V (kv_heads, hidden, head_dim)`,
     `W_O (heads, head_dim, hidden)`, `b_Q (heads, head_dim)`, `b_K` / `b_V (kv_heads, head_dim)`, `b_O (hidden,)`.
@@ -95,18 +98,16 @@ class LayerWeights:
         self.head_dim = _linear_weight_out_in(self._o_proj).shape[1] // self.n_heads
 
     # --- q / k / v ---------------------------------------------------------------------------------
-    @cached_property
+    # Recomputed on every access, never cached: a cached view goes stale when `model.to(...)` swaps a parameter's
+    # data, and views derived from parameters (not graph leaves) make the model refuse `copy.deepcopy`.
+    @property
     def _qkv(self) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
         children = dict(self.attn.named_children())
         for names in _SEPARATE_QKV:
             if all(isinstance(children.get(n), (nn.Linear, Conv1D)) for n in names):
+                weights = [_linear_weight_out_in(children[n]) for n in names]  # (out, hidden) each
                 return tuple(
-                    _to_heads(
-                        _linear_weight_out_in(children[n]),
-                        _bias(children[n], _linear_weight_out_in(children[n]).shape[0], children[n].weight),
-                        self.head_dim,
-                    )
-                    for n in names
+                    _to_heads(w, _bias(children[n], w.shape[0], w), self.head_dim) for n, w in zip(names, weights)
                 )
         for fused_name in _FUSED_QKV:
             fused = children.get(fused_name)
@@ -120,6 +121,11 @@ class LayerWeights:
     def _split_fused(self, fused: nn.Module):
         w = _linear_weight_out_in(fused)  # (out, hidden)
         b = _bias(fused, w.shape[0], w)
+        return tuple(_to_heads(w[i], b[i], self.head_dim) for i in self.fused_rows(fused))
+
+    def fused_rows(self, fused: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Output rows of a fused q/k/v projection holding q, k and v, each in (head, head_dim) order."""
+        w = _linear_weight_out_in(fused)  # (out, hidden)
         d, h = self.head_dim, self.n_heads
         cls = type(self.attn).__name__
         layout = "concat"
@@ -142,7 +148,7 @@ class LayerWeights:
             kv_rows = (w.shape[0] - h * d) // 2
             arange = torch.arange(w.shape[0], device=w.device)
             idx = [arange[: h * d], arange[h * d : h * d + kv_rows], arange[h * d + kv_rows :]]
-        return tuple(_to_heads(w[i], b[i], d) for i in idx)
+        return tuple(idx)
 
     @property
     def W_Q(self) -> torch.Tensor:
@@ -223,6 +229,7 @@ class WeightViews:
                 f"{[j for j, m in enumerate(modules) if m is not None]}"
             )
         if i not in self._layers:
+            is_dispatched(self.model.module_accessor.model)  # lets offloaded weights be found on ancestors' hooks
             self._layers[i] = LayerWeights(modules[i], self._config(), i)
         return self._layers[i]
 
@@ -234,4 +241,4 @@ class WeightViews:
     @property
     def W_E(self) -> torch.Tensor:
         """Token embedding `(vocab, hidden)`."""
-        return self.model.module_accessor.get_embed_tokens().weight
+        return parameter(self.model.module_accessor.get_embed_tokens(), "weight")

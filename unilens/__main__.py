@@ -1,0 +1,8 @@
+"""``python -m unilens`` (and ``torchrun ... -m unilens``): the ``unilens`` command."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
