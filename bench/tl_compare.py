@@ -65,7 +65,8 @@ def _load(kind: str):
 
 
 # run_with_hooks edits compared on both sides (the last block's edits, and block 0's, for each kind of point)
-EDIT_NAMES = ("blocks.0.hook_resid_pre", "blocks.0.hook_q_input", "blocks.0.hook_k_input", "blocks.0.hook_v_input",
+EDIT_NAMES = ("hook_pos_embed",  # learned absolute positions only (GPT-2, OPT): absent elsewhere, skipped
+              "blocks.0.hook_resid_pre", "blocks.0.hook_q_input", "blocks.0.hook_k_input", "blocks.0.hook_v_input",
               "blocks.0.attn.hook_q", "blocks.0.attn.hook_k", "blocks.0.attn.hook_v", "blocks.0.attn.hook_rot_q",
               "blocks.0.attn.hook_pattern", "blocks.0.attn.hook_z", "blocks.0.attn.hook_result",
               "blocks.0.hook_attn_out", "blocks.0.ln1.hook_scale", "blocks.0.ln1.hook_normalized",

@@ -357,13 +357,25 @@ def test_rename_config_steers_discovery():
     assert model.lm_head._module is hf.lm_head and model.model._module is hf.transformer
 
 
-class BloomProbs(AttnProbFunction):
-    """nnterp's way for Bloom: the probabilities are the input of the attention dropout in its forward."""
+class OwnSourceProbs(AttnProbFunction):
+    """nnterp's way: the probabilities are the output of one operation in the attention module's own forward."""
+
+    def __init__(self, operation: str):
+        self.operation = operation
 
     def get_attention_prob_source(self, attention_module, return_module_source=False):
         if return_module_source:
             return attention_module.source
-        return attention_module.source.self_attention_dropout_0
+        return getattr(attention_module.source, self.operation)
+
+
+class NnterpDefaultProbs(AttnProbFunction):
+    """nnterp 1.3's default source (llama and most types): the dropout inside transformers' eager_attention_forward."""
+
+    def get_attention_prob_source(self, attention_module, return_module_source=False):
+        if return_module_source:
+            return attention_module.source.attention_interface_0.source
+        return attention_module.source.attention_interface_0.source.nn_functional_dropout_0
 
 
 class WrongProbs(AttnProbFunction):
@@ -371,10 +383,26 @@ class WrongProbs(AttnProbFunction):
         return attention_module.query_key_value  # a projection, not the probabilities
 
 
-def test_attn_prob_function_supplies_probabilities():
-    hf, tok = tiny_model("bloom")
-    twin, _ = tiny_model("bloom", attn_implementation="eager")
-    model = StandardizedTransformer(hf, tokenizer=tok, rename_config=RenameConfig(attn_prob_source=BloomProbs()))
+# Types whose attention computes softmax(scores) inline in its own forward (the operation whose output is the
+# probabilities, and the dropout module applied to them, if any); every other named type calls an attention function
+# (transformers' AttentionInterface), whose eager source that model never runs under unilens.
+OWN_PROB_SOURCE = {"bloom": ("self_attention_dropout_0", "attention_dropout"), "falcon": ("F_softmax_0", None)}
+
+
+@pytest.mark.parametrize("model_type", ZOO_REQUIRED)
+def test_attn_prob_function_supplies_probabilities(model_type):
+    """A custom AttnProbFunction: read (and written) through its source, equal to HF eager's output_attentions; where
+    the model has no such source (an attention function), nnterp's default source is refused with the reason."""
+    if model_type not in OWN_PROB_SOURCE:
+        with pytest.raises(RenamingError, match="attn_prob_source could not be read.*eager_attention_forward"):
+            StandardizedTransformer(*tiny_model(model_type), rename_config=RenameConfig(
+                attn_prob_source=NnterpDefaultProbs()))
+        return
+    operation, dropout = OWN_PROB_SOURCE[model_type]
+    hf, tok = tiny_model(model_type)
+    twin, _ = tiny_model(model_type, attn_implementation="eager")
+    model = StandardizedTransformer(hf, tokenizer=tok, rename_config=RenameConfig(
+        attn_prob_source=OwnSourceProbs(operation)))
     assert model.attention_probabilities.custom
     ids = ids_of(tok, PROMPT)
     with torch.no_grad():
@@ -382,15 +410,18 @@ def test_attn_prob_function_supplies_probabilities():
     with torch.no_grad(), model.trace(ids):
         probs = model.attention_probabilities[1].save()
     close(probs.reshape(ref[1].shape), ref[1])
-    # setting them through the source changes the output like the oracle's edit does
+    # setting them through the source: the logits of HF eager with the same probabilities put in by a torch hook
     uniform = torch.tril(torch.ones(ids.shape[1], ids.shape[1]))
     uniform = (uniform / uniform.sum(-1, keepdim=True)).expand_as(probs).contiguous()
     with torch.no_grad(), model.trace(ids):
         model.attention_probabilities[1] = uniform
         edited = model.logits.save()
     assert not torch.allclose(edited, hf_run(hf, ids).logits)
+    if dropout is not None:
+        module = hf_layers(twin)[1].get_submodule(parts_of(model_type)[0]).get_submodule(dropout)
+        close(edited, hf_run(twin, ids, [(module, "forward", lambda m, a, o: uniform)]).logits, atol=1e-4)
     with pytest.raises(RenamingError):
-        StandardizedTransformer(*tiny_model("bloom"), rename_config=RenameConfig(attn_prob_source=WrongProbs()))
+        StandardizedTransformer(*tiny_model(model_type), rename_config=RenameConfig(attn_prob_source=WrongProbs()))
 
 
 def test_rename_utils_functions():
@@ -450,7 +481,7 @@ def test_repeat_prompt_and_target_prompt_batch():
         TargetPromptBatch.from_prompts(["a"], 1.5)
 
 
-@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+@pytest.mark.parametrize("model_type", ZOO_REQUIRED)
 def test_patch_object_attn_lens_matches_hooks(model_type):
     model, hf, tok = zoo(model_type)
     attn = [layer.get_submodule(parts_of(model_type)[0]) for layer in hf_layers(hf)]
@@ -484,7 +515,7 @@ def hf_patched_generate(hf, tok, prompt: str, layer_module, position: int, value
         handle.remove()
 
 
-@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+@pytest.mark.parametrize("model_type", ZOO_REQUIRED)
 def test_patchscope_generate_matches_hf_generate(model_type):
     model, hf, tok = zoo(model_type)
     layers = hf_layers(hf)
@@ -492,8 +523,12 @@ def test_patchscope_generate_matches_hf_generate(model_type):
     assert list(out) == [1]  # nnterp's index bug (states looked up by layer number) is not reproduced
     for row, prompt in enumerate([PROMPT, OTHER]):
         state = hf_run(hf, ids_of(tok, prompt)).hidden_states[2][0, -1]
-        expected = hf_patched_generate(hf, tok, TARGET, layers[1], -1, state, 4)
-        assert out[1][row].tolist() == expected[0].tolist()
+        expected = hf_patched_generate(hf, tok, TARGET, layers[1], -1, state, 4)[0].tolist()
+        got = out[1][row].tolist()
+        if len(expected) < len(got):  # HF stopped this row at EOS; a batched generate pads the finished row
+            assert expected[-1] == hf.generation_config.eos_token_id
+            assert got[len(expected):] == [hf.generation_config.pad_token_id] * (len(got) - len(expected))
+        assert got[:len(expected)] == expected
 
 
 # ------------------------------------------------------------------------------------------
@@ -517,6 +552,8 @@ def test_prompt_utils_against_hf():
     assert spaced("Paris", add_special_tokens=False)["input_ids"][0] == first(" Paris")  # precondition
     assert get_first_tokens("Paris", spaced) == [first("Paris"), first(" Paris")]
     assert get_first_tokens("Paris", tok, use_hacky_implementation=True) == [first("Paris")]
+    with pytest.raises(ValueError, match="chat template"):  # the tiny tokenizer (every named type's) has none
+        it_repeat_prompt(tok)
     # a tokenizer that ignores spaces and merges the neutral character with the word: no way to isolate it
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
@@ -668,6 +705,68 @@ def test_smollm2_nnterp_surface(smol):
         assert out[layer].tolist() == expected.tolist()
 
 
+def test_smollm2_lenses_and_interventions(smol):
+    """The lenses, patching functions and batched helpers on the real model, against HF runs with torch hooks."""
+    model, hf, tok = smol
+    layers = hf.model.layers
+    n = len(layers)
+    ids = ids_of(tok, PROMPT)
+    ref = hf_run(hf, ids)
+    hs = ref.hidden_states
+    prompts = [PROMPT, "Hi there"]
+    single = [hf_run(hf, ids_of(tok, p)) for p in prompts]
+
+    with torch.no_grad(), model.trace(ids):
+        x0 = get_layer_input(model, 0).save()
+        next_probs = get_next_token_probs(model).save()
+    close(x0, hs[0])
+    close(next_probs, ref.logits[:, -1].softmax(-1), atol=1e-4)
+    lens = logit_lens(model, PROMPT)
+    for i in (3, n - 1):
+        logits = ref.logits[0, -1] if i == n - 1 else hf_run(
+            hf, ids, [(layers[-1], "forward", replace_output(lambda h, i=i: hs[i + 1]))]).logits[0, -1]
+        close(lens[0, i], logits.softmax(-1), atol=1e-4)
+    probs = compute_next_token_probs(model, prompts)
+    unsq = next_token_probs_unsqueeze(model, prompts)
+    for row, r in enumerate(single):
+        close(probs[row], r.logits[0, -1].softmax(-1), atol=1e-4)
+        close(unsq[row, 0], r.logits[0, -1].softmax(-1), atol=1e-4)
+    acts = get_token_activations(model, prompts, layers=[7], get_activations=get_attention_output, idx=-2)
+    for row, p in enumerate(prompts):
+        grabbed = []
+        hf_run(hf, ids_of(tok, p), [(layers[7].self_attn, "forward", lambda m, a, o: grabbed.append(o[0].clone()))])
+        close(acts[0, row], grabbed[0][0, -2], atol=1e-4)
+    with torch.no_grad(), model.trace(ids):
+        attn = LayerAccessor(model, "self_attn", IOType.OUTPUT)(7).save()
+    grabbed = []
+    hf_run(hf, ids, [(layers[7].self_attn, "forward", lambda m, a, o: grabbed.append(o[0].clone()))])
+    close(attn, grabbed[0], atol=1e-4)
+
+    scope = patchscope_lens(model, prompts, repeat_prompt(), layers=[4, 20])
+    target_ids = ids_of(tok, repeat_prompt().prompt)
+    for row, r in enumerate(single):
+        for k, layer in enumerate((4, 20)):
+            patched = hf_run(hf, target_ids, [(layers[layer], "forward",
+                                               replace_output(set_at(-1, r.hidden_states[layer + 1][0, -1])))])
+            close(scope[row, k], patched.logits[0, -1].softmax(-1), atol=1e-4)
+
+    attn_mods = [layer.self_attn for layer in layers]
+    source = []
+    hf_run(hf, ids_of(tok, "The apple"), [(a, "pre", hidden_arg_hook(lambda h: source.append(h[0, -1].clone()) or h))
+                                          for a in attn_mods])
+    object_lens = patch_object_attn_lens(model, "The apple", "The pear is red", attn_idx_patch=1, num_patches=2)
+    tgt = ids_of(tok, "The pear is red")
+    for layer in (0, 14, n - 1):
+        hooks = [(attn_mods[j], "pre", hidden_arg_hook(set_at(1, source[j]))) for j in range(layer, min(n, layer + 2))]
+        close(object_lens[0, layer], hf_run(hf, tgt, hooks).logits[0, -1].softmax(-1), atol=1e-4)
+
+    targets = [Prompt.from_strings(p, {"paris": "Paris", "other": ["London", "Rome"]}, model) for p in prompts]
+    results = run_prompts(model, targets, batch_size=2, tqdm=None)
+    for row, prompt in enumerate(targets):
+        for category, target_ids in prompt.target_tokens.items():
+            close(results[category][row, 0], single[row].logits[0, -1].softmax(-1)[target_ids].sum(), atol=1e-4)
+
+
 # ------------------------------------------------------------------------------------------
 # nnterp bugs not reproduced (docs/coming-from-nnterp.md)
 # ------------------------------------------------------------------------------------------
@@ -687,13 +786,194 @@ def test_attention_output_excludes_the_residual(model_type):
     assert (attn - out).abs().max() > 1e-3 * out.abs().max()
 
 
-def test_right_padding_reads_the_last_real_token():
+@pytest.mark.parametrize("model_type", ZOO_REQUIRED)
+def test_right_padding_reads_the_last_real_token(model_type):
     """nnterp's next_token_probs / logit_lens read the last position (a pad) under right padding, or raise."""
-    hf, tok = tiny_model("llama")
-    model = StandardizedTransformer(hf, tokenizer=tok, tokenizer_kwargs={"padding_side": "right"})
+    hf, tok = tiny_model(model_type)
+    model = StandardizedTransformer(hf, tokenizer=tok, tokenizer_kwargs={"padding_side": "right"}, check=False)
     lens = logit_lens(model, [PROMPT, "Hi"])
     probs = compute_next_token_probs(model, [PROMPT, "Hi"])
+    acts = get_token_activations(model, [PROMPT, "Hi"], layers=[0])
     for row, text in enumerate([PROMPT, "Hi"]):
-        expected = hf_run(hf, ids_of(tok, text)).logits[0, -1].softmax(-1)
+        ref = hf_run(hf, ids_of(tok, text))
+        expected = ref.logits[0, -1].softmax(-1)
         close(lens[row, -1], expected, atol=1e-4)
         close(probs[row], expected, atol=1e-4)
+        close(acts[0, row], ref.hidden_states[1][0, -1], atol=1e-4)
+
+
+@pytest.mark.parametrize("model_type", ZOO_REQUIRED)
+def test_reads_sets_and_members(model_type):
+    """nnsight_utils' reads and sets, StandardizedTransformer's nnterp members, prompt_utils' model functions and
+    rename_utils' helpers, on every named type: each against HF's forward, torch hooks on HF's modules or HF's config."""
+    model, hf, tok = zoo(model_type)
+    ids = ids_of(tok, PROMPT)
+    ref = hf_run(hf, ids)
+    hs, n = ref.hidden_states, len(ref.hidden_states) - 1
+    layers = hf_layers(hf)
+    attn_name, mlp_name = parts_of(model_type)
+
+    # attention / MLP outputs: the HF modules' own outputs (torch hooks); OPT has no MLP module (fc1 -> fc2 inside
+    # its layer), so its MLP output is the hand-built rest of its sequential block: output - input - attention
+    with torch.no_grad(), model.trace(ids):
+        x = get_layer_input(model, 1).save()
+        attn = get_attention_output(model, 1).save()
+        mlp = get_mlp_output(model, 1).save()
+        out = get_layer_output(model, 1).save()
+    first = lambda o: (o[0] if isinstance(o, tuple) else o).clone()  # noqa: E731  (Falcon adds to it in place)
+    seen = {}
+    hf_run(hf, ids, [(layers[1].get_submodule(name), "forward", lambda m, a, o, key=key: seen.__setitem__(key, first(o)))
+                     for key, name in (("attn", attn_name), ("mlp", mlp_name)) if name is not None])
+    close(x, hs[1])
+    if model_type == "bloom":  # Bloom's attention and MLP modules add the residual they are given inside
+        seen = {"attn": seen["attn"] - x, "mlp": seen["mlp"] - seen["attn"]}  # the MLP's residual: x + attention
+    close(attn, seen["attn"])
+    close(mlp, seen["mlp"] if mlp_name is not None else out - x - attn, atol=1e-4)
+    assert attn.abs().max() > 0 and mlp.abs().max() > 0
+
+    # set_layer_output / project_on_vocab / token_embeddings (settable) / skip_layers / steer vs HF hooks and inputs
+    with torch.no_grad(), model.trace(ids):
+        set_layer_output(model, 0, get_layer_output(model, 0) * 1.5)
+        scaled = get_logits(model).save()
+    close(scaled, hf_run(hf, ids, [(layers[0], "forward", replace_output(lambda h: h * 1.5))]).logits, atol=1e-4)
+    with torch.no_grad(), model.trace(ids):
+        lens = project_on_vocab(model, get_layer_output(model, n - 1)).save()
+    close(lens, ref.logits, atol=1e-4)
+    with torch.no_grad(), model.trace(ids):
+        model.token_embeddings = model.token_embeddings * 0.5
+        halved = model.logits.save()
+    with torch.no_grad():
+        close(halved, hf(inputs_embeds=hf.get_input_embeddings()(ids) * 0.5).logits, atol=1e-4)
+    with torch.no_grad(), model.trace(ids):
+        model.skip_layers(0, 0)
+        skipped = model.logits.save()
+    close(skipped, hf_run(hf, ids, [(layers[0], "forward", replace_output(lambda h: hs[0]))]).logits, atol=1e-4)
+    with torch.no_grad(), model.trace(ids):
+        model.skip_layer(1)
+        skipped = model.logits.save()
+    close(skipped, hf_run(hf, ids, [(layers[1], "forward", replace_output(lambda h: hs[1]))]).logits, atol=1e-4)
+    vector = torch.randn(model.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), model.trace([PROMPT, PROMPT]):
+        model.steer(0, vector, 2.0, None, -1, 1)  # layers, steering_vector, factor, positions, token_positions, batch
+        steered = model.logits.save()
+
+    def add(h):
+        h = h.clone()
+        h[:, -1] += 2.0 * vector
+        return h
+
+    close(steered[1], hf_run(hf, ids, [(layers[0], "forward", replace_output(add))]).logits[0], atol=1e-4)
+    close(steered[0], ref.logits[0], atol=1e-4)
+
+    # get_unembed_norm is the norm whose output HF's unembedding reads
+    seen = {}
+    hf_run(hf, ids, [(get_unembed_norm(model)._module, "forward", lambda m, a, o: seen.__setitem__("norm", o)),
+                     (hf.get_output_embeddings(), "pre", lambda m, a, k: seen.__setitem__("head", a[0] if a else
+                                                                                           k["input"]))])
+    close(seen["norm"], seen["head"])
+
+    # get_topk_closest_tokens / probs_to_dict: HF's prediction when its last layer outputs the state
+    state = hs[1][0, -1]
+    with torch.no_grad():
+        oracle = hf_run(hf, ids, [(layers[-1], "forward", replace_output(lambda h: state.expand_as(h)))]).logits[0, -1]
+    oracle = oracle.softmax(-1).topk(3)
+    top = model.get_topk_closest_tokens(hidden_state=state, k=3)
+    # {token string: probability}; ids past the tokenizer's vocabulary are None and collapse, as in nnterp's dict
+    assert top == pytest.approx(dict(zip(tok.convert_ids_to_tokens(oracle.indices.tolist()), oracle.values.tolist())),
+                                abs=1e-5)
+    assert model.probs_to_dict(oracle.indices, oracle.values) == pytest.approx(top, abs=1e-6)
+
+    # batched, padded reads: each prompt's last real token vs one HF run per prompt
+    prompts = [PROMPT, OTHER, "Hi"]
+    single = [hf_run(hf, ids_of(tok, p)) for p in prompts]
+    last_out = []  # the last layer's own output (HF's last hidden state may already be normed)
+    for p in prompts:
+        hf_run(hf, ids_of(tok, p), [(layers[1], "forward", lambda m, a, o: last_out.append(o[0] if isinstance(o, tuple)
+                                                                                           else o))])
+    acts = collect_token_activations_batched(model, prompts, batch_size=2, layers=[1, 0])
+    session = collect_last_token_activations_session(model, prompts, batch_size=2, layers=[0])
+    assert acts.shape == (2, 3, model.hidden_size) and session.shape == (1, 3, model.hidden_size)
+    for row, r in enumerate(single):
+        close(acts[0, row], last_out[row][0, -1], atol=1e-4)
+        close(acts[1, row], r.hidden_states[1][0, -1], atol=1e-4)
+        close(session[0, row], r.hidden_states[1][0, -1], atol=1e-4)
+    # get_token_activations with idx= and get_activations= (the attention output, HF's module output by hook)
+    attn_acts = get_token_activations(model, prompts, layers=[0], get_activations=get_attention_output, idx=-2)
+    for row, p in enumerate(prompts):
+        grabbed = []
+        hf_run(hf, ids_of(tok, p), [(layers[0].get_submodule(attn_name), "forward",
+                                     lambda m, a, o: grabbed.append((o[0] if isinstance(o, tuple) else o).clone()))])
+        expected = grabbed[0][0, -2] - (single[row].hidden_states[0][0, -2] if model_type == "bloom" else 0)
+        close(attn_acts[0, row], expected, atol=1e-4)
+    # patchscope_lens with latents= (no source run): the latent written into the target at its last token
+    latents = torch.randn(2, 1, model.hidden_size, generator=torch.Generator().manual_seed(1))
+    scope = patchscope_lens(model, target_patch_prompts=TargetPrompt(TARGET, -1), layers=[0], latents=latents)
+    for row in range(2):
+        patched = hf_run(hf, ids_of(tok, TARGET), [(layers[0], "forward", replace_output(set_at(-1, latents[row, 0])))])
+        close(scope[row, 0], patched.logits[0, -1].softmax(-1), atol=1e-5)
+    probs = next_token_probs_unsqueeze(model, prompts)
+    next_probs = compute_next_token_probs(model, prompts)
+    assert probs.shape == (3, 1, model.vocab_size)
+    for row, r in enumerate(single):
+        close(probs[row, 0], r.logits[0, -1].softmax(-1), atol=1e-4)
+        close(next_probs[row], r.logits[0, -1].softmax(-1), atol=1e-4)
+    targets = [Prompt.from_strings(p, {"a": "Paris", "b": ["London", "Rome"]}, tok) for p in prompts[:2]]
+    results = run_prompts(model, targets, batch_size=2, tqdm=None)
+    for row, prompt in enumerate(targets):
+        for category, target_ids in prompt.target_tokens.items():
+            close(results[category][row, 0], single[row].logits[0, -1].softmax(-1)[target_ids].sum(), atol=1e-4)
+
+    # rename_utils helpers against HF's config and modules
+    cfg = hf.config.get_text_config()
+    assert get_num_attention_heads(hf) == cfg.num_attention_heads
+    assert get_hidden_size(hf) == cfg.hidden_size and get_vocab_size(hf) == cfg.vocab_size
+    exact = get_rename_dict(model=hf)
+    assert hf.get_submodule(next(k for k, v in exact.items() if v == "layers")) is layers
+    acc = ModuleAccessor(hf)
+    assert acc.get_layers() is layers and acc.get_attention(0) is layers[0].get_submodule(attn_name)
+    assert acc.get_embed_tokens() is hf.get_input_embeddings() and acc.get_unembed() is hf.get_output_embeddings()
+    with torch.no_grad(), model.trace(ids):
+        attn_out = LayerAccessor(model, "self_attn", IOType.OUTPUT)(1).save()
+        layer_out = LayerAccessor(model, None, IOType.OUTPUT)[1].save()
+    close(layer_out, last_out[0])
+    close(attn_out, attn)
+    check_io(model, model_type, [])
+    check_model_renaming(model, model_type, [], allow_dispatch=True)
+    model.attention_probabilities.check_source(layer=0, use_trace=True)
+
+
+@pytest.mark.parametrize("model_type", ZOO_REQUIRED)
+def test_attention_functions_refused_without_attention(model_type):
+    """A model whose attention accessors are dropped (ignore_attn): attention-only functions refuse, naming why."""
+    model = StandardizedTransformer(*tiny_model(model_type), rename_config=RenameConfig(ignore_attn=True))
+    with pytest.raises(ValueError, match="have no attention"):
+        patch_object_attn_lens(model, "The apple", "The pear is red", attn_idx_patch=1, num_patches=1)
+    with pytest.raises(RenamingError, match="no attention|no softmax attention"):
+        model.attention_probabilities.check_source()
+
+
+@pytest.mark.parametrize("model_type", ZOO_REQUIRED)
+def test_rename_config_structure_names(model_type):
+    """RenameConfig's layers_name / ln_final_name / lm_head_name / model_name, given HF's own names (found here from
+    HF: the stack, get_output_embeddings(), base_model_prefix, and the norm whose output HF's unembedding reads)."""
+    hf, tok = tiny_model(model_type)
+    ids = ids_of(tok, PROMPT)
+    names = {id(m): name for name, m in hf.named_modules()}
+    stack, head = hf_layers(hf), hf.get_output_embeddings()
+    inside = {id(m) for m in stack.modules()}
+    norms = [m for m in hf.modules() if id(m) not in inside and "norm" in type(m).__name__.lower()]
+    seen, outs = {}, {}
+    hooks = [(m, "forward", lambda mod, a, o, k=id(m): outs.__setitem__(k, o)) for m in norms]
+    hooks.append((head, "pre", lambda mod, a, k: seen.__setitem__("head", a[0] if a else k["input"])))
+    ref = hf_run(hf, ids, hooks)
+    final = [m for m in norms if id(m) in outs and torch.equal(outs[id(m)], seen["head"])]
+    assert len(final) == 1
+    prefix = hf.base_model_prefix
+    model = StandardizedTransformer(hf, tokenizer=tok, rename_config=RenameConfig(
+        layers_name=names[id(stack)], ln_final_name=names[id(final[0])], lm_head_name=["no_head", names[id(head)]],
+        model_name=prefix))
+    assert model.layers._module is stack and model.ln_final._module is final[0] and model.lm_head._module is head
+    assert model.model._module is getattr(hf, prefix)
+    with torch.no_grad(), model.trace(ids):
+        logits = model.logits.save()
+    close(logits, ref.logits)

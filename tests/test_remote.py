@@ -44,14 +44,17 @@ def _layers(model, name: str) -> list[int]:
 def _read_all(model, order: dict) -> dict[str, torch.Tensor]:
     """Every supported accessor at every layer that has it, in ONE forward: per-layer reads sorted by the local
     model's recorded forward order (``unilens.order.forward_order``; remote mode cannot record one)."""
-    per_layer = [(n, i) for n in SUPPORTED if n not in ("token_embeddings", "logits", "next_token_probs")
-                 for i in _layers(model, n)]
+    whole = ("token_embeddings", "position_embeddings", "logits", "next_token_probs")
+    per_layer = [(n, i) for n in SUPPORTED if n not in whole for i in _layers(model, n)]
+    per_layer.append(("token_embeddings", None))
+    if model.architecture.position_embed_path is not None:  # learned absolute positions (GPT-2, OPT)
+        per_layer.append(("position_embeddings", None))
     per_layer.sort(key=lambda loc: order[loc])
     got: dict[str, torch.Tensor] = {}
     with torch.no_grad(), model.trace(PROMPTS):
-        got["token_embeddings"] = model.token_embeddings.save()
         for name, i in per_layer:
-            got[f"{name}.{i}"] = getattr(model, name)[i].save()
+            value = getattr(model, name) if i is None else getattr(model, name)[i]
+            got[name if i is None else f"{name}.{i}"] = value.save()
         got["logits"] = model.logits.save()
         got["next_token_probs"] = model.next_token_probs.save()
         got = nnsight.save(got)  # a remote request returns saved names only: the dict itself

@@ -275,7 +275,7 @@ def test_cache_indexing_and_dict_methods():
 
 def test_refused_names_say_why():
     model, _ = _get("llama")
-    with pytest.raises(KeyError, match="no standardized position-embedding"):
+    with pytest.raises(KeyError, match="no learned absolute position embedding"):  # rotary: no hook_pos_embed
         model.run_with_cache(PROMPT, names_filter=["hook_pos_embed"])
     with pytest.raises(KeyError, match="unknown TransformerLens hook name 'blocks.0.hook_nonsense'"):
         model.run_with_hooks(PROMPT, fwd_hooks=[("blocks.0.hook_nonsense", lambda x, hook: x)])

@@ -11,7 +11,10 @@ The rules, in order of trust:
   shallowest module whose class or attribute name says MLP / feed-forward / MoE and that does not
   contain the attention. Layers whose MLP is a bare ``fc1 -> act -> fc2`` (OPT, BioGPT) get an
   MLP *span*: its input is ``fc1``'s input, its output ``fc2``'s output;
-* the final norm is the norm module registered beside the layer list, after it.
+* the final norm is the norm module registered beside the layer list, after it;
+* learned absolute position embeddings (GPT-2's ``wpe``, OPT's ``embed_positions``): an embedding table outside
+  the layer stack, other than the token embedding, whose output the probe sees added to layer 0's input
+  (``probe_position_embedding``); rotary / ALiBi models have none.
 
 Every guess is checked at load time against HF's ``output_hidden_states`` (``unilens.validation``), so a
 wrong guess is an error, never a silently wrong tensor.
@@ -33,7 +36,16 @@ __all__ = [
     "ModuleAccessor",
     "get_rename_dict",
     "discover",
+    "NO_POSITION_EMBEDDING",
+    "probe_position_embedding",
 ]
+
+# The one reason given for ``position_embeddings`` on every model without such a tensor (the same sentence on all).
+NO_POSITION_EMBEDDING = (
+    "the model has no learned absolute position embedding added to the token embeddings before layer 0 (positions "
+    "enter inside attention instead, as rotary / ALiBi, or not at all); blocks.0 / layers_input[0] is the first "
+    "residual stream"
+)
 
 
 class ArchitectureError(ValueError):
@@ -115,6 +127,9 @@ class Architecture:
     # heads add dense + activation + LayerNorm (``cls.predictions.transform``). Found by probe_dataflow.
     head_chain: list[str] | None = field(default_factory=list)  # None: not reproducible (see head_error)
     head_error: str | None = None
+    # the learned absolute position embedding whose output is added to the token embeddings before layer 0 (GPT-2's
+    # ``transformer.wpe``); None on rotary / ALiBi models. Found by probe_position_embedding.
+    position_embed_path: str | None = None
 
     def __post_init__(self):
         if not self.head_chain and self.final_norm_path:
@@ -523,7 +538,8 @@ def probe_dataflow(model: nn.Module, arch: Architecture) -> None:
       no parameters); ``None`` when the unembedding reads the last layer's output directly;
     * branch modules that add the residual themselves (Bloom's attention and MLP end in ``dropout_add(x,
       residual)``): their standardized output moves to their last projection, so ``attentions_output`` /
-      ``mlps_output`` are the branch, never branch + residual.
+      ``mlps_output`` are the branch, never branch + residual;
+    * the learned absolute position embedding, if any (``probe_position_embedding``).
     """
     layers_prefix = arch.layers_path + "."
     norms = {
@@ -625,3 +641,100 @@ def probe_dataflow(model: nn.Module, arch: Architecture) -> None:
                 p.attention_out = last[0]
             elif key == "mlp" and p.mlp_out == path:
                 p.mlp_out = last[0]
+    probe_position_embedding(model, arch)
+
+
+def _position_candidates(model: nn.Module, arch: Architecture) -> list[str]:
+    """Embedding tables outside the layer stack other than the token embedding, as wide as the hidden size."""
+    embed = model.get_submodule(arch.embed_path)
+    hidden = embed.weight.shape[-1]
+    layers_prefix = arch.layers_path + "."
+    out = []
+    for name, module in model.named_modules():
+        if not name or module is embed or name == arch.layers_path or name.startswith(layers_prefix):
+            continue
+        weight = getattr(module, "weight", None)
+        is_table = isinstance(module, nn.Embedding) or "embed" in type(module).__name__.lower()
+        if is_table and isinstance(weight, nn.Parameter) and weight.dim() == 2 and weight.shape[-1] == hidden:
+            out.append(name)  # rotary "embeddings" hold no table (an inv_freq buffer): never candidates
+    return out
+
+
+@torch.no_grad()
+def probe_position_embedding(model: nn.Module, arch: Architecture) -> str | None:
+    """The learned absolute position embedding, found by data flow (sets and returns ``arch.position_embed_path``).
+
+    A candidate (``_position_candidates``) qualifies when its output differs between positions but not between
+    token ids (a position table, not a token-type or second token table), and adding a random tensor ``delta`` to
+    its output changes layer 0's input by exactly ``delta``: its output is added, unscaled, to the (scaled) token
+    embeddings before the first layer (GPT-2 ``wte(ids) + wpe(pos)``, OPT ``embed_tokens(ids) * scale +
+    embed_positions(mask)``).
+
+    Example:
+        >>> from unilens.testing import tiny_model
+        >>> hf, _ = tiny_model("gpt2")
+        >>> probe_position_embedding(hf, discover(hf))
+        'transformer.wpe'
+        >>> llama, _ = tiny_model("llama")
+        >>> probe_position_embedding(llama, discover(llama)) is None  # rotary: no position tensor
+        True
+    """
+    arch.position_embed_path = None
+    candidates = _position_candidates(model, arch)
+    if not candidates:
+        return None
+    first_layer = model.get_submodule(arch.layers_path)[0]
+    device = module_device(model.get_input_embeddings())
+    vocab = model.get_input_embeddings().weight.shape[0]
+    ids = (torch.arange(4, device=device).unsqueeze(0) * 7 + 3) % vocab
+    generator = torch.Generator().manual_seed(0)
+    for name in candidates:
+        module = model.get_submodule(name)
+        seen: list[torch.Tensor] = []
+        deltas: list[torch.Tensor] = []
+
+        def on_output(mod, args, out):
+            if not deltas or not isinstance(out, torch.Tensor):
+                return None
+            return out + deltas[0].to(out.device, out.dtype).expand_as(out)
+
+        def on_layer(mod, args, kwargs):
+            x = _first_tensor(args) if args else kwargs.get("hidden_states")
+            seen.append(x.detach().clone() if isinstance(x, torch.Tensor) else None)
+            raise _StopForward
+
+        outputs: list[torch.Tensor] = []
+        handles = [
+            module.register_forward_hook(
+                lambda mod, a, out: outputs.append(out) if isinstance(out, torch.Tensor) else None
+            ),
+            module.register_forward_hook(on_output),
+            first_layer.register_forward_pre_hook(on_layer, with_kwargs=True),
+        ]
+        try:
+            for step in ("plain", "other tokens", "perturbed"):
+                if step == "perturbed":
+                    if len(outputs) != 2 or outputs[0].dim() != 3:
+                        break
+                    deltas.append(torch.randn(outputs[0].shape, generator=generator))
+                try:
+                    model(input_ids=ids if step != "other tokens" else (ids * 5 + 11) % vocab)
+                except _StopForward:
+                    pass
+        finally:
+            for h in handles:
+                h.remove()
+        if len(seen) != 3 or any(x is None for x in seen) or seen[0].shape != seen[2].shape:
+            continue
+        # a position embedding depends on the position, not on the tokens (unlike a token-type or second token table)
+        if not torch.equal(outputs[0], outputs[1]) or torch.equal(outputs[0][..., 0, :], outputs[0][..., 1, :]):
+            continue
+        seen = [seen[0], seen[2]]
+        delta = deltas[0].to(seen[0].device, torch.float32)
+        change = (seen[1] - seen[0]).float()
+        if delta.shape[0] == 1:
+            delta = delta.expand_as(change) if delta.dim() == change.dim() else delta
+        if change.shape == delta.shape and torch.allclose(change, delta, atol=1e-3 * (1 + float(delta.abs().max()))):
+            arch.position_embed_path = name
+            return name
+    return None

@@ -664,6 +664,48 @@ class StandardizedTransformer(LanguageModel):
         _check_shape("token_embeddings", value, envoy.output)
         envoy.output = value
 
+    def _position_envoy(self):
+        path = self.architecture.position_embed_path
+        if path is None:
+            from .discovery import NO_POSITION_EMBEDDING
+            from .hook_points import UnsupportedHookPoint
+
+            raise UnsupportedHookPoint("position_embeddings", self.architecture.model_type, NO_POSITION_EMBEDDING)
+        return self._envoy_at(path)
+
+    @property
+    def position_embeddings(self) -> torch.Tensor:
+        """Output of the learned absolute position embedding, ``(batch, seq, hidden)``: what the model adds to the
+        (scaled) token embeddings before layer 0 (TL ``hook_pos_embed``); settable. Models whose embedding returns
+        one row for the whole batch (GPT-2) give it expanded over the batch (a view: edit by assignment). Rotary /
+        ALiBi models have none: reading it raises ``UnsupportedHookPoint`` with the reason.
+
+        Example:
+            >>> from unilens import StandardizedTransformer
+            >>> from unilens.testing import tiny_model
+            >>> model = StandardizedTransformer(*tiny_model("gpt2"), check=False)
+            >>> with model.trace(["The cat sat on the mat", "A dog"]):
+            ...     pos = model.position_embeddings.save()  # (batch, seq, hidden)
+            >>> pos.shape[0], pos.shape[-1] == model.hidden_size
+            (2, True)
+        """
+        out = self._position_envoy().output  # (batch or 1, seq, hidden)
+        ids = self._last_batch.get("input_ids")
+        if isinstance(ids, torch.Tensor) and ids.dim() == 2 and out.shape[0] == 1 and ids.shape[0] != 1:
+            out = out.expand(ids.shape[0], *out.shape[1:])
+        return out
+
+    @position_embeddings.setter
+    def position_embeddings(self, value: torch.Tensor) -> None:
+        envoy = self._position_envoy()
+        old = envoy.output  # (batch or 1, seq, hidden)
+        ids = self._last_batch.get("input_ids")
+        if (isinstance(value, torch.Tensor) and old.shape[0] == 1 and isinstance(ids, torch.Tensor)
+                and ids.dim() == 2 and tuple(value.shape) == (ids.shape[0], *old.shape[1:])):
+            old = old.expand(ids.shape[0], *old.shape[1:])  # a per-row edit: the model adds it as it adds old
+        _check_shape("position_embeddings", value, old)
+        envoy.output = value
+
     @property
     def final_norm_scale(self) -> torch.Tensor:
         """The final norm's ``sqrt(var + eps)`` ``(batch, seq, 1)`` (TL ``ln_final.hook_scale``); settable."""

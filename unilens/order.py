@@ -29,9 +29,10 @@ LAYER_ACCESSORS: tuple[str, ...] = (
     "mlps_pre_linear", "mlps_post_activation", "layers_resid_mid", "input_norms_scale", "input_norms_normalized",
     "post_attention_norms_scale", "post_attention_norms_normalized",
 )  # fmt: skip
-# Whole-model tensors: the token embeddings come first, the logits (and what is computed from them) last.
-MODEL_ACCESSORS: tuple[str, ...] = ("token_embeddings", "final_norm_scale", "final_norm_normalized", "logits",
-                                    "next_token_probs")
+# Whole-model tensors: the embeddings come first (token vs position embedding order is recorded: OPT and GPT-2 both
+# embed tokens first, nothing requires it), the logits (and what is computed from them) last.
+MODEL_ACCESSORS: tuple[str, ...] = ("token_embeddings", "position_embeddings", "final_norm_scale",
+                                    "final_norm_normalized", "logits", "next_token_probs")
 
 # the LAYER_ACCESSORS that unilens.hook_points serves (refused per layer with a reason)
 _POINT_NAMES = frozenset(LAYER_ACCESSORS[LAYER_ACCESSORS.index("attention_queries_pre_rotary"):])
@@ -129,6 +130,8 @@ def forward_order(model: "StandardizedTransformer") -> dict[Location, int]:
         entry[1 if io == "input" else 2].append(loc)
 
     site(model.architecture.embed_path, "output", ("token_embeddings", None))
+    if model.architecture.position_embed_path is not None:
+        site(model.architecture.position_embed_path, "output", ("position_embeddings", None))
     setup = model.__dict__.get("_hook_point_setup")
     if setup is not None:
         for point in ("final_norm_scale", "final_norm_normalized"):
@@ -210,6 +213,9 @@ def parse_names(model: "StandardizedTransformer", names: str | Sequence[str]) ->
         if accessor in MODEL_ACCESSORS and not index:
             if setup is not None and accessor.startswith("final_norm_"):
                 setup.check(accessor, None)  # UnsupportedHookPoint with the reason where the model has none
+            if accessor == "position_embeddings":
+                if model.architecture.position_embed_path is None:
+                    model._position_envoy()  # UnsupportedHookPoint: the model has no learned position embedding
             out.append((accessor, None))
             continue
         if accessor not in LAYER_ACCESSORS:

@@ -43,6 +43,7 @@ REMOTE_ACCESSORS: dict[str, str | None] = {  # name -> None (works remotely) or 
     "mlps_input": None,
     "mlps_output": None,
     "token_embeddings": None,
+    "position_embeddings": None,
     "logits": None,
     "next_token_probs": None,
     "attention_probabilities": _NO_HOOKS,
@@ -499,7 +500,8 @@ def remote_architecture(structure: Any) -> Any:
     probe_dataflow(small, found)
     if kept == arch.num_layers:
         return found
-    for name in ("parallel", "final_norm_path", "head_chain", "head_error", "mutated_in_place"):
+    for name in ("parallel", "final_norm_path", "head_chain", "head_error", "mutated_in_place",
+                 "position_embed_path"):
         setattr(arch, name, copy.deepcopy(getattr(found, name)))
     moved = {(b.attention, b.mlp, b.mlp_in, b.mlp_out): a for b, a in zip(before, found.layers)}
     for i, part in enumerate(arch.layers):  # the probes moved a branch's output to its last projection: same there
@@ -587,6 +589,8 @@ def remote_support(model: Any) -> dict[str, str]:
             out[name] = "n/a: no MLP found"
         elif name == "mlps_output" and not any(p.mlp_out for p in arch.layers):
             out[name] = "n/a: no MLP found"
+        elif name == "position_embeddings" and arch.position_embed_path is None:
+            out[name] = "n/a: no learned absolute position embedding"
         else:
             out[name] = "supported"
     out["hook_points"] = "refused: " + _NO_POINTS
@@ -603,13 +607,16 @@ def support_table(model_types: Any) -> str:
     """
     from types import SimpleNamespace
 
-    from .discovery import discover
+    from .discovery import discover, probe_position_embedding
     from .testing import tiny_model
 
     names = [n for n in REMOTE_ACCESSORS if n != "unilens_hooks"] + ["hook_points"]
     lines = ["| model type | " + " | ".join(f"`{n}`" for n in names) + " |", "|---" * (len(names) + 1) + "|"]
     for model_type in model_types:
-        support = remote_support(SimpleNamespace(architecture=discover(tiny_model(model_type)[0])))
+        hf = tiny_model(model_type)[0]
+        arch = discover(hf)
+        probe_position_embedding(hf, arch)  # a data-flow finding: structure alone does not say
+        support = remote_support(SimpleNamespace(architecture=arch))
         cells = [support[n].split(":")[0].replace("supported", "yes") for n in names]
         lines.append(f"| {model_type} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -762,9 +762,23 @@ class AttentionProbabilitiesAccessor:
             layer = arch.attention_layers[0]
         text = "The quick brown fox jumps"
         saved: dict[str, torch.Tensor] = {}
-        with torch.no_grad(), self.model.trace(text):
-            saved["probs"] = self[layer].save()
-            saved["clean"] = self.model.logits.save()
+        try:
+            with torch.no_grad(), self.model.trace(text):
+                saved["probs"] = self[layer].save()
+                saved["clean"] = self.model.logits.save()
+        except RenamingError:
+            raise
+        except Exception as err:
+            if not self.custom:
+                raise
+            # e.g. nnterp's own sources drill into eager_attention_forward, a function this model never calls
+            raise RenamingError(
+                f"RenameConfig.attn_prob_source could not be read at layer {layer}: {type(err).__name__}: {err}. The "
+                "model runs unilens's attention function, not transformers' eager_attention_forward, so a source inside "
+                "attention_interface does not exist here; drop attn_prob_source (model.attention_probabilities gives "
+                "the probabilities of every model without it), or name an operation of the attention module's own "
+                "forward (see model.attention_probabilities.print_source())."
+            ) from err
         probs = saved["probs"]
         batch, seq = self.model.input_ids.shape if self.model.input_ids is not None else (1, probs.shape[-1])
         heads = probs.shape[1] if probs.dim() == 4 else None

@@ -81,6 +81,7 @@ BLOCK_ALIASES: dict[str, tuple[str, str]] = {
 }
 MODEL_ALIASES: dict[str, tuple[str, str]] = {
     "hook_embed": ("token_embeddings", SAME),  # (batch, pos, d_model)
+    "hook_pos_embed": ("position_embeddings", SAME),  # (batch, pos, d_model): learned absolute positions only
     "ln_final.hook_scale": ("final_norm_scale", SAME),
     "ln_final.hook_normalized": ("final_norm_normalized", SAME),
     "hook_unembed": ("logits", SAME),  # (batch, pos, d_vocab)
@@ -88,8 +89,6 @@ MODEL_ALIASES: dict[str, tuple[str, str]] = {
 }
 # TL names unilens refuses on every model, with the reason.
 REFUSED: dict[str, str] = {
-    "hook_pos_embed": "unilens has no standardized position-embedding tensor: learned positions are part of "
-    "blocks.0.hook_resid_pre (= hook_embed + positions on GPT-2-style models); rotary / ALiBi models have none",
     "mlp.hook_mid": "SoLU's mid-activation exists only in TransformerLens's own SoLU models",
 }
 
@@ -228,6 +227,10 @@ def _check_available(model: "StandardizedTransformer", name: str, accessor: str,
             raise TLNameError(f"{name} ({accessor}) is not available on this {kind} model: {reason}.")
         return
     if layer is None:
+        if accessor == "position_embeddings" and model.architecture.position_embed_path is None:
+            from .discovery import NO_POSITION_EMBEDDING
+
+            raise TLNameError(f"{name} ({accessor}) is not available on this {kind} model: {NO_POSITION_EMBEDDING}.")
         return
     if order._layer_sites(model, layer).get(accessor) is None:
         arch = model.architecture
@@ -274,7 +277,8 @@ def hook_names(model: "StandardizedTransformer") -> list[str]:
     if cached is not None:
         return list(cached)
     names = []
-    candidates = ["hook_embed"] + [f"blocks.{i}.{k}" for i in range(model.num_layers) for k in BLOCK_ALIASES]
+    candidates = ["hook_embed", "hook_pos_embed"]
+    candidates += [f"blocks.{i}.{k}" for i in range(model.num_layers) for k in BLOCK_ALIASES]
     candidates += ["ln_final.hook_scale", "ln_final.hook_normalized", "hook_unembed", "unembed.hook_out"]
     for name in candidates:
         try:
