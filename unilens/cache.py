@@ -62,6 +62,7 @@ import re
 import sys
 import time
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
@@ -721,6 +722,35 @@ def cache_activations(
     upper = total + generate_tokens * len(tokens.text_index)  # with generation: at most this many rows
     bar = RankProgress(upper, done_tokens, progress, desc="caching activations")
     written: dict[int, dict[str, Any]] = {}
+
+    def record(k: int, data: bytes, n_rows: int) -> None:
+        """Hash, write and list shard ``k`` (on the writer thread: hashing, writing and fsync release the GIL, so they
+        overlap the next shard's forwards)."""
+        entry = {"rows": [0, n_rows], **_expected_entry(k, plan, tokens, rows=not generate_tokens),
+                 "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}  # fmt: skip
+        try:
+            _write_shard(out_dir / entry["file"], data)
+        except OSError as err:
+            if err.errno in _DISK_FULL:
+                raise _disk_full(err, out_dir, len(_contiguous(done)), entry["file"]) from err
+            raise
+        written[k] = entry
+        try:
+            if world == 1:  # one process: the manifest lists every shard as soon as it is on disk
+                done[k] = entry
+                listed = _contiguous(done)
+                _write_manifest(manifest_path, {**header, "complete": len(done) == len(plan), "shards": listed})
+            else:  # a rank's own record; rank 0 lists it in manifest.json once every rank is done
+                _atomic_write(out_dir / f"shard_{k:05d}.done.json", json.dumps(entry, sort_keys=True).encode())
+        except OSError as err:  # the shard is on disk but unrecorded: it is recomputed on resume
+            if err.errno in _DISK_FULL:
+                raise _disk_full(err, out_dir, len(_contiguous(done)), MANIFEST) from err
+            raise
+
+    # One writer thread, at most one shard in flight: shard k is written while shard k+1 is computed (memory: about
+    # two shards), shards are recorded in order, and a write error stops the run at the next shard.
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="unilens-cache-writer")
+    pending: Future | None = None
     try:
         for k in mine:
             a, b = plan[k]
@@ -732,29 +762,15 @@ def cache_activations(
                 data, n_rows = _compute_shard(
                     model, resolved, tokens, a, b, batch_size, key_length, pad_id, rows_spec, bar, delay
                 )
-            entry = {"rows": [0, n_rows], **_expected_entry(k, plan, tokens, rows=not generate_tokens),
-                     "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}  # fmt: skip
-            try:
-                _write_shard(out_dir / entry["file"], data)
-            except OSError as err:
-                if err.errno in _DISK_FULL:
-                    raise _disk_full(err, out_dir, len(_contiguous(done)), entry["file"]) from err
-                raise
+            if pending is not None:
+                pending.result()
+            pending = writer.submit(record, k, data, n_rows)
             del data
-            written[k] = entry
-            try:
-                if world == 1:  # one process: the manifest lists every shard as soon as it is on disk
-                    done[k] = entry
-                    listed = _contiguous(done)
-                    _write_manifest(manifest_path, {**header, "complete": len(done) == len(plan), "shards": listed})
-                else:  # a rank's own record; rank 0 lists it in manifest.json once every rank is done
-                    _atomic_write(out_dir / f"shard_{k:05d}.done.json", json.dumps(entry, sort_keys=True).encode())
-            except OSError as err:  # the shard is on disk but unrecorded: it is recomputed on resume
-                if err.errno in _DISK_FULL:
-                    raise _disk_full(err, out_dir, len(_contiguous(done)), MANIFEST) from err
-                raise
+        if pending is not None:
+            pending.result()
         bar.finish()
     finally:
+        writer.shutdown(wait=True)  # a shard being written when a forward failed still lands (a resume keeps it)
         bar.close()
     if world > 1:
         for part in all_gather_objects(written):  # also the barrier: every rank has written its shards
