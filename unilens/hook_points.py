@@ -578,40 +578,33 @@ def _install(hf_model: nn.Module, arch: Any, attention_modules: list, unflatten:
             equal = [(name, m) for name, m in norms if _same(calls["outputs"][id(m)], target)]
             return (same or equal or [None])[0]
 
-        # --- input norm -------------------------------------------------------------------------------------
+        def plan_norm(part: str, found: tuple[str, nn.Module] | None, refusal: str | None, points: tuple[str, str]):
+            """Serve ``points`` (scale, normalized) from the norm ``found`` feeding a branch, or record why not."""
+            if refusal is None and found is None:
+                branch = "attention" if part == "input_norm" else "MLP"
+                refusal = (f"the {branch} reads the residual stream directly (no norm before it; e.g. OLMo 2 "
+                           "normalizes the branch outputs instead)")
+            result = refusal if refusal is not None else _probe_norm(found[1], f"{base}.{found[0]}", config)
+            if isinstance(result, str):
+                plan.refused[part] = result
+                return
+            plan.parts[part] = result
+            result.group = _group_on(found[1], ["scale", "normalized"])
+            for point in points:
+                paths[(point, i)] = f"{base}.{found[0]}.unilens_points.{_POINTS[point][1]}"
+
+        # --- the norms feeding the attention and the MLP --------------------------------------------------------
         found = feeding(attn_in) if attn is not None else None
-        if attn is None:
-            plan.refused["input_norm"] = "this layer has no softmax attention (hybrid model)"
-        elif found is None:
-            plan.refused["input_norm"] = ("the attention reads the residual stream directly (no norm before it; e.g. "
-                                          "OLMo 2 normalizes the branch outputs instead)")
-        else:
-            result = _probe_norm(found[1], f"{base}.{found[0]}", config)
-            if isinstance(result, str):
-                plan.refused["input_norm"] = result
-            else:
-                plan.parts["input_norm"] = result
-                result.group = _group_on(found[1], ["scale", "normalized"])
-                for point in ("input_norms_scale", "input_norms_normalized"):
-                    paths[(point, i)] = f"{base}.{found[0]}.unilens_points.{_POINTS[point][1]}"
-        # --- MLP input norm -----------------------------------------------------------------------------------
+        plan_norm("input_norm", found, "this layer has no softmax attention (hybrid model)" if attn is None else None,
+                  ("input_norms_scale", "input_norms_normalized"))
         found_mlp = feeding(mlp_in) if mlp_first is not None else None
+        mlp_refusal = None
         if mlp_first is None:
-            plan.refused["mlp_norm"] = "this layer has no MLP"
-        elif found_mlp is None:
-            plan.refused["mlp_norm"] = "the MLP reads the residual stream directly (no norm before it)"
-        elif found is not None and found_mlp[1] is found[1]:
-            plan.refused["mlp_norm"] = ("parallel block: the MLP reads the same norm output as the attention; use "
-                                        "input_norms_scale / input_norms_normalized")
-        else:
-            result = _probe_norm(found_mlp[1], f"{base}.{found_mlp[0]}", config)
-            if isinstance(result, str):
-                plan.refused["mlp_norm"] = result
-            else:
-                plan.parts["mlp_norm"] = result
-                result.group = _group_on(found_mlp[1], ["scale", "normalized"])
-                for point in ("post_attention_norms_scale", "post_attention_norms_normalized"):
-                    paths[(point, i)] = f"{base}.{found_mlp[0]}.unilens_points.{_POINTS[point][1]}"
+            mlp_refusal = "this layer has no MLP"
+        elif found is not None and found_mlp is not None and found_mlp[1] is found[1]:
+            mlp_refusal = ("parallel block: the MLP reads the same norm output as the attention; use "
+                           "input_norms_scale / input_norms_normalized")
+        plan_norm("mlp_norm", found_mlp, mlp_refusal, ("post_attention_norms_scale", "post_attention_norms_normalized"))
         # --- attention --------------------------------------------------------------------------------------
         if attn is None:
             plan.refused["attention"] = "this layer has no softmax attention (hybrid model)"
