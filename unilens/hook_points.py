@@ -921,12 +921,9 @@ class HookPointAccessor:
         self.model, self.point = model, point
 
     def _index(self, i: int) -> int:
-        if not isinstance(i, int):
-            raise TypeError(f"{self.point} takes an int layer index, got {type(i).__name__}.")
-        n = self.model.num_layers
-        if not -n <= i < n:
-            raise IndexError(f"{self.point}[{i}]: layer index out of range, the model has {n} layers (0..{n - 1}).")
-        return i % n
+        from .model import layer_index  # model imports this module lazily: no cycle at import time
+
+        return layer_index(self.point, i, self.model.num_layers)
 
     def _envoy(self, i: int | None):
         setup: HookPointSetup | None = self.model.__dict__.get("_hook_point_setup")

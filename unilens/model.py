@@ -139,6 +139,15 @@ def _check_inputs(inputs: tuple) -> None:
         )
 
 
+def layer_index(name: str, i: int, n: int) -> int:
+    """``i`` (negative counts from the end) as a layer index of a model with ``n`` layers, or a clear error."""
+    if not isinstance(i, int):
+        raise TypeError(f"{name} takes an int layer index, got {type(i).__name__}.")
+    if not -n <= i < n:
+        raise IndexError(f"{name}[{i}]: layer index out of range, the model has {n} layers (0..{n - 1}).")
+    return i % n
+
+
 class LayerAccessor:
     """``model.<name>[i]``: read (``.save()``) or assign one standardized tensor of layer ``i`` inside a trace.
 
@@ -152,12 +161,7 @@ class LayerAccessor:
         self._copy = io == "output" and kind in model.architecture.mutated_in_place
 
     def _index(self, i: int) -> int:
-        if not isinstance(i, int):
-            raise TypeError(f"{self._name} takes an int layer index, got {type(i).__name__}.")
-        n = self._model.num_layers
-        if not -n <= i < n:
-            raise IndexError(f"{self._name}[{i}]: layer index out of range, the model has {n} layers (0..{n - 1}).")
-        return i % n
+        return layer_index(self._name, i, self._model.num_layers)
 
     def __len__(self) -> int:
         return self._model.num_layers
