@@ -150,17 +150,24 @@ def test_distributed_cache_runs_one_process_and_two_ranks(bench, tmp_path):
     hf, tok = tiny_model("llama", num_hidden_layers=3)
     hf.save_pretrained(tmp_path / "model")
     tok.save_pretrained(tmp_path / "model")
+    ram = "one process, 2 threads, store in RAM (tmpfs)"
     results = bench.distributed_cache_runs(texts=16, shard_tokens=60, reps=1, model_folder=str(tmp_path / "model"),
-                                           configs=["one process, 2 threads", "torchrun 2 ranks x 1 thread"],
+                                           configs=["one process, 2 threads", ram, "torchrun 2 ranks x 1 thread"],
                                            timeout_s=300)  # fmt: skip
     one, two = results["one process, 2 threads"], results["torchrun 2 ranks x 1 thread"]
     assert (one["world"], two["world"]) == (1, 2) and two["torchrun"]
     # the same store on disk (same tokens, same bytes) and the same batches, split over the ranks
     assert one["tokens"] == two["tokens"] and one["bytes"] == two["bytes"] and one["batches"] == two["batches"]
     assert one["shards"] >= 2
-    lines = bench.distributed_cache_section(results, "tiny llama")
+    if bench.RAM_DISK.is_dir():  # the same store in RAM
+        assert (results[ram]["tokens"], results[ram]["bytes"]) == (one["tokens"], one["bytes"])
+    interference = bench.disk_interference(mb=16, reps=1)
+    assert set(interference) <= {"disk", "ram"} and "disk" in interference
+    assert all(value > 0 for value in interference.values())
+    lines = bench.distributed_cache_section(results, "tiny llama", interference)
     assert lines[0] == bench.DP_START and bench.DP_END in lines
-    assert sum(line.startswith("| one process") or line.startswith("| torchrun") for line in lines) == 2
+    assert sum(line.startswith("| one process") or line.startswith("| torchrun") for line in lines) == len(results)
+    assert any("disk_interference" in line for line in lines)
     out = tmp_path / "RESULTS.md"
     out.write_text("# results\n\nkept\n")
     bench.write_section(out, lines)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -26,7 +27,7 @@ from unilens.cache import (
     main_cache,
     read_texts,
 )
-from unilens.testing import tiny_model
+from unilens.testing import ZOO_REQUIRED, tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,6 +40,8 @@ TEXTS = [
     "When Mary and John went to the store, John gave a drink to Mary.",
     "Berlin",
 ]
+_LAYER_ACCESSORS = ("layers_input", "layers_output", "attentions_input", "attentions_output", "mlps_input",
+                    "mlps_output")  # module inputs / outputs: read by torch hooks
 NAMES = ["layers_output.*", "attentions_output.0", "mlps_input.1", "attention_probabilities.1", "logits"]
 
 
@@ -105,6 +108,31 @@ def test_values_equal_single_text_traces(model, tmp_path):
     # padding never reaches the store: one row per real token
     assert len(exact) == len(batched) == expected_tokens == exact.manifest["inputs"]["num_tokens"]
     assert exact.manifest["inputs"]["skipped_texts"] == [3]
+
+
+@pytest.mark.parametrize("model_type", ZOO_REQUIRED)
+def test_hook_reads_equal_the_accessors(model_type):
+    """cache_activations reads module inputs / outputs with torch hooks (and, with nothing else to read, without a
+    trace): on every architecture they are bitwise the tensors the accessors return in a trace, in a padded batch
+    (OPT's flattened MLP tokens, Falcon's in-place MLP output, MoE blocks, parallel attention / MLP)."""
+    hf, tok = tiny_model(model_type, seed=0)
+    model = StandardizedTransformer(hf, tokenizer=tok, check=False)
+    names = cache_mod._resolve_names(model, [f"{a}.*" for a in cache_mod._KINDS if a in _LAYER_ACCESSORS])
+    rows = [torch.arange(3, 12).numpy(), torch.arange(20, 25).numpy()]  # 9 and 5 tokens: right padding
+    pad = cache_mod._pad_id(model.tokenizer)
+    for with_logits in (False, True):  # hook reads only (no trace) / hook reads inside the trace that reads logits
+        wanted = names + ([cache_mod._Name("logits", None)] if with_logits else [])
+        hooked, mask = cache_mod._run_batch(model, wanted, rows, pad)
+        traced, _ = cache_mod._run_batch(model, wanted, rows, pad, hooks=False)
+        consumed: dict[str, torch.Tensor] = {}  # values handed over during the forward, copied at once (as stored)
+        rest, _ = cache_mod._run_batch(model, wanted, rows, pad, consume=lambda k, v: consumed.__setitem__(k, v.clone()))
+        assert set(hooked) == set(traced) == {n.key for n in wanted} == set(consumed) | set(rest)
+        assert set(rest) == (set(traced) if with_logits else set())  # a trace runs: values come back after it
+        real = mask.bool()
+        for key, want in traced.items():
+            for got in (hooked[key], consumed.get(key, rest.get(key))):
+                assert got.shape == want.shape, key
+                assert torch.equal(got[real], want[real]), key  # padded positions never reach a store
 
 
 def test_dataset_rows_and_shards(tmp_path):
@@ -210,16 +238,14 @@ def test_resume_ignores_and_cleans_partial_files(saved_model, tmp_path):
 def test_disk_full_keeps_store_consistent_and_resumable(saved_model, tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match="empty"):
         _main(saved_model, tmp_path / "reference")
-    real_write = cache_mod._write_shard
-    calls = []
+    real_pwrite = cache_mod._pwrite
 
-    def full_disk(path, data):
-        calls.append(path.name)
-        if len(calls) == 3:
+    def full_disk(fd, data, offset):  # the disk fills while the third shard's rows are written (mid-forward)
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("shard_00002.safetensors.tmp") and offset > 0:
             raise OSError(errno.ENOSPC, "No space left on device")
-        real_write(path, data)
+        real_pwrite(fd, data, offset)
 
-    monkeypatch.setattr(cache_mod, "_write_shard", full_disk)
+    monkeypatch.setattr(cache_mod, "_pwrite", full_disk)
     out = tmp_path / "full"
     with pytest.warns(UserWarning, match="empty"), pytest.raises(CacheDiskFullError, match="disk full.*resume"):
         _main(saved_model, out)
@@ -231,7 +257,7 @@ def test_disk_full_keeps_store_consistent_and_resumable(saved_model, tmp_path, m
     partial.verify()
     assert len(partial) == manifest["shards"][-1]["rows"][1]
 
-    monkeypatch.setattr(cache_mod, "_write_shard", real_write)
+    monkeypatch.setattr(cache_mod, "_pwrite", real_pwrite)
     with pytest.warns(UserWarning, match="empty"):
         _main(saved_model, out)
     assert _store_bytes(out) == _store_bytes(tmp_path / "reference")
@@ -248,6 +274,60 @@ def test_verify_names_the_corrupt_shard(tmp_path):
     shard.write_bytes(bytes(data))
     with pytest.raises(CacheCorruptError, match=store.shards[1]["file"]):
         store.verify()
+    data[-1] ^= 0xFF  # repaired; then the manifest rewritten as format 1 wrote it (sha256 per shard): still verified
+    shard.write_bytes(bytes(data))
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    for entry in manifest["shards"]:
+        del entry["xxh3_128"]
+        entry["sha256"] = hashlib.sha256((tmp_path / entry["file"]).read_bytes()).hexdigest()
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    legacy = ActivationStore(tmp_path)
+    legacy.verify()
+    data[0] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CacheCorruptError, match=f"{store.shards[1]['file']}.*sha256"):
+        legacy.verify()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_shard_bytes_are_safetensors_own(dtype, tmp_path):
+    """Shards are written straight from their buffers in safetensors' own layout: the very bytes
+    safetensors.torch.save makes, read back equal by safetensors, with the checksum of those bytes."""
+    import xxhash
+    from safetensors.torch import load_file, save
+
+    gen = torch.Generator().manual_seed(0)
+    tensors = {
+        "layers_output.1": torch.randn(5, 3, generator=gen).to(dtype),
+        "layers_output.0": torch.randn(5, 3, generator=gen).to(dtype),
+        "attention_probabilities.0": torch.rand(5, 2, 4, generator=gen).to(dtype),
+        "logits": torch.randn(5, 7, generator=gen),  # float32 beside another dtype
+        "token_ids": torch.arange(5), "text_index": torch.zeros(5, dtype=torch.long), "position": torch.arange(5),
+    }  # fmt: skip
+    size, digest = cache_mod._write_shard(tmp_path / "shard.safetensors", tensors)
+    assert not (tmp_path / "shard.safetensors").exists()  # a temp file until committed
+    cache_mod._commit_shard(tmp_path / "shard.safetensors")
+    written = (tmp_path / "shard.safetensors").read_bytes()
+    assert written == save(tensors, metadata={"format": "pt"})
+    assert (size, digest) == (len(written), xxhash.xxh3_128(written).hexdigest())
+    back = load_file(tmp_path / "shard.safetensors")
+    assert set(back) == set(tensors) and all(torch.equal(back[k], v) for k, v in tensors.items())
+
+
+def test_shard_file_refuses_unwritten_or_misfit_rows(tmp_path):
+    """A shard is written in place row by row: a row never written (a hole: zeros on disk) or rows that do not fit
+    its layout are errors, never a silently wrong file."""
+    path = tmp_path / "shard.safetensors"
+    shard = cache_mod._ShardFile(path, {"x": (torch.float32, (3,)), "token_ids": (torch.int64, ())}, rows=4)
+    shard.write("x", 0, torch.ones(3, 3))
+    shard.write("token_ids", 0, torch.arange(4))
+    with pytest.raises(CacheError, match="rows"):
+        shard.write("x", 3, torch.ones(2, 3))  # past row 3, the last
+    with pytest.raises(CacheError, match="rows"):
+        shard.write("x", 3, torch.ones(1, 4))  # a row of another shape
+    with pytest.raises(CacheError, match=r"\{'x': 3\}"):
+        shard.finish()  # row 3 of x was never written
+    assert not list(tmp_path.iterdir())  # the temp file is gone
 
 
 def test_bad_inputs(tmp_path):

@@ -2,7 +2,7 @@
 
 Layout of a store (``out_dir``)::
 
-    manifest.json              model identity, arguments, per-name row shape / dtype, shard list (sha256)
+    manifest.json              model identity, arguments, per-name row shape / dtype, shard list (xxh3_128)
     shard_00000.safetensors    every requested name's rows for the shard + ``token_ids``, ``text_index``, ``position``
     shard_00001.safetensors    ...
 
@@ -29,9 +29,13 @@ that has one), ``"attention_probabilities.3"``, plus ``"logits"``. Per-token row
 Shards are contiguous groups of texts closed as soon as they hold ``shard_tokens`` rows, so boundaries depend
 only on the inputs and arguments. Within a shard, texts are sorted by length into batches (right padding,
 so each real token sees exactly what it would see alone); the batch plan is deterministic too, so a resumed
-run is byte-identical to an uninterrupted one. Each shard is written to a ``.tmp`` name, fsynced, renamed, and
-only then is ``manifest.json`` rewritten (temp + fsync + rename): a kill at any moment leaves a store that the
-same call resumes from its last complete shard. Memory holds one shard's rows plus one batch's activations.
+run is byte-identical to an uninterrupted one. Each shard is a safetensors file written in place under a ``.tmp``
+name as its batches run (every activation is copied once, from the model's tensor into the file), checksummed
+(xxh3_128), fsynced, renamed, and only then is ``manifest.json`` rewritten (temp + fsync + rename): a kill at any
+moment leaves a store that the same call resumes from its last complete shard. Memory holds one batch's
+activations (no shard is built in memory). Module inputs / outputs (``layers_*``, ``attentions_*``, ``mlps_*``) are
+read by torch hooks on the modules the accessors read (tested bitwise against them on every architecture); when
+nothing else is asked for, the batch runs the model's forward without an nnsight trace.
 
 Texts that are empty (``""``) or tokenize to no token are skipped with a warning; their indices are listed in
 the manifest (``inputs.skipped_texts``) and other texts keep their original ``text_index``.
@@ -53,6 +57,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -65,13 +70,12 @@ import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-from safetensors.torch import save as safetensors_save
 
 from .distributed import RankProgress, all_gather_objects, barrier, broadcast_object, rank_world
 
@@ -91,7 +95,9 @@ __all__ = [
 ]
 
 FORMAT = "unilens-activation-cache"
-FORMAT_VERSION = 1
+# 2: shards are checksummed with xxh3_128 (~20 GB/s) instead of sha256 (~1.3 GB/s, a full core at GPU caching rates);
+# ActivationStore still reads and verifies version-1 stores (their entries carry "sha256")
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 _SHARD_RE = re.compile(r"^shard_\d{5}\.safetensors$")
 # A shard finished by one rank of a distributed run, not yet listed in manifest.json (rank 0 lists it at the end)
@@ -137,7 +143,7 @@ class CacheDiskFullError(OSError):
 
 
 class CacheCorruptError(ValueError):
-    """A shard's bytes do not match the sha256 recorded in the manifest (or the shard is missing)."""
+    """A shard's bytes do not match the checksum recorded in the manifest (or the shard is missing)."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -190,13 +196,26 @@ def _resolve_names(model: "StandardizedTransformer", names: str | Sequence[str])
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _sha256_tensor_sample(t: torch.Tensor, max_elements: int = 1 << 20) -> str:
+def _sha256_tensor_sample(t: torch.Tensor, max_elements: int = 1 << 16) -> str:
     """sha256 of up to ``max_elements`` evenly strided elements of ``t`` (bytes as stored), plus its shape/dtype."""
     flat = t.detach().reshape(-1)
     step = max(1, flat.numel() // max_elements)
     sample = flat[::step].contiguous().cpu()
     h = hashlib.sha256(f"{tuple(t.shape)}|{t.dtype}|{step}".encode())
     h.update(sample.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+_CHECKSUM = "xxh3_128"  # the manifest key of a shard's checksum (format version 2)
+
+
+def _checksum(algorithm: str, f: BinaryIO) -> str:
+    """Hex digest of the binary file ``f`` (read in 4 MiB blocks) with ``"xxh3_128"`` or ``"sha256"``."""
+    import xxhash
+
+    h = xxhash.xxh3_128() if algorithm == _CHECKSUM else hashlib.sha256()
+    for block in iter(lambda: f.read(1 << 22), b""):
+        h.update(block)
     return h.hexdigest()
 
 
@@ -236,6 +255,7 @@ def _model_identity(model: "StandardizedTransformer") -> dict[str, Any]:
     }
 
 
+@functools.lru_cache(maxsize=None)  # installed versions do not change under a running process (importlib: ~5 ms)
 def _versions() -> dict[str, str]:
     from . import __version__
 
@@ -352,10 +372,37 @@ def _pad_id(tokenizer: Any) -> int:
     return 0
 
 
+def _module_reads(model: "StandardizedTransformer", names: list[_Name]) -> dict[str, tuple[torch.nn.Module, str, bool]]:
+    """``{key: (module, "input" | "output", copy)}`` for the names that are a module's first input / output (the
+    six ``LayerAccessor`` names): `_run_batch` reads those with a plain torch hook on the very module the accessor's
+    nnsight envoy wraps, which skips nnsight's per-read interleaving (a switch into the trace body for each read,
+    ~4% of a SmolLM2 forward for 30 reads). The tensor is the one the accessor returns (`_first` of the output, or
+    the first positional / keyword input, unflattened the same way; copied where the accessor copies), checked
+    bitwise against the accessors on every architecture by tests/test_cache.py. Other names (attention hook
+    points, logits) and remote models are read through the trace."""
+    from .model import LayerAccessor
+
+    if model.__dict__.get("_remote_mode"):
+        return {}
+    sites = {}
+    for name in names:
+        accessor = getattr(model, name.accessor) if name.layer is not None else None
+        if isinstance(accessor, LayerAccessor):
+            envoy = accessor._envoy_of(accessor._index(name.layer))
+            sites[name.key] = (envoy._module, accessor._io, accessor._copy)
+    return sites
+
+
 def _run_batch(
-    model: "StandardizedTransformer", names: list[_Name], rows: list[np.ndarray], pad_id: int
+    model: "StandardizedTransformer", names: list[_Name], rows: list[np.ndarray], pad_id: int, hooks: bool = True,
+    consume: Callable[[str, torch.Tensor], None] | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """One right-padded forward; returns ``{name: raw saved tensor}`` and the ``(batch, seq)`` mask."""
+    """One right-padded forward; returns ``{name: raw saved tensor}`` and the ``(batch, seq)`` mask.
+
+    ``consume(key, value)``: where every name is hook-read (no trace runs), called from the hook with each value while
+    the forward runs (the tensor is still in the CPU's cache, and nothing the model later changes in place has changed
+    yet); those keys are then not in the returned dict. ``hooks=False`` reads every name through a trace (the
+    reference the torch-hook reads are tested against)."""
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -363,16 +410,53 @@ def _run_batch(
         ids[b, : len(r)] = torch.from_numpy(r)
         mask[b, : len(r)] = 1
     device = model.input_device
+    sites = _module_reads(model, names) if hooks else {}
+    traced = len(sites) < len(names)  # a trace reads the rest (an error raised in a hook then surfaces from nnsight)
+    consume = None if traced else consume
+    hooked: dict[str, torch.Tensor | None] = {}
+
+    def keep(key: str, value: Any, copy: bool) -> None:
+        if key not in hooked:  # a module called twice: its first call, as nnsight's .input / .output
+            value = (value[0] if isinstance(value, (tuple, list)) else value).detach()
+            if consume is None:
+                hooked[key] = value.clone() if copy else value
+            else:
+                hooked[key] = None
+                consume(key, model._unflatten_tokens(value))
+
+    handles = []
+    for key, (module, io, copy) in sites.items():
+        if io == "output":
+            hook = lambda _m, _args, out, key=key, copy=copy: keep(key, out, copy)  # noqa: E731
+            handles.append(module.register_forward_hook(hook))
+        else:  # nnsight's .input: the first positional argument, else the first keyword one
+            hook = lambda _m, args, kwargs, key=key: keep(key, args[0] if args else next(iter(kwargs.values())), False)  # noqa: E731
+            handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
     saved: dict[str, torch.Tensor] = {}  # built before the trace: nnsight does not push back containers made inside
     wants_logits = any(name.layer is None for name in names)
     lean = {} if wants_logits else model._keep_last_logits_kwargs()
-    with torch.no_grad(), model.trace({"input_ids": ids.to(device), "attention_mask": mask.to(device)}, **lean):
-        for name in names:
-            if name.layer is None:
-                saved[name.key] = model.logits.save()
-            else:
-                saved[name.key] = getattr(model, name.accessor)[name.layer].save()
-        saved = _save(saved)  # a remote request returns saved names only: the dict itself
+    inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}  # what a trace passes the model too
+    try:
+        if not traced:  # every name is hook-read: the model's forward without a trace, which spares
+            with torch.no_grad():  # nnsight's interleaver (~15 us per module call, ~2.5% of a SmolLM2 batch)
+                model.module_accessor.model(**inputs, **lean)
+        else:
+            with torch.no_grad(), model.trace(inputs, **lean):
+                for name in names:
+                    if name.key in sites:
+                        continue
+                    if name.layer is None:
+                        saved[name.key] = model.logits.save()
+                    else:
+                        saved[name.key] = getattr(model, name.accessor)[name.layer].save()
+                saved = _save(saved)  # a remote request returns saved names only: the dict itself
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [key for key in sites if key not in hooked]
+    if missing:
+        raise CacheError(f"{missing} were not computed by this forward (their module never ran).")
+    saved.update({key: model._unflatten_tokens(value) for key, value in hooked.items() if value is not None})
     return saved, mask
 
 
@@ -396,16 +480,17 @@ def _per_token(name: _Name, value: torch.Tensor, batch: int, width: int, key_len
 
 
 def _probe_rows(
-    model: "StandardizedTransformer", names: list[_Name], tokens: _Tokens, key_length: int, pad_id: int
-) -> dict[str, dict[str, Any]]:
-    """Row shape and dtype of every name, from a short forward on the first text."""
-    row = tokens.of(0)[:4]
-    saved, _ = _run_batch(model, names, [row], pad_id)
+    model: "StandardizedTransformer", names: list[_Name], rows: list[np.ndarray], key_length: int, pad_id: int
+) -> tuple[dict[str, dict[str, Any]], tuple[dict[str, torch.Tensor], torch.Tensor]]:
+    """Row shape and dtype of every name, from a forward on ``rows``; also that forward's ``(saved, mask)``, which
+    `_compute_shard` takes as its first batch when ``rows`` is that batch (a forward reads every weight once: on
+    SmolLM2 even 4 tokens cost ~50 ms)."""
+    saved, mask = _run_batch(model, names, rows, pad_id)
     out = {}
     for name in names:
-        value = _per_token(name, saved[name.key], 1, len(row), key_length)
+        value = _per_token(name, saved[name.key], len(rows), mask.shape[1], key_length)
         out[name.key] = {"shape": list(value.shape[2:]), "dtype": _dtype_name(value.dtype)}
-    return out
+    return out, (saved, mask)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -441,9 +526,121 @@ def _atomic_write(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
-def _write_shard(path: Path, data: bytes) -> None:
-    """Write one shard file atomically (separate function so tests can simulate a full disk)."""
-    _atomic_write(path, data)
+# safetensors' dtype names, in the order it lays tensors out (widest dtype first, then by name)
+_SAFETENSORS_DTYPES = {
+    torch.int64: "I64", torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
+}  # fmt: skip
+
+
+def _pwrite(fd: int, data: Any, offset: int) -> None:
+    """``os.pwrite`` until every byte of ``data`` (a buffer) is written (separate so tests can fill the disk)."""
+    view = memoryview(data).cast("B")
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+class _ShardFile:
+    """One shard being written: ``path.tmp`` laid out as a safetensors file (every tensor ``(rows, *row)``), filled
+    in place as batches run, so each activation goes from the model's tensor to the file once, and no shard is ever
+    held in memory. `finish` checks every row was written and returns the size and xxh3_128 checksum; `_commit_shard`
+    then makes it durable and visible.
+
+    The format (github.com/huggingface/safetensors): a little-endian u64 header size, a JSON header (``__metadata__``,
+    then ``{"dtype", "shape", "data_offsets"}`` per tensor) padded with spaces to 8 bytes, then the tensors' bytes in
+    safetensors' own order: the file's bytes are the ones ``safetensors.torch.save`` makes of the same tensors
+    (tests/test_cache.py), and every shard is read back with safetensors."""
+
+    def __init__(self, path: Path, specs: dict[str, tuple[torch.dtype, Sequence[int]]], rows: int):
+        order = list(_SAFETENSORS_DTYPES)
+        names = sorted(specs, key=lambda name: (order.index(specs[name][0]), name))
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        self.dtype, self.row_bytes, self.offset, self.filled = {}, {}, {}, {}
+        size = 0
+        for name in names:
+            dtype, row = specs[name]
+            self.dtype[name], self.filled[name] = dtype, 0
+            self.row_bytes[name] = math.prod(row) * torch.empty(0, dtype=dtype).element_size()
+            self.offset[name] = size
+            header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": [rows, *row],
+                            "data_offsets": [size, size + rows * self.row_bytes[name]]}  # fmt: skip
+            size += rows * self.row_bytes[name]
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-(8 + len(text)) % 8)  # the tensors' bytes start 8-byte aligned
+        self.rows, self.start, self.size = rows, 8 + len(text), 8 + len(text) + size
+        self.tmp = path.with_name(path.name + _TMP_SUFFIX)
+        self.fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            _pwrite(self.fd, len(text).to_bytes(8, "little") + text, 0)
+        except BaseException:
+            self.abort()
+            raise
+
+    def write(self, name: str, row: int, value: torch.Tensor) -> None:
+        """Rows ``row .. row + len(value) - 1`` of ``name`` (converted to its dtype, copied to the CPU if needed)."""
+        data = value.detach().to(device="cpu", dtype=self.dtype[name]).contiguous()
+        if not len(data):
+            return
+        if row < 0 or row + len(data) > self.rows or math.prod(data.shape[1:]) * data.element_size() != self.row_bytes[name]:
+            raise CacheError(f"{name}: rows {row}..{row + len(data)} of shape {tuple(data.shape[1:])} do not fit the "
+                             f"shard's {self.rows} rows of {self.row_bytes[name]} bytes")  # fmt: skip
+        _pwrite(self.fd, data.reshape(-1).view(torch.uint8).numpy(), self.start + self.offset[name]
+                + row * self.row_bytes[name])  # fmt: skip
+        self.filled[name] += len(data)
+
+    def finish(self) -> tuple[int, str]:
+        """Close the file; its size and checksum. Every row of every tensor must have been written once."""
+        import xxhash
+
+        short = {name: n for name, n in self.filled.items() if n != self.rows}
+        if short:
+            self.abort()
+            raise CacheError(f"internal error: rows written per name {short} differ from the shard's {self.rows}")
+        h = xxhash.xxh3_128()
+        block = memoryview(bytearray(min(self.size, 1 << 21)))  # read back through one small, cache-resident buffer
+        offset = 0
+        while offset < self.size:
+            n = os.preadv(self.fd, [block], offset)
+            if n <= 0:
+                raise OSError(errno.EIO, f"{self.tmp} ends at byte {offset} of {self.size}")
+            h.update(block[:n])
+            offset += n
+        os.close(self.fd)
+        return self.size, h.hexdigest()
+
+    def abort(self) -> None:
+        os.close(self.fd)
+        self.tmp.unlink(missing_ok=True)
+
+
+def _write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> tuple[int, str]:
+    """Write whole tensors (same number of rows) as a shard's temp file; its size and checksum (`_ShardFile`)."""
+    rows = len(next(iter(tensors.values())))
+    shard = _ShardFile(path, {name: (t.dtype, tuple(t.shape[1:])) for name, t in tensors.items()}, rows)
+    try:
+        for name, tensor in tensors.items():
+            if rows:
+                shard.write(name, 0, tensor)
+    except BaseException:
+        shard.abort()
+        raise
+    return shard.finish()
+
+
+def _commit_shard(path: Path) -> None:
+    """fsync ``path.tmp`` written by `_write_shard`, rename it over ``path``, fsync the folder."""
+    tmp = path.with_name(path.name + _TMP_SUFFIX)
+    try:
+        fd = os.open(tmp, os.O_RDWR)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
 
 
 def _write_manifest(path: Path, manifest: dict[str, Any]) -> None:
@@ -641,7 +838,18 @@ def cache_activations(
         )
     pad_id = _pad_id(model.tokenizer)
     key_length = max_length if max_length is not None else int(np.diff(tokens.offsets).max())
-    rows_spec = _probe_rows(model, resolved, tokens, key_length, pad_id)
+    rank, world = rank_world()
+    # The probe forward (row shapes) is the first batch this rank computes on a fresh store where the shard plan is
+    # known before it (shard_tokens given, no generation): its activations are kept for that shard, not recomputed
+    first_shard: int | None = None
+    probe = [tokens.of(0)[:4]]
+    if shard_tokens is not None and not generate_tokens:
+        fresh_plan = _plan_shards(tokens, shard_tokens)
+        fresh = list(range(len(fresh_plan)))[rank::world]  # what this rank computes on a fresh store
+        if fresh and not (out_dir / _shard_name(fresh[0])).exists():  # (a resumed store may have it: a short probe)
+            first_shard = fresh[0]
+            probe = [tokens.of(k) for k in _batches(tokens, *fresh_plan[first_shard], batch_size)[0]]
+    rows_spec, probed = _probe_rows(model, resolved, probe, key_length, pad_id)
     if store_dtype is not None:
         for spec in rows_spec.values():
             spec["dtype"] = _dtype_name(store_dtype)
@@ -678,10 +886,9 @@ def cache_activations(
             "truncated_texts": tokens.truncated,
         },
         "num_shards": len(plan),
-        "versions": _versions(),
+        "versions": dict(_versions()),
     }
     manifest_path = out_dir / MANIFEST
-    rank, world = rank_world()
     if world > 1:  # every rank must be about to write the very same store
         digests = all_gather_objects(hashlib.sha256(json.dumps(header, sort_keys=True, default=str).encode())
                                      .hexdigest())
@@ -723,13 +930,12 @@ def cache_activations(
     bar = RankProgress(upper, done_tokens, progress, desc="caching activations")
     written: dict[int, dict[str, Any]] = {}
 
-    def record(k: int, data: bytes, n_rows: int) -> None:
-        """Hash, write and list shard ``k`` (on the writer thread: hashing, writing and fsync release the GIL, so they
-        overlap the next shard's forwards)."""
-        entry = {"rows": [0, n_rows], **_expected_entry(k, plan, tokens, rows=not generate_tokens),
-                 "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}  # fmt: skip
+    def record(k: int, entry: dict[str, Any]) -> None:
+        """Make shard ``k`` (written to its temp file) durable, rename it and list it. On the writer thread: fsync waits
+        on the disk, which overlaps the next shard's forwards (the CPU work, writing and hashing, stays on the main
+        thread, where it cannot slow the forwards' threads down)."""
         try:
-            _write_shard(out_dir / entry["file"], data)
+            _commit_shard(out_dir / entry["file"])
         except OSError as err:
             if err.errno in _DISK_FULL:
                 raise _disk_full(err, out_dir, len(_contiguous(done)), entry["file"]) from err
@@ -747,25 +953,43 @@ def cache_activations(
                 raise _disk_full(err, out_dir, len(_contiguous(done)), MANIFEST) from err
             raise
 
-    # One writer thread, at most one shard in flight: shard k is written while shard k+1 is computed (memory: about
-    # two shards), shards are recorded in order, and a write error stops the run at the next shard.
+    # Shard k is written to its temp file as it is computed (`_ShardFile`), then committed (fsync, rename, manifest)
+    # by one writer thread while shard k+1 is computed; shards are recorded in order, and a write error stops the run
+    # at the next shard.
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="unilens-cache-writer")
     pending: Future | None = None
+    specs = {key: (_DTYPES[spec["dtype"]], tuple(spec["shape"])) for key, spec in rows_spec.items()}
+    specs.update({key: (torch.int64, ()) for key in _META_NAMES})
     try:
         for k in mine:
             a, b = plan[k]
-            if generate_tokens:
-                data, n_rows = _compute_shard_generated(
-                    model, resolved, tokens, a, b, generate_tokens, pad_id, rows_spec, bar, delay
-                )
-            else:
-                data, n_rows = _compute_shard(
-                    model, resolved, tokens, a, b, batch_size, key_length, pad_id, rows_spec, bar, delay
-                )
+            entry = _expected_entry(k, plan, tokens, rows=not generate_tokens)
+            try:
+                if generate_tokens:
+                    tensors, n_rows = _compute_shard_generated(
+                        model, resolved, tokens, a, b, generate_tokens, pad_id, rows_spec, bar, delay
+                    )
+                    entry["bytes"], entry[_CHECKSUM] = _write_shard(out_dir / entry["file"], tensors)
+                    del tensors
+                else:
+                    reuse, probed = (probed if k == first_shard else None), None  # the probe ran its first batch
+                    n_rows = int(tokens.offsets[b] - tokens.offsets[a])
+                    shard = _ShardFile(out_dir / entry["file"], specs, n_rows)
+                    try:
+                        _compute_shard(model, resolved, tokens, a, b, batch_size, key_length, pad_id, shard, bar,
+                                       delay, reuse)  # fmt: skip
+                    except BaseException:
+                        shard.abort()
+                        raise
+                    entry["bytes"], entry[_CHECKSUM] = shard.finish()
+            except OSError as err:
+                if err.errno in _DISK_FULL:
+                    raise _disk_full(err, out_dir, len(_contiguous(done)), entry["file"]) from err
+                raise
+            entry = {"rows": [0, n_rows], **entry}  # generated shards: their own row count (plan rows win otherwise)
             if pending is not None:
                 pending.result()
-            pending = writer.submit(record, k, data, n_rows)
-            del data
+            pending = writer.submit(record, k, entry)
         if pending is not None:
             pending.result()
         bar.finish()
@@ -795,35 +1019,40 @@ def _compute_shard(
     batch_size: int,
     key_length: int,
     pad_id: int,
-    rows_spec: dict[str, dict[str, Any]],
+    shard: _ShardFile,
     bar: Any,
     delay: float,
-) -> tuple[bytes, int]:
-    """Activations of kept texts ``a..b-1`` as safetensors bytes, rows in text then position order."""
+    first_batch: tuple[dict[str, torch.Tensor], torch.Tensor] | None = None,
+) -> None:
+    """Write the activations of kept texts ``a..b-1`` into ``shard``, rows in text then position order.
+    ``first_batch``: the ``(saved, mask)`` of the shard's first batch, when the probe ran it already."""
     start = int(tokens.offsets[a])
-    n_rows = int(tokens.offsets[b]) - start
-    buffers = {
-        key: torch.zeros((n_rows, *spec["shape"]), dtype=_DTYPES[spec["dtype"]]) for key, spec in rows_spec.items()
-    }
-    for batch in _batches(tokens, a, b, batch_size):
-        rows = [tokens.of(k) for k in batch]
-        saved, mask = _run_batch(model, names, rows, pad_id)
-        real = mask.bool()  # (batch, seq): real tokens, row-major = text after text, position after position
-        dest = torch.cat([torch.arange(tokens.length(k)) + int(tokens.offsets[k]) - start for k in batch])
-        for name in names:
-            value = _per_token(name, saved.pop(name.key), len(batch), mask.shape[1], key_length)
-            buffer = buffers[name.key]
-            buffer[dest] = value[real.to(value.device)].to(device="cpu", dtype=buffer.dtype)
+    by_key = {name.key: name for name in names}
+    for i, batch in enumerate(_batches(tokens, a, b, batch_size)):
+        # text k's real tokens are the first length(k) positions of its row (right padding) and rows
+        # offsets[k] - start .. + length(k) of the shard; each text is in one batch, so every row is written once
+        spans = [(j, int(tokens.offsets[k]) - start, tokens.length(k)) for j, k in enumerate(batch)]
+        width = max(length for _, _, length in spans)
+
+        def store(key: str, value: torch.Tensor) -> None:
+            value = _per_token(by_key[key], value, len(spans), width, key_length)
+            for j, row, length in spans:
+                shard.write(key, row, value[j, :length])
+
+        if i == 0 and first_batch is not None:
+            saved, _ = first_batch
+        else:  # names read by a hook are stored during the forward
+            saved, _ = _run_batch(model, names, [tokens.of(k) for k in batch], pad_id, consume=store)
+        for key, value in saved.items():  # names read through a trace (every name of the probe's batch)
+            store(key, value)
         if bar is not None:
-            bar.update(int(real.sum()))
+            bar.update(sum(length for _, _, length in spans))
         if delay:
             time.sleep(delay)
     lengths = np.diff(tokens.offsets[a : b + 1])
-    tensors = dict(buffers)
-    tensors["token_ids"] = torch.from_numpy(tokens.ids[start : start + n_rows].copy())
-    tensors["text_index"] = torch.from_numpy(np.repeat(tokens.text_index[a:b], lengths))
-    tensors["position"] = torch.from_numpy(np.concatenate([np.arange(n) for n in lengths]).astype(np.int64))
-    return safetensors_save(tensors, metadata={"format": "pt"}), n_rows
+    shard.write("token_ids", 0, torch.from_numpy(tokens.ids[start : int(tokens.offsets[b])]))
+    shard.write("text_index", 0, torch.from_numpy(np.repeat(tokens.text_index[a:b], lengths)))
+    shard.write("position", 0, torch.from_numpy(np.concatenate([np.arange(n) for n in lengths]).astype(np.int64)))
 
 
 def _generate_steps(
@@ -864,7 +1093,7 @@ def _compute_shard_generated(
     rows_spec: dict[str, dict[str, Any]],
     bar: Any,
     delay: float,
-) -> tuple[bytes, int]:
+) -> tuple[dict[str, torch.Tensor], int]:
     """Like `_compute_shard`, each text continued by up to ``n_new`` generated tokens whose activations are read
     during generation (one text per ``generate`` call: no padding): rows = prompt tokens, then generated tokens."""
     parts: dict[str, list[torch.Tensor]] = {key: [] for key in rows_spec}
@@ -889,7 +1118,7 @@ def _compute_shard_generated(
     tensors["token_ids"] = torch.from_numpy(np.concatenate(ids))
     tensors["text_index"] = torch.from_numpy(np.concatenate(text_index))
     tensors["position"] = torch.from_numpy(np.concatenate(position))
-    return safetensors_save(tensors, metadata={"format": "pt"}), int(tensors["token_ids"].shape[0])
+    return tensors, int(tensors["token_ids"].shape[0])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -902,7 +1131,7 @@ class ActivationStore:
 
     ``store[name]`` is ``(tokens, *row)`` over all shards (also ``"token_ids"``, ``"text_index"``,
     ``"position"``); ``store.shard(k)`` / ``store.iter_shards()`` read one shard at a time;
-    ``store.dataset()`` is a torch ``Dataset`` of rows; ``store.verify()`` checks every shard's sha256.
+    ``store.dataset()`` is a torch ``Dataset`` of rows; ``store.verify()`` checks every shard's checksum.
 
     Example:
         >>> import tempfile
@@ -982,19 +1211,19 @@ class ActivationStore:
         return ActivationDataset(self, names)
 
     def verify(self) -> None:
-        """Recompute every shard's sha256; raise ``CacheCorruptError`` naming the first bad or missing shard."""
+        """Recompute every shard's checksum (xxh3_128; sha256 in version-1 stores); raise ``CacheCorruptError``
+        naming the first bad or missing shard."""
         for entry in self.manifest["shards"]:
             path = self.path / entry["file"]
             if not path.is_file():
                 raise CacheCorruptError(f"shard {entry['file']} is missing from {self.path}.")
-            h = hashlib.sha256()
+            algorithm = _CHECKSUM if _CHECKSUM in entry else "sha256"
             with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 22), b""):
-                    h.update(block)
-            if h.hexdigest() != entry["sha256"]:
+                digest = _checksum(algorithm, f)
+            if digest != entry[algorithm]:
                 raise CacheCorruptError(
-                    f"shard {entry['file']} in {self.path} is corrupt: sha256 {h.hexdigest()} differs from the "
-                    f"manifest's {entry['sha256']}. Delete it and the store's manifest entry, or recompute the store."
+                    f"shard {entry['file']} in {self.path} is corrupt: {algorithm} {digest} differs from the "
+                    f"manifest's {entry[algorithm]}. Delete it and the store's manifest entry, or recompute the store."
                 )
 
     def __repr__(self) -> str:
