@@ -125,7 +125,8 @@ def test_hook_reads_equal_the_accessors(model_type):
         hooked, mask = cache_mod._run_batch(model, wanted, rows, pad)
         traced, _ = cache_mod._run_batch(model, wanted, rows, pad, hooks=False)
         consumed: dict[str, torch.Tensor] = {}  # values handed over during the forward, copied at once (as stored)
-        rest, _ = cache_mod._run_batch(model, wanted, rows, pad, consume=lambda k, v: consumed.__setitem__(k, v.clone()))
+        rest, _ = cache_mod._run_batch(model, wanted, rows, pad,
+                                       consume=lambda k, v: consumed.__setitem__(k, v.clone()))
         assert set(hooked) == set(traced) == {n.key for n in wanted} == set(consumed) | set(rest)
         assert set(rest) == (set(traced) if with_logits else set())  # a trace runs: values come back after it
         real = mask.bool()

@@ -375,8 +375,8 @@ def _pad_id(tokenizer: Any) -> int:
 def _module_reads(model: "StandardizedTransformer", names: list[_Name]) -> dict[str, tuple[torch.nn.Module, str, bool]]:
     """``{key: (module, "input" | "output", copy)}`` for the names that are a module's first input / output (the
     six ``LayerAccessor`` names): `_run_batch` reads those with a plain torch hook on the very module the accessor's
-    nnsight envoy wraps, which skips nnsight's per-read interleaving (a switch into the trace body for each read,
-    ~4% of a SmolLM2 forward for 30 reads). The tensor is the one the accessor returns (`_first` of the output, or
+    nnsight envoy wraps, which skips nnsight's per-read interleaving (a switch into the trace body for each read: a
+    few % of a SmolLM2 batch for 30 reads). The tensor is the one the accessor returns (`_first` of the output, or
     the first positional / keyword input, unflattened the same way; copied where the accessor copies), checked
     bitwise against the accessors on every architecture by tests/test_cache.py. Other names (attention hook
     points, logits) and remote models are read through the trace."""
@@ -430,7 +430,8 @@ def _run_batch(
             hook = lambda _m, _args, out, key=key, copy=copy: keep(key, out, copy)  # noqa: E731
             handles.append(module.register_forward_hook(hook))
         else:  # nnsight's .input: the first positional argument, else the first keyword one
-            hook = lambda _m, args, kwargs, key=key: keep(key, args[0] if args else next(iter(kwargs.values())), False)  # noqa: E731
+            hook = lambda _m, args, kwargs, key=key: keep(  # noqa: E731
+                key, args[0] if args else next(iter(kwargs.values())), False)
             handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
     saved: dict[str, torch.Tensor] = {}  # built before the trace: nnsight does not push back containers made inside
     wants_logits = any(name.layer is None for name in names)
@@ -581,7 +582,8 @@ class _ShardFile:
         data = value.detach().to(device="cpu", dtype=self.dtype[name]).contiguous()
         if not len(data):
             return
-        if row < 0 or row + len(data) > self.rows or math.prod(data.shape[1:]) * data.element_size() != self.row_bytes[name]:
+        row_bytes = math.prod(data.shape[1:]) * data.element_size()
+        if row < 0 or row + len(data) > self.rows or row_bytes != self.row_bytes[name]:
             raise CacheError(f"{name}: rows {row}..{row + len(data)} of shape {tuple(data.shape[1:])} do not fit the "
                              f"shard's {self.rows} rows of {self.row_bytes[name]} bytes")  # fmt: skip
         _pwrite(self.fd, data.reshape(-1).view(torch.uint8).numpy(), self.start + self.offset[name]
@@ -599,12 +601,16 @@ class _ShardFile:
         h = xxhash.xxh3_128()
         block = memoryview(bytearray(min(self.size, 1 << 21)))  # read back through one small, cache-resident buffer
         offset = 0
-        while offset < self.size:
-            n = os.preadv(self.fd, [block], offset)
-            if n <= 0:
-                raise OSError(errno.EIO, f"{self.tmp} ends at byte {offset} of {self.size}")
-            h.update(block[:n])
-            offset += n
+        try:
+            while offset < self.size:
+                n = os.preadv(self.fd, [block], offset)
+                if n <= 0:
+                    raise OSError(errno.EIO, f"{self.tmp} ends at byte {offset} of {self.size}")
+                h.update(block[:n])
+                offset += n
+        except BaseException:
+            self.abort()
+            raise
         os.close(self.fd)
         return self.size, h.hexdigest()
 
@@ -628,7 +634,7 @@ def _write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> tuple[int, str
 
 
 def _commit_shard(path: Path) -> None:
-    """fsync ``path.tmp`` written by `_write_shard`, rename it over ``path``, fsync the folder."""
+    """fsync ``path.tmp`` (a finished `_ShardFile`), rename it over ``path``, fsync the folder."""
     tmp = path.with_name(path.name + _TMP_SUFFIX)
     try:
         fd = os.open(tmp, os.O_RDWR)
