@@ -480,9 +480,13 @@ def distributed_cache_runs(
 def disk_interference(mb: int = 128, reps: int = 3) -> dict[str, float]:
     """A machine fact, no unilens code: how much a thread writing ``mb`` MiB (the bytes of one caching run, in 16 MiB
     files with fsync, as shards are written) slows a 2-thread float32 matmul loop, for a folder on the disk (the
-    temp folder) and in RAM (tmpfs). Returns ``{"disk": slowdown, "ram": slowdown}`` (1.0 = none), medians."""
+    temp folder) and in RAM (tmpfs). Returns ``{"disk": slowdown, "ram": slowdown, "mib": mb}`` (1.0 = none),
+    medians."""
     import shutil
     import threading
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
 
     a, w = torch.randn(512, 576), torch.randn(1536, 576)
     data = [os.urandom(16 * 2**20) for _ in range(max(1, mb // 16))]
@@ -514,7 +518,8 @@ def disk_interference(mb: int = 128, reps: int = 3) -> dict[str, float]:
             writer.join()
             shutil.rmtree(folder, ignore_errors=True)
             out[key].append(busy / alone)
-    return {key: statistics.median(v) for key, v in out.items() if v}
+    torch.set_num_threads(threads)
+    return {**{key: statistics.median(v) for key, v in out.items() if v}, "mib": mb}
 
 
 def distributed_cache_section(results: dict[str, dict[str, Any]], model_name: str,
@@ -548,7 +553,8 @@ def distributed_cache_section(results: dict[str, dict[str, Any]], model_name: st
         lines += ["", f"- 2 ranks x 1 thread / 1 rank x 2 threads, caching tokens/s: **{ratio:.3f}x** (goal >= 0.9x: "
                   f"{'met' if ratio >= 0.9 else 'not met'})."]
     if interference:
-        lines += [f"- this machine's disk, no unilens code (`disk_interference`): a thread writing 128 MiB with fsync "
+        lines += [f"- this machine's disk, no unilens code (`disk_interference`): a thread writing "
+                  f"{interference['mib']} MiB with fsync "
                   f"slows a 2-thread matmul loop {interference['disk']:.2f}x on the disk"
                   + (f", {interference['ram']:.2f}x in RAM (tmpfs)" if "ram" in interference else "")
                   + ". Caching writes its bytes as it goes, so the disk rows carry that cost; the tmpfs row is "

@@ -162,7 +162,7 @@ def test_distributed_cache_runs_one_process_and_two_ranks(bench, tmp_path):
     if bench.RAM_DISK.is_dir():  # the same store in RAM
         assert (results[ram]["tokens"], results[ram]["bytes"]) == (one["tokens"], one["bytes"])
     interference = bench.disk_interference(mb=16, reps=1)
-    assert set(interference) <= {"disk", "ram"} and "disk" in interference
+    assert set(interference) <= {"disk", "ram", "mib"} and "disk" in interference and interference["mib"] == 16
     assert all(value > 0 for value in interference.values())
     lines = bench.distributed_cache_section(results, "tiny llama", interference)
     assert lines[0] == bench.DP_START and bench.DP_END in lines

@@ -316,8 +316,8 @@ def test_shard_bytes_are_safetensors_own(dtype, tmp_path):
 
 
 def test_shard_file_refuses_unwritten_or_misfit_rows(tmp_path):
-    """A shard is written in place row by row: a row never written (a hole: zeros on disk) or rows that do not fit
-    its layout are errors, never a silently wrong file."""
+    """A shard is written in place row by row: a row never written (a hole: zeros on disk), a row written twice, or
+    rows that do not fit its layout are errors, never a silently wrong file."""
     path = tmp_path / "shard.safetensors"
     shard = cache_mod._ShardFile(path, {"x": (torch.float32, (3,)), "token_ids": (torch.int64, ())}, rows=4)
     shard.write("x", 0, torch.ones(3, 3))
@@ -326,7 +326,9 @@ def test_shard_file_refuses_unwritten_or_misfit_rows(tmp_path):
         shard.write("x", 3, torch.ones(2, 3))  # past row 3, the last
     with pytest.raises(CacheError, match="rows"):
         shard.write("x", 3, torch.ones(1, 4))  # a row of another shape
-    with pytest.raises(CacheError, match=r"\{'x': 3\}"):
+    with pytest.raises(CacheError, match="written twice"):
+        shard.write("x", 2, torch.ones(1, 3))
+    with pytest.raises(CacheError, match=r"\{'x': 1\}"):
         shard.finish()  # row 3 of x was never written
     assert not list(tmp_path.iterdir())  # the temp file is gone
 

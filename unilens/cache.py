@@ -556,11 +556,11 @@ class _ShardFile:
         order = list(_SAFETENSORS_DTYPES)
         names = sorted(specs, key=lambda name: (order.index(specs[name][0]), name))
         header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-        self.dtype, self.row_bytes, self.offset, self.filled = {}, {}, {}, {}
+        self.dtype, self.row_bytes, self.offset, self.written = {}, {}, {}, {}
         size = 0
         for name in names:
             dtype, row = specs[name]
-            self.dtype[name], self.filled[name] = dtype, 0
+            self.dtype[name], self.written[name] = dtype, np.zeros(rows, dtype=bool)  # rows written so far
             self.row_bytes[name] = math.prod(row) * torch.empty(0, dtype=dtype).element_size()
             self.offset[name] = size
             header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": [rows, *row],
@@ -586,18 +586,21 @@ class _ShardFile:
         if row < 0 or row + len(data) > self.rows or row_bytes != self.row_bytes[name]:
             raise CacheError(f"{name}: rows {row}..{row + len(data)} of shape {tuple(data.shape[1:])} do not fit the "
                              f"shard's {self.rows} rows of {self.row_bytes[name]} bytes")  # fmt: skip
+        written = self.written[name][row : row + len(data)]
+        if written.any():
+            raise CacheError(f"internal error: {name} rows {row}..{row + len(data)} written twice")
         _pwrite(self.fd, data.reshape(-1).view(torch.uint8).numpy(), self.start + self.offset[name]
                 + row * self.row_bytes[name])  # fmt: skip
-        self.filled[name] += len(data)
+        written[:] = True
 
     def finish(self) -> tuple[int, str]:
         """Close the file; its size and checksum. Every row of every tensor must have been written once."""
         import xxhash
 
-        short = {name: n for name, n in self.filled.items() if n != self.rows}
-        if short:
+        holes = {name: int((~done).sum()) for name, done in self.written.items() if not done.all()}
+        if holes:
             self.abort()
-            raise CacheError(f"internal error: rows written per name {short} differ from the shard's {self.rows}")
+            raise CacheError(f"internal error: rows never written, per name: {holes} (of {self.rows})")
         h = xxhash.xxh3_128()
         block = memoryview(bytearray(min(self.size, 1 << 21)))  # read back through one small, cache-resident buffer
         offset = 0
