@@ -307,7 +307,7 @@ def test_shard_bytes_are_safetensors_own(dtype, tmp_path):
     }  # fmt: skip
     size, digest = cache_mod._write_shard(tmp_path / "shard.safetensors", tensors)
     assert not (tmp_path / "shard.safetensors").exists()  # a temp file until committed
-    cache_mod._commit_shard(tmp_path / "shard.safetensors")
+    cache_mod._commit(tmp_path / "shard.safetensors")
     written = (tmp_path / "shard.safetensors").read_bytes()
     assert written == save(tensors, metadata={"format": "pt"})
     assert (size, digest) == (len(written), xxhash.xxh3_128(written).hexdigest())

@@ -148,6 +148,23 @@ def close(a, b, atol=1e-5):
     torch.testing.assert_close(a.float().cpu(), b.float().cpu(), atol=atol, rtol=1e-4)
 
 
+def check_steer(model, hf, ids: torch.Tensor, layers, layer: int, ref) -> None:
+    """nnterp's ``steer(layer, v, 2.0, None, -1, 1)`` on two copies of PROMPT: row 1 equals HF with ``2 v`` added to the
+    layer's output at the last position (a torch hook), row 0 equals the unsteered ``ref``."""
+    vector = torch.randn(model.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), model.trace([PROMPT, PROMPT]):
+        model.steer(layer, vector, 2.0, None, -1, 1)  # layers, steering_vector, factor, positions, token_positions, batch
+        steered = model.logits.save()
+
+    def add(h):
+        h = h.clone()
+        h[:, -1] += 2.0 * vector
+        return h
+
+    close(steered[1], hf_run(hf, ids, [(layers[layer], "forward", replace_output(add))]).logits[0], atol=1e-4)
+    close(steered[0], ref.logits[0], atol=1e-4)
+
+
 _ZOO: dict[str, tuple] = {}
 
 
@@ -664,18 +681,7 @@ def test_smollm2_nnterp_surface(smol):
     keep = {}
     grab = (layers[3], "pre", lambda m, a, k: keep.__setitem__(3, (a[0] if a else k["hidden_states"]).clone()))
     close(skip_logits, hf_run(hf, ids, [grab] + identity).logits, atol=1e-4)
-    vector = torch.randn(model.hidden_size, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad(), model.trace([PROMPT, PROMPT]):
-        model.steer(8, vector, 2.0, None, -1, 1)  # layers, steering_vector, factor, positions, token_positions, batch
-        steered = model.logits.save()
-
-    def add(h):
-        h = h.clone()
-        h[:, -1] += 2.0 * vector
-        return h
-
-    close(steered[1], hf_run(hf, ids, [(layers[8], "forward", replace_output(add))]).logits[0], atol=1e-4)
-    close(steered[0], ref.logits[0], atol=1e-4)
+    check_steer(model, hf, ids, layers, 8, ref)
 
     # interventions on the real model
     chat_kinds = [(True, True), (True, False), (False, True), (False, False)]
@@ -852,18 +858,7 @@ def test_reads_sets_and_members(model_type):
         model.skip_layer(1)
         skipped = model.logits.save()
     close(skipped, hf_run(hf, ids, [(layers[1], "forward", replace_output(lambda h: hs[1]))]).logits, atol=1e-4)
-    vector = torch.randn(model.hidden_size, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad(), model.trace([PROMPT, PROMPT]):
-        model.steer(0, vector, 2.0, None, -1, 1)  # layers, steering_vector, factor, positions, token_positions, batch
-        steered = model.logits.save()
-
-    def add(h):
-        h = h.clone()
-        h[:, -1] += 2.0 * vector
-        return h
-
-    close(steered[1], hf_run(hf, ids, [(layers[0], "forward", replace_output(add))]).logits[0], atol=1e-4)
-    close(steered[0], ref.logits[0], atol=1e-4)
+    check_steer(model, hf, ids, layers, 0, ref)
 
     # get_unembed_norm is the norm whose output HF's unembedding reads
     seen = {}
