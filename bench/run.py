@@ -445,7 +445,7 @@ DP_START, DP_END = "<!-- distributed-cache:start -->", "<!-- distributed-cache:e
 
 
 def distributed_cache_runs(
-    texts: int = 48, shard_tokens: int = 250, reps: int = 3, names: Sequence[str] = ("layers_output.*",),
+    texts: int = 48, shard_tokens: int = 250, reps: int = 5, names: Sequence[str] = ("layers_output.*",),
     model_folder: str | None = None, configs: Sequence[str] = tuple(DP_CONFIGS), timeout_s: float = 1800,
 ) -> dict[str, dict[str, Any]]:
     """Run bench/cache_worker.py once per configuration (``DP_CONFIGS``); {label: the worker's JSON result}."""
@@ -531,34 +531,51 @@ def distributed_cache_section(results: dict[str, dict[str, Any]], model_name: st
     lines = [DP_START, f"## Data-parallel activation caching ({model_name})", "",
              f"`cache_activations(..., {any_result['names']})` of {any_result['texts']} texts / "
              f"{any_result['tokens']} tokens in {any_result['shards']} shards (batch 8, float32 store), every "
-             "configuration its own process or `torchrun` job (bench/cache_worker.py). Within each, plain HF sdpa "
-             "forwards of exactly the batches caching runs (same shard plan, sort, padding, `logits_to_keep`) and "
-             "the caching call alternate, each timed between barriers (a distributed time is the slowest rank's); "
-             "medians. The store is in the temp folder on disk, except in the tmpfs row.", "",
-             "| configuration | reps | plain tokens/s | caching tokens/s | MB/s written | caching / plain tokens/s | "
-             "goal | met |", "|---|---:|---:|---:|---:|---:|---|---|"]  # fmt: skip
+             "configuration its own process or `torchrun` job (bench/cache_worker.py). Within each, plain forwards "
+             "of exactly the batches caching runs (same shard plan, sort, padding, `logits_to_keep`) and the caching "
+             "call alternate, each timed between barriers (a distributed time is the slowest rank's); medians. "
+             "*Plain* is the very model caching runs (its HF module called without a trace: same weights, same "
+             "memory), so caching / plain is the cost of caching; *HF copy* is a separately loaded HF sdpa model, "
+             "which adds unilens's wrapping and the spread between two loads of the same weights (the HF copy / "
+             "plain column: identical weights, different allocations). *Bare writes* is the least any crash-safe "
+             "cache of these activations does, no unilens code: the same forwards on the same model with a torch "
+             "hook per layer appending each text's rows to one file per shard, fsync per shard (no layout, checksum "
+             "or manifest); bare / plain prices the bytes themselves on this machine. The store is in the temp "
+             "folder on disk, except in the tmpfs row.", "",
+             "| configuration | reps | plain tokens/s | caching tokens/s | MB/s written | caching / plain | goal | met "
+             "| bare writes / plain | HF copy / plain | caching / HF copy |",
+             "|---|---:|---:|---:|---:|---:|---|---|---:|---:|---:|"]  # fmt: skip
     rates = {}
     for label, r in results.items():
-        plain, cache = statistics.median(r["times"]["plain"]), statistics.median(r["times"]["cache"])
+        times = {name: statistics.median(t) for name, t in r["times"].items()}
+        plain, cache, copy = times["plain"], times["cache"], times["plain_copy"]
         rates[label] = r["tokens"] / cache
         ratio = plain / cache
         goal, met = ("", "")
         if label.startswith("one process"):
             goal, met = ">= 0.95x", "yes" if ratio >= 0.95 else "**no**"
+        bare = f"{plain / times['bare']:.3f}x" if "bare" in times else "-"
         lines.append(f"| {label} | {len(r['times']['cache'])} | {r['tokens'] / plain:,.0f} | {rates[label]:,.0f} | "
-                     f"{r['bytes'] / cache / 2**20:,.1f} | {ratio:.3f}x | {goal} | {met} |")
+                     f"{r['bytes'] / cache / 2**20:,.1f} | {ratio:.3f}x | {goal} | {met} | {bare} | "
+                     f"{plain / copy:.3f}x | {copy / cache:.3f}x |")
     two, one = "torchrun 2 ranks x 1 thread", "torchrun 1 rank x 2 threads"
+    lines.append("")
+    bare = [f"{label}: {statistics.median(r['times']['bare']) / statistics.median(r['times']['cache']):.3f}x"
+            for label, r in results.items() if "bare" in r["times"]]
+    if bare:
+        lines.append(f"- caching / bare writes, tokens/s (what unilens adds to writing the same bytes): "
+                     f"{'; '.join(bare)}.")
     if two in rates and one in rates:
         ratio = rates[two] / rates[one]
-        lines += ["", f"- 2 ranks x 1 thread / 1 rank x 2 threads, caching tokens/s: **{ratio:.3f}x** (goal >= 0.9x: "
+        lines += [f"- 2 ranks x 1 thread / 1 rank x 2 threads, caching tokens/s: **{ratio:.3f}x** (goal >= 0.9x: "
                   f"{'met' if ratio >= 0.9 else 'not met'})."]
     if interference:
         lines += [f"- this machine's disk, no unilens code (`disk_interference`): a thread writing "
                   f"{interference['mib']} MiB with fsync "
                   f"slows a 2-thread matmul loop {interference['disk']:.2f}x on the disk"
                   + (f", {interference['ram']:.2f}x in RAM (tmpfs)" if "ram" in interference else "")
-                  + ". Caching writes its bytes as it goes, so the disk rows carry that cost; the tmpfs row is "
-                  "unilens's own overhead."]
+                  + ". Caching writes its bytes as it goes, so the disk rows carry that cost (the bare-writes column "
+                  "prices it)."]
     lines += [f"- load average at the end: {', '.join(f'{x:.2f}' for x in os.getloadavg())} "
               f"({os.cpu_count()} logical cores).", DP_END, ""]
     return lines
@@ -1036,7 +1053,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "section of --out (the rest of the file is kept)")
     args = parser.parse_args(argv)
     if args.only_distributed_cache:
-        results = distributed_cache_runs(texts=24 if args.quick else 48, reps=2 if args.quick else 3)
+        results = distributed_cache_runs(texts=24 if args.quick else 48, reps=2 if args.quick else 5)
         write_section(Path(args.out), distributed_cache_section(results, unilens.loading.DEFAULT_MODEL_NAME,
                                                                 disk_interference()))
         _log(f"wrote the data-parallel caching section of {args.out}")
@@ -1129,7 +1146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     _log("data-parallel activation caching (subprocesses and torchrun jobs)")
     dp_lines = distributed_cache_section(distributed_cache_runs(texts=24 if args.quick else 48,
-                                                                reps=2 if args.quick else 3),
+                                                                reps=2 if args.quick else 5),
                                          unilens.loading.DEFAULT_MODEL_NAME, disk_interference())  # fmt: skip
 
     anchors: tuple[dict | None, str] | None = None

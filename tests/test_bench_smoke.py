@@ -159,6 +159,9 @@ def test_distributed_cache_runs_one_process_and_two_ranks(bench, tmp_path):
     # the same store on disk (same tokens, same bytes) and the same batches, split over the ranks
     assert one["tokens"] == two["tokens"] and one["bytes"] == two["bytes"] and one["batches"] == two["batches"]
     assert one["shards"] >= 2
+    for r in (one, two):  # the bare-writes reference wrote every layer's rows of every token, as float32
+        assert r["bare_bytes"] == r["tokens"] * r["num_layers"] * r["hidden_size"] * 4
+        assert set(r["times"]) == {"plain", "plain_copy", "cache", "bare"}
     if bench.RAM_DISK.is_dir():  # the same store in RAM
         assert (results[ram]["tokens"], results[ram]["bytes"]) == (one["tokens"], one["bytes"])
     interference = bench.disk_interference(mb=16, reps=1)

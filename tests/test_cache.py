@@ -13,8 +13,10 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import xxhash
 
 from unilens import StandardizedTransformer
 from unilens import cache as cache_mod
@@ -275,26 +277,32 @@ def test_verify_names_the_corrupt_shard(tmp_path):
     shard.write_bytes(bytes(data))
     with pytest.raises(CacheCorruptError, match=store.shards[1]["file"]):
         store.verify()
-    data[-1] ^= 0xFF  # repaired; then the manifest rewritten as format 1 wrote it (sha256 per shard): still verified
-    shard.write_bytes(bytes(data))
-    manifest = json.loads((tmp_path / "manifest.json").read_text())
-    for entry in manifest["shards"]:
-        del entry["xxh3_128"]
-        entry["sha256"] = hashlib.sha256((tmp_path / entry["file"]).read_bytes()).hexdigest()
-    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
-    legacy = ActivationStore(tmp_path)
-    legacy.verify()
-    data[0] ^= 0xFF
-    shard.write_bytes(bytes(data))
-    with pytest.raises(CacheCorruptError, match=f"{store.shards[1]['file']}.*sha256"):
+    for cut in (data[:-8], data + b"\0"):  # a truncated shard, or one with bytes past its last tensor
+        shard.write_bytes(bytes(cut))
+        with pytest.raises(CacheCorruptError, match=f"{store.shards[1]['file']}.*unreadable"):
+            store.verify()
+    data[-1] ^= 0xFF  # repaired; then the manifest rewritten as formats 2 and 1 wrote it (a whole-file xxh3_128 or
+    shard.write_bytes(bytes(data))  # sha256 per shard): still verified
+    original = json.loads((tmp_path / "manifest.json").read_text())
+    for key, digest in [("xxh3_128", lambda b: xxhash.xxh3_128(b).hexdigest()),
+                        ("sha256", lambda b: hashlib.sha256(b).hexdigest())]:  # fmt: skip
+        manifest = json.loads(json.dumps(original))
+        for entry in manifest["shards"]:
+            del entry["xxh3_128_texts"]
+            entry[key] = digest((tmp_path / entry["file"]).read_bytes())
+        (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+        legacy = ActivationStore(tmp_path)
         legacy.verify()
+        shard.write_bytes(bytes(data[:1]) + bytes([data[1] ^ 0xFF]) + bytes(data[2:]))
+        with pytest.raises(CacheCorruptError, match=f"{store.shards[1]['file']}.*{key}"):
+            legacy.verify()
+        shard.write_bytes(bytes(data))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 def test_shard_bytes_are_safetensors_own(dtype, tmp_path):
     """Shards are written straight from their buffers in safetensors' own layout: the very bytes
-    safetensors.torch.save makes, read back equal by safetensors, with the checksum of those bytes."""
-    import xxhash
+    safetensors.torch.save makes, read back equal by safetensors, with the checksum its definition gives."""
     from safetensors.torch import load_file, save
 
     gen = torch.Generator().manual_seed(0)
@@ -303,33 +311,65 @@ def test_shard_bytes_are_safetensors_own(dtype, tmp_path):
         "layers_output.0": torch.randn(5, 3, generator=gen).to(dtype),
         "attention_probabilities.0": torch.rand(5, 2, 4, generator=gen).to(dtype),
         "logits": torch.randn(5, 7, generator=gen),  # float32 beside another dtype
-        "token_ids": torch.arange(5), "text_index": torch.zeros(5, dtype=torch.long), "position": torch.arange(5),
+        "token_ids": torch.arange(5), "text_index": torch.tensor([3, 3, 4, 7, 7]),
+        "position": torch.tensor([0, 1, 0, 0, 1]),
     }  # fmt: skip
     size, digest = cache_mod._write_shard(tmp_path / "shard.safetensors", tensors)
     assert not (tmp_path / "shard.safetensors").exists()  # a temp file until committed
     cache_mod._commit(tmp_path / "shard.safetensors")
     written = (tmp_path / "shard.safetensors").read_bytes()
     assert written == save(tensors, metadata={"format": "pt"})
-    assert (size, digest) == (len(written), xxhash.xxh3_128(written).hexdigest())
     back = load_file(tmp_path / "shard.safetensors")
     assert set(back) == set(tensors) and all(torch.equal(back[k], v) for k, v in tensors.items())
+    # the checksum, by its definition: xxh3_128 of the header bytes, then of each tensor's rows of each text (texts:
+    # rows 0-1, 2, 3-4), tensors in file order, each block hashed here from the tensor, not from the file
+    start = 8 + int.from_bytes(written[:8], "little")
+    order = sorted(tensors, key=lambda name: json.loads(written[8:start])[name]["data_offsets"])
+    blocks = [xxhash.xxh3_128(tensors[name][a:b].contiguous().view(torch.uint8).numpy().tobytes()).digest()
+              for name in order for a, b in [(0, 2), (2, 3), (3, 5)]]  # fmt: skip
+    assert size == len(written)
+    assert digest == xxhash.xxh3_128(written[:start] + b"".join(blocks)).hexdigest()
+    with open(tmp_path / "shard.safetensors", "rb") as f:  # and verify's recomputation from the file
+        assert cache_mod._file_text_digest(f) == digest
+
+
+def test_shard_file_writes_a_padded_batch_of_texts(tmp_path):
+    """`_ShardFile.write_texts` puts each text of a right-padded batch at its own rows (texts adjacent in the file go
+    out in one pwritev), and its checksum is the one recomputed from the file."""
+    from safetensors.torch import load_file
+
+    path = tmp_path / "shard.safetensors"
+    shard = cache_mod._ShardFile(path, {"x": (torch.float32, (3,)), "text_index": (torch.int64, ())},
+                                 bounds=np.array([0, 2, 3, 5]))  # texts: rows 0-1, 2, 3-4  # fmt: skip
+    batch = torch.arange(18, dtype=torch.float32).reshape(2, 3, 3)  # (batch, width, row), right padded
+    shard.write_texts("x", batch, [(0, 3, 2), (1, 2, 1)])  # rows 2 and 3-4: adjacent in the file
+    shard.write_texts("x", batch[1:], [(0, 0, 2)])
+    shard.write("text_index", 0, torch.tensor([0, 0, 1, 2, 2]))
+    size, digest = shard.finish()
+    cache_mod._commit(path)
+    assert torch.equal(load_file(path)["x"], torch.cat([batch[1, :2], batch[1, :1], batch[0, :2]]))
+    with open(path, "rb") as f:
+        assert (size, digest) == (path.stat().st_size, cache_mod._file_text_digest(f))
 
 
 def test_shard_file_refuses_unwritten_or_misfit_rows(tmp_path):
-    """A shard is written in place row by row: a row never written (a hole: zeros on disk), a row written twice, or
-    rows that do not fit its layout are errors, never a silently wrong file."""
+    """A shard is written in place a text at a time: a text never written (a hole: zeros on disk), a text written
+    twice, rows that are not whole texts, or rows that do not fit its layout are errors, never a silently wrong file."""
     path = tmp_path / "shard.safetensors"
-    shard = cache_mod._ShardFile(path, {"x": (torch.float32, (3,)), "token_ids": (torch.int64, ())}, rows=4)
-    shard.write("x", 0, torch.ones(3, 3))
-    shard.write("token_ids", 0, torch.arange(4))
+    specs = {"x": (torch.float32, (3,)), "token_ids": (torch.int64, ())}
+    shard = cache_mod._ShardFile(path, specs, bounds=np.array([0, 2, 3, 5]))  # texts: rows 0-1, 2, 3-4
+    shard.write_texts("x", torch.ones(2, 2, 3), [(1, 2, 1), (0, 0, 2)])  # a batch of two texts: one pwritev
+    shard.write("token_ids", 0, torch.arange(5))
     with pytest.raises(CacheError, match="rows"):
-        shard.write("x", 3, torch.ones(2, 3))  # past row 3, the last
+        shard.write("x", 3, torch.ones(3, 3))  # past row 4, the last
     with pytest.raises(CacheError, match="rows"):
-        shard.write("x", 3, torch.ones(1, 4))  # a row of another shape
+        shard.write("x", 3, torch.ones(2, 4))  # a row of another shape
+    with pytest.raises(CacheError, match="not whole texts"):
+        shard.write("x", 3, torch.ones(1, 3))  # half of the third text
     with pytest.raises(CacheError, match="written twice"):
         shard.write("x", 2, torch.ones(1, 3))
     with pytest.raises(CacheError, match=r"\{'x': 1\}"):
-        shard.finish()  # row 3 of x was never written
+        shard.finish()  # the third text of x was never written
     assert not list(tmp_path.iterdir())  # the temp file is gone
 
 

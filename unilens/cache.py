@@ -2,7 +2,7 @@
 
 Layout of a store (``out_dir``)::
 
-    manifest.json              model identity, arguments, per-name row shape / dtype, shard list (xxh3_128)
+    manifest.json              model identity, arguments, per-name row shape / dtype, shard list (checksums)
     shard_00000.safetensors    every requested name's rows for the shard + ``token_ids``, ``text_index``, ``position``
     shard_00001.safetensors    ...
 
@@ -30,8 +30,8 @@ Shards are contiguous groups of texts closed as soon as they hold ``shard_tokens
 only on the inputs and arguments. Within a shard, texts are sorted by length into batches (right padding,
 so each real token sees exactly what it would see alone); the batch plan is deterministic too, so a resumed
 run is byte-identical to an uninterrupted one. Each shard is a safetensors file written in place under a ``.tmp``
-name as its batches run (every activation is copied once, from the model's tensor into the file), checksummed
-(xxh3_128), fsynced, renamed, and only then is ``manifest.json`` rewritten (temp + fsync + rename): a kill at any
+name as its batches run (every activation is copied once, from the model's tensor into the file, and hashed with
+xxh3 on the way), fsynced, renamed, and only then is ``manifest.json`` rewritten (temp + fsync + rename): a kill at any
 moment leaves a store that the same call resumes from its last complete shard. Memory holds one batch's
 activations (no shard is built in memory). Module inputs / outputs (``layers_*``, ``attentions_*``, ``mlps_*``) are
 read by torch hooks on the modules the accessors read (tested bitwise against them on every architecture); when
@@ -95,9 +95,10 @@ __all__ = [
 ]
 
 FORMAT = "unilens-activation-cache"
-# 2: shards are checksummed with xxh3_128 (~20 GB/s) instead of sha256 (~1.3 GB/s, a full core at GPU caching rates);
-# ActivationStore still reads and verifies version-1 stores (their entries carry "sha256")
-FORMAT_VERSION = 2
+# 2: shards are checksummed with xxh3_128 (~20 GB/s) instead of sha256 (~1.3 GB/s, a full core at GPU caching rates).
+# 3: the checksum is built from per-text digests taken as the rows are written ("xxh3_128_texts", `_text_digest`)
+#    instead of read back from the file after it is written. ActivationStore reads and verifies every version.
+FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
 _SHARD_RE = re.compile(r"^shard_\d{5}\.safetensors$")
 # A shard finished by one rank of a distributed run, not yet listed in manifest.json (rank 0 lists it at the end)
@@ -206,19 +207,84 @@ def _sha256_tensor_sample(t: torch.Tensor, max_elements: int = 1 << 16) -> str:
     return h.hexdigest()
 
 
-_CHECKSUM = "xxh3_128"  # the manifest key of a shard's checksum (format version 2)
+_CHECKSUM = "xxh3_128_texts"  # the manifest key of a shard's checksum (format version 3): `_text_digest`
+_LEGACY_CHECKSUMS = ("xxh3_128", "sha256")  # whole-file digests of format versions 2 and 1, still verified
 
 
 def _checksum(algorithm: str, f: BinaryIO) -> str:
-    """Hex digest of the binary file ``f`` from its position to its end with ``"xxh3_128"`` or ``"sha256"``, read
-    through one 2 MiB buffer (it stays in the CPU's cache: a fresh block per read would cost more than xxh3 itself)."""
+    """Hex digest of the binary file ``f`` from its position to its end with ``"xxh3_128"`` or ``"sha256"`` (the
+    shard checksums of format versions 2 and 1), read through one 2 MiB buffer (it stays in the CPU's cache)."""
     import xxhash
 
-    h = xxhash.xxh3_128() if algorithm == _CHECKSUM else hashlib.sha256()
+    h = xxhash.xxh3_128() if algorithm == "xxh3_128" else hashlib.sha256()
     block = memoryview(bytearray(1 << 21))
     while n := f.readinto(block):
         h.update(block[:n])
     return h.hexdigest()
+
+
+def _text_bounds(text_index: np.ndarray) -> np.ndarray:
+    """``(texts + 1,)`` row offsets of the texts of a shard: the runs of equal ``text_index`` (rows in text order)."""
+    if not len(text_index):
+        return np.zeros(1, dtype=np.int64)
+    return np.concatenate([[0], np.flatnonzero(np.diff(text_index)) + 1, [len(text_index)]]).astype(np.int64)
+
+
+def _text_digest(head: bytes, blocks: Iterator[bytes]) -> str:
+    """A shard's checksum (``"xxh3_128_texts"``): xxh3_128 of the file's first bytes (size + JSON header) followed by
+    the 16-byte xxh3_128 digests of each tensor's rows of each text, tensors in file order, texts in row order.
+    Every byte of the file is in the header or in exactly one block, and a block is one text's rows, which leave the
+    model together: `_ShardFile` hashes them as it writes them (still in the CPU's cache; no read-back of the file),
+    `_file_text_digest` recomputes the same from the file."""
+    import xxhash
+
+    h = xxhash.xxh3_128(head)
+    for block in blocks:
+        h.update(block)
+    return h.hexdigest()
+
+
+def _file_text_digest(f: BinaryIO) -> str:
+    """`_text_digest` of a shard file, from its own bytes: its header, and its ``text_index`` for the text bounds.
+    Raises ``ValueError`` where the file is not laid out as a shard (truncated, extra bytes, tensors that do not
+    tile the data, a tensor whose row count is not the shard's)."""
+    import xxhash
+
+    size = f.read(8)
+    n = int.from_bytes(size, "little")
+    if len(size) < 8 or n > 1 << 30:
+        raise ValueError("no safetensors header")
+    text = f.read(n)
+    header = json.loads(text)
+    tensors = sorted((info["data_offsets"], name, info["shape"]) for name, info in header.items()
+                     if name != "__metadata__")  # fmt: skip
+    (a, b), _, _ = next((t for t in tensors if t[1] == "text_index"), ((0, 0), None, None))
+    if b <= a:
+        raise ValueError("no text_index tensor")
+    f.seek(8 + n + a)
+    bounds = _text_bounds(np.frombuffer(f.read(b - a), dtype="<i8"))
+
+    def blocks() -> Iterator[bytes]:
+        buffer = memoryview(bytearray(1 << 21))
+        end = 0
+        for (a, b), name, shape in tensors:
+            if a != end or not shape or shape[0] != bounds[-1] or (b - a) % max(1, shape[0]):
+                raise ValueError(f"tensor {name} does not fit the shard's {int(bounds[-1])} rows")
+            row_bytes, end = (b - a) // max(1, shape[0]), b
+            f.seek(8 + n + a)
+            for rows in np.diff(bounds):
+                h, left = xxhash.xxh3_128(), int(rows) * row_bytes
+                while left:
+                    got = f.readinto(buffer[: min(left, len(buffer))])
+                    if not got:
+                        raise ValueError("truncated")
+                    h.update(buffer[:got])
+                    left -= got
+                yield h.digest()
+        if f.read(1):
+            raise ValueError("bytes after the last tensor")
+
+    return _text_digest(size + text, blocks())
 
 
 def _save(value: Any) -> Any:
@@ -547,83 +613,127 @@ _SAFETENSORS_DTYPES = {
 }  # fmt: skip
 
 
-def _pwrite(fd: int, data: Any, offset: int) -> None:
-    """``os.pwrite`` until every byte of ``data`` (a buffer) is written (separate so tests can fill the disk)."""
-    view = memoryview(data).cast("B")
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view, offset = view[n:], offset + n
+def _pwrite(fd: int, buffers: Sequence[Any], offset: int) -> None:
+    """Write ``buffers`` back to back from ``offset`` (``os.pwritev``, at most ``IOV_MAX`` at a time) until every byte
+    is written (a function of its own so tests can fill the disk)."""
+    views = [view for view in (memoryview(b).cast("B") for b in buffers) if len(view)]
+    while views:
+        n = os.pwritev(fd, views[:_IOV_MAX], offset)
+        if n <= 0:
+            raise OSError(errno.EIO, f"pwritev wrote {n} bytes")
+        offset += n
+        while views and n >= len(views[0]):
+            n -= len(views.pop(0))
+        if n:
+            views[0] = views[0][n:]
+
+
+_IOV_MAX = os.sysconf("SC_IOV_MAX")  # the most buffers one pwritev takes (1024 on Linux)
 
 
 class _ShardFile:
     """One shard being written: ``path.tmp`` laid out as a safetensors file (every tensor ``(rows, *row)``), filled
     in place as batches run, so each activation goes from the model's tensor to the file once, and no shard is ever
-    held in memory. `finish` checks every row was written and returns the size and xxh3_128 checksum; `_commit`
-    then makes it durable and visible.
+    held in memory. Rows are written a text at a time (or several whole texts), and each text's rows are hashed as
+    they are written (`_text_digest`). `finish` checks every text of every tensor was written once and returns the
+    size and checksum; `_commit` then makes it durable and visible.
 
     The format (github.com/huggingface/safetensors): a little-endian u64 header size, a JSON header (``__metadata__``,
     then ``{"dtype", "shape", "data_offsets"}`` per tensor) padded with spaces to 8 bytes, then the tensors' bytes in
     safetensors' own order: the file's bytes are the ones ``safetensors.torch.save`` makes of the same tensors
-    (tests/test_cache.py), and every shard is read back with safetensors."""
+    (tests/test_cache.py), and every shard is read back with safetensors.
 
-    def __init__(self, path: Path, specs: dict[str, tuple[torch.dtype, Sequence[int]]], rows: int):
+    ``bounds``: the ``(texts + 1,)`` row offsets of the shard's texts (`_text_bounds` of its ``text_index``)."""
+
+    def __init__(self, path: Path, specs: dict[str, tuple[torch.dtype, Sequence[int]]], bounds: np.ndarray):
         order = list(_SAFETENSORS_DTYPES)
-        names = sorted(specs, key=lambda name: (order.index(specs[name][0]), name))
+        self.names = sorted(specs, key=lambda name: (order.index(specs[name][0]), name))  # file order
+        self.bounds, self.rows = [int(b) for b in bounds], int(bounds[-1])
+        self.text_at = {b: t for t, b in enumerate(self.bounds)}  # first row of text t -> t (and rows -> texts)
         header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-        self.dtype, self.row_bytes, self.offset, self.written = {}, {}, {}, {}
+        self.dtype, self.row_bytes, self.offset, self.digests = {}, {}, {}, {}
         size = 0
-        for name in names:
+        for name in self.names:
             dtype, row = specs[name]
-            self.dtype[name], self.written[name] = dtype, np.zeros(rows, dtype=bool)  # rows written so far
+            self.dtype[name], self.digests[name] = dtype, [None] * (len(self.bounds) - 1)  # per text, once written
             self.row_bytes[name] = math.prod(row) * torch.empty(0, dtype=dtype).element_size()
             self.offset[name] = size
-            header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": [rows, *row],
-                            "data_offsets": [size, size + rows * self.row_bytes[name]]}  # fmt: skip
-            size += rows * self.row_bytes[name]
+            header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": [self.rows, *row],
+                            "data_offsets": [size, size + self.rows * self.row_bytes[name]]}  # fmt: skip
+            size += self.rows * self.row_bytes[name]
         text = json.dumps(header, separators=(",", ":")).encode()
         text += b" " * (-(8 + len(text)) % 8)  # the tensors' bytes start 8-byte aligned
-        self.rows, self.start, self.size = rows, 8 + len(text), 8 + len(text) + size
+        self.head = len(text).to_bytes(8, "little") + text
+        self.start, self.size = len(self.head), len(self.head) + size
         self.tmp = path.with_name(path.name + _TMP_SUFFIX)
         self.fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            _pwrite(self.fd, len(text).to_bytes(8, "little") + text, 0)
+            _pwrite(self.fd, [self.head], 0)
         except BaseException:
             self.abort()
             raise
 
     def write(self, name: str, row: int, value: torch.Tensor) -> None:
-        """Rows ``row .. row + len(value) - 1`` of ``name`` (converted to its dtype, copied to the CPU if needed)."""
-        data = value.detach().to(device="cpu", dtype=self.dtype[name]).contiguous()
-        if not len(data):
-            return
-        row_bytes = math.prod(data.shape[1:]) * data.element_size()
-        if row < 0 or row + len(data) > self.rows or row_bytes != self.row_bytes[name]:
-            raise CacheError(f"{name}: rows {row}..{row + len(data)} of shape {tuple(data.shape[1:])} do not fit the "
-                             f"shard's {self.rows} rows of {self.row_bytes[name]} bytes")  # fmt: skip
-        written = self.written[name][row : row + len(data)]
-        if written.any():
-            raise CacheError(f"internal error: {name} rows {row}..{row + len(data)} written twice")
-        _pwrite(self.fd, data.reshape(-1).view(torch.uint8).numpy(), self.start + self.offset[name]
-                + row * self.row_bytes[name])  # fmt: skip
-        written[:] = True
+        """Rows ``row .. row + len(value) - 1`` of ``name``: whole texts of the shard (`write_texts`)."""
+        self.write_texts(name, value.unsqueeze(0), [(0, row, len(value))])
+
+    def write_texts(self, name: str, value: torch.Tensor, spans: Sequence[tuple[int, int, int]]) -> None:
+        """Texts of one batch: ``value`` is ``(batch, width, *row)`` (converted to the shard's dtype for ``name``,
+        copied to the CPU if needed); each ``(j, row, length)`` writes ``value[j, :length]`` at rows ``row ..
+        row + length - 1``, which must be whole texts of the shard. Texts that land next to each other in the file go
+        out in one ``pwritev``, and each text's rows are hashed here, while they are in the CPU's cache."""
+        import xxhash
+
+        data = value.detach()
+        if data.device.type != "cpu" or data.dtype != self.dtype[name]:
+            data = data.to(device="cpu", dtype=self.dtype[name])
+        data = data.contiguous()
+        row_bytes, digests = self.row_bytes[name], self.digests[name]
+        if data.dim() < 2 or math.prod(data.shape[2:]) * data.element_size() != row_bytes:
+            raise CacheError(f"{name}: rows of shape {tuple(data.shape[2:])} do not fit the shard's rows of "
+                             f"{row_bytes} bytes")  # fmt: skip
+        flat = data.view(torch.uint8).numpy().reshape(len(data), -1)  # (batch, width * row_bytes)
+        runs: list[tuple[int, list[Any]]] = []  # (file offset, buffers written back to back there)
+        new: dict[int, bytes] = {}  # text -> digest of its rows
+        end = -1
+        for j, row, length in sorted(spans, key=lambda span: span[1]):
+            if row < 0 or length < 1 or row + length > self.rows or length > data.shape[1]:
+                raise CacheError(f"{name}: rows {row}..{row + length} do not fit the shard's {self.rows} rows")
+            first, last = self.text_at.get(row), self.text_at.get(row + length)
+            if first is None or last is None:
+                raise CacheError(f"internal error: {name} rows {row}..{row + length} are not whole texts of the shard")
+            buffer = flat[j, : length * row_bytes]
+            for t in range(first, last):
+                if digests[t] is not None or t in new:
+                    raise CacheError(f"internal error: {name} rows {self.bounds[t]}..{self.bounds[t + 1]} written "
+                                     "twice")  # fmt: skip
+                new[t] = xxhash.xxh3_128_digest(buffer[(self.bounds[t] - row) * row_bytes :
+                                                       (self.bounds[t + 1] - row) * row_bytes])  # fmt: skip
+            offset = self.start + self.offset[name] + row * row_bytes
+            if offset == end:
+                runs[-1][1].append(buffer)
+            else:
+                runs.append((offset, [buffer]))
+            end = offset + length * row_bytes
+        for offset, buffers in runs:
+            _pwrite(self.fd, buffers, offset)
+        for t, digest in new.items():
+            digests[t] = digest
 
     def finish(self) -> tuple[int, str]:
-        """Close the file; its size and checksum. Every row of every tensor must have been written once."""
-        holes = {name: int((~done).sum()) for name, done in self.written.items() if not done.all()}
+        """Close the file; its size and checksum. Every text of every tensor must have been written once."""
+        holes = {name: sum(d is None for d in done) for name, done in self.digests.items() if None in done}
         if holes:
             self.abort()
-            raise CacheError(f"internal error: rows never written, per name: {holes} (of {self.rows})")
+            raise CacheError(f"internal error: texts never written, per name: {holes} (of {len(self.bounds) - 1})")
         try:
             if os.fstat(self.fd).st_size != self.size:
                 raise OSError(errno.EIO, f"{self.tmp} holds {os.fstat(self.fd).st_size} bytes, not {self.size}")
-            os.lseek(self.fd, 0, os.SEEK_SET)
-            with open(self.fd, "rb", buffering=0, closefd=False) as f:
-                digest = _checksum(_CHECKSUM, f)
         except BaseException:
             self.abort()
             raise
         os.close(self.fd)
-        return self.size, digest
+        return self.size, _text_digest(self.head, (d for name in self.names for d in self.digests[name]))
 
     def abort(self) -> None:
         os.close(self.fd)
@@ -631,12 +741,13 @@ class _ShardFile:
 
 
 def _write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> tuple[int, str]:
-    """Write whole tensors (same number of rows) as a shard's temp file; its size and checksum (`_ShardFile`)."""
-    rows = len(next(iter(tensors.values())))
-    shard = _ShardFile(path, {name: (t.dtype, tuple(t.shape[1:])) for name, t in tensors.items()}, rows)
+    """Write whole tensors (same number of rows, ``text_index`` among them) as a shard's temp file; its size and
+    checksum (`_ShardFile`)."""
+    bounds = _text_bounds(tensors["text_index"].numpy())
+    shard = _ShardFile(path, {name: (t.dtype, tuple(t.shape[1:])) for name, t in tensors.items()}, bounds)
     try:
         for name, tensor in tensors.items():
-            if rows:
+            if len(tensor):
                 shard.write(name, 0, tensor)
     except BaseException:
         shard.abort()
@@ -975,7 +1086,7 @@ def cache_activations(
                 else:
                     reuse, probed = (probed if k == first_shard else None), None  # the probe ran its first batch
                     n_rows = int(tokens.offsets[b] - tokens.offsets[a])
-                    shard = _ShardFile(out_dir / entry["file"], specs, n_rows)
+                    shard = _ShardFile(out_dir / entry["file"], specs, tokens.offsets[a : b + 1] - tokens.offsets[a])
                     try:
                         _compute_shard(model, resolved, tokens, a, b, batch_size, key_length, pad_id, shard, bar,
                                        delay, reuse)  # fmt: skip
@@ -1037,8 +1148,7 @@ def _compute_shard(
 
         def store(key: str, value: torch.Tensor) -> None:
             value = _per_token(by_key[key], value, len(spans), width, key_length)
-            for j, row, length in spans:
-                shard.write(key, row, value[j, :length])
+            shard.write_texts(key, value, spans)
 
         if i == 0 and first_batch is not None:
             saved, _ = first_batch
@@ -1212,15 +1322,21 @@ class ActivationStore:
         return ActivationDataset(self, names)
 
     def verify(self) -> None:
-        """Recompute every shard's checksum (xxh3_128; sha256 in version-1 stores); raise ``CacheCorruptError``
-        naming the first bad or missing shard."""
+        """Recompute every shard's checksum from its file (``xxh3_128_texts``; the whole-file xxh3_128 or sha256
+        of stores written by format versions 2 and 1); raise ``CacheCorruptError`` naming the first bad or missing
+        shard."""
         for entry in self.manifest["shards"]:
             path = self.path / entry["file"]
             if not path.is_file():
                 raise CacheCorruptError(f"shard {entry['file']} is missing from {self.path}.")
-            algorithm = _CHECKSUM if _CHECKSUM in entry else "sha256"
+            algorithm = next((key for key in (_CHECKSUM, *_LEGACY_CHECKSUMS) if key in entry), None)
+            if algorithm is None:
+                raise CacheCorruptError(f"the manifest entry of shard {entry['file']} in {self.path} has no checksum.")
             with open(path, "rb") as f:
-                digest = _checksum(algorithm, f)
+                try:
+                    digest = _file_text_digest(f) if algorithm == _CHECKSUM else _checksum(algorithm, f)
+                except (ValueError, KeyError, TypeError) as err:  # not laid out as a shard
+                    digest = f"unreadable ({type(err).__name__}: {err})"
             if digest != entry[algorithm]:
                 raise CacheCorruptError(
                     f"shard {entry['file']} in {self.path} is corrupt: {algorithm} {digest} differs from the "
