@@ -62,10 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     mine = list(range(len(plan)))[rank::world]  # what cache_activations gives this rank on a fresh store
     pad_id = cache_mod._pad_id(model.tokenizer)
     lean = model._keep_last_logits_kwargs() if "logits" not in args.names else {}
-    batches = []
-    bare_plan: list[tuple[int, list[tuple[torch.Tensor, torch.Tensor]]]] = []  # (shard, its batches)
+    shard_batches: list[tuple[int, list[tuple[torch.Tensor, torch.Tensor]]]] = []  # (shard, its (ids, mask) batches)
     for k in mine:
-        bare_plan.append((k, []))
+        shard_batches.append((k, []))
         for batch in cache_mod._batches(tokens, *plan[k], args.batch_size):
             rows = [tokens.of(i) for i in batch]
             width = max(len(r) for r in rows)
@@ -73,8 +72,8 @@ def main(argv: list[str] | None = None) -> int:
             mask = torch.zeros((len(rows), width), dtype=torch.long)
             for b, r in enumerate(rows):
                 ids[b, : len(r)], mask[b, : len(r)] = torch.from_numpy(r), 1
-            batches.append((ids, mask))
-            bare_plan[-1][1].append((ids, mask))
+            shard_batches[-1][1].append((ids, mask))
+    batches = [batch for _, in_shard in shard_batches for batch in in_shard]
     out = Path(args.out)
 
     wrapped = model.module_accessor.model  # the HF module caching runs (outside a trace nnsight passes calls through)
@@ -114,9 +113,9 @@ def main(argv: list[str] | None = None) -> int:
         handles = [module.register_forward_hook(append) for module in layer_modules]
         try:
             with torch.no_grad():
-                for k, shard_batches in bare_plan:
+                for k, in_shard in shard_batches:
                     fd = os.open(bare_dir / f"shard_{k:05d}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-                    for ids, mask in shard_batches:
+                    for ids, mask in in_shard:
                         lengths[:] = mask.sum(1).tolist()
                         wrapped(input_ids=ids, attention_mask=mask, **lean)
                     os.fsync(fd)

@@ -545,7 +545,7 @@ def distributed_cache_section(results: dict[str, dict[str, Any]], model_name: st
              "| configuration | reps | plain tokens/s | caching tokens/s | MB/s written | caching / plain | goal | met "
              "| bare writes / plain | HF copy / plain | caching / HF copy |",
              "|---|---:|---:|---:|---:|---:|---|---|---:|---:|---:|"]  # fmt: skip
-    rates = {}
+    rates, over_bare = {}, []
     for label, r in results.items():
         times = {name: statistics.median(t) for name, t in r["times"].items()}
         plain, cache, copy = times["plain"], times["cache"], times["plain_copy"]
@@ -555,16 +555,16 @@ def distributed_cache_section(results: dict[str, dict[str, Any]], model_name: st
         if label.startswith("one process"):
             goal, met = ">= 0.95x", "yes" if ratio >= 0.95 else "**no**"
         bare = f"{plain / times['bare']:.3f}x" if "bare" in times else "-"
+        if "bare" in times:
+            over_bare.append(f"{label}: {times['bare'] / cache:.3f}x")
         lines.append(f"| {label} | {len(r['times']['cache'])} | {r['tokens'] / plain:,.0f} | {rates[label]:,.0f} | "
                      f"{r['bytes'] / cache / 2**20:,.1f} | {ratio:.3f}x | {goal} | {met} | {bare} | "
                      f"{plain / copy:.3f}x | {copy / cache:.3f}x |")
     two, one = "torchrun 2 ranks x 1 thread", "torchrun 1 rank x 2 threads"
     lines.append("")
-    bare = [f"{label}: {statistics.median(r['times']['bare']) / statistics.median(r['times']['cache']):.3f}x"
-            for label, r in results.items() if "bare" in r["times"]]
-    if bare:
+    if over_bare:
         lines.append(f"- caching / bare writes, tokens/s (what unilens adds to writing the same bytes): "
-                     f"{'; '.join(bare)}.")
+                     f"{'; '.join(over_bare)}.")
     if two in rates and one in rates:
         ratio = rates[two] / rates[one]
         lines += [f"- 2 ranks x 1 thread / 1 rank x 2 threads, caching tokens/s: **{ratio:.3f}x** (goal >= 0.9x: "

@@ -211,16 +211,29 @@ _CHECKSUM = "xxh3_128_texts"  # the manifest key of a shard's checksum (format v
 _LEGACY_CHECKSUMS = ("xxh3_128", "sha256")  # whole-file digests of format versions 2 and 1, still verified
 
 
+def _hash_from(h: Any, f: BinaryIO, buffer: memoryview, n: int | None = None) -> Any:
+    """Feed ``h`` the next ``n`` bytes of ``f`` (all the rest when ``None``) through ``buffer``, a reused block (2 MiB:
+    it stays in the CPU's cache, where a fresh block per read would cost more than xxh3 itself); returns ``h``.
+    Raises ``ValueError`` when ``f`` ends before ``n`` bytes."""
+    left = math.inf if n is None else n
+    while left:
+        got = f.readinto(buffer[: int(min(left, len(buffer)))])
+        if not got:
+            if n is None:
+                break
+            raise ValueError("truncated")
+        h.update(buffer[:got])
+        left -= got
+    return h
+
+
 def _checksum(algorithm: str, f: BinaryIO) -> str:
     """Hex digest of the binary file ``f`` from its position to its end with ``"xxh3_128"`` or ``"sha256"`` (the
-    shard checksums of format versions 2 and 1), read through one 2 MiB buffer (it stays in the CPU's cache)."""
+    shard checksums of format versions 2 and 1)."""
     import xxhash
 
     h = xxhash.xxh3_128() if algorithm == "xxh3_128" else hashlib.sha256()
-    block = memoryview(bytearray(1 << 21))
-    while n := f.readinto(block):
-        h.update(block[:n])
-    return h.hexdigest()
+    return _hash_from(h, f, memoryview(bytearray(1 << 21))).hexdigest()
 
 
 def _text_bounds(text_index: np.ndarray) -> np.ndarray:
@@ -273,14 +286,7 @@ def _file_text_digest(f: BinaryIO) -> str:
             row_bytes, end = (b - a) // max(1, shape[0]), b
             f.seek(8 + n + a)
             for rows in np.diff(bounds):
-                h, left = xxhash.xxh3_128(), int(rows) * row_bytes
-                while left:
-                    got = f.readinto(buffer[: min(left, len(buffer))])
-                    if not got:
-                        raise ValueError("truncated")
-                    h.update(buffer[:got])
-                    left -= got
-                yield h.digest()
+                yield _hash_from(xxhash.xxh3_128(), f, buffer, int(rows) * row_bytes).digest()
         if f.read(1):
             raise ValueError("bytes after the last tensor")
 
