@@ -111,7 +111,7 @@ def main() -> int:
     if len(sys.argv) == 3 and sys.argv[1] == "nnterp":
         nnterp_side(sys.argv[2])
         return 0
-    from unilens.loading import default_model_path, gguf_cache_dir
+    from unilens.arch.loading import default_model_path, gguf_cache_dir
 
     path = sys.argv[2] if len(sys.argv) == 3 else str(Path("/tmp") / "nnterp_compare.pt")
     if len(sys.argv) != 3:

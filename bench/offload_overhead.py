@@ -17,7 +17,7 @@ import time
 import torch
 
 from unilens import StandardizedTransformer, load_default
-from unilens.loading import default_model_path
+from unilens.arch.loading import default_model_path
 
 
 def main() -> None:

@@ -29,7 +29,7 @@ if str(HERE.parent) not in sys.path:  # `python bench/run.py` from a checkout wi
     sys.path.insert(0, str(HERE.parent))
 
 import unilens  # noqa: E402
-from unilens import interventions  # noqa: E402
+from unilens import interventions
 
 # Text the prompts are cut from (any English works; windows that round-trip through the tokenizer are kept).
 TEXT = (
@@ -227,7 +227,7 @@ HAND_ORDER: tuple[str, ...] = (
 def tl_cache_workload(model, batch: dict[str, torch.Tensor]) -> Workload:
     """``run_with_cache`` with every TL name (every standardized tensor they alias, read in ONE forward, names in any
     order) vs the same standardized reads written by hand in forward order in one trace."""
-    from unilens import tl
+    from unilens.compat import tl
 
     infos = [tl.resolve(model, n) for n in tl.hook_names(model)]
     locations = set(loc for info in infos for loc in info.read_locations)
@@ -634,7 +634,7 @@ def overhead_workload(model_type: str = "llama") -> Workload:
 
 def conformance_workload(impl: str = "sdpa") -> Workload:
     """Wall time of `check_attention` on the default grid (seconds) and on the thorough one, three dtypes."""
-    from unilens.conformance import check_attention
+    from unilens.conformance.kernels import check_attention
 
     def grid(level: str):
         def call():
@@ -674,7 +674,7 @@ def startup_workload() -> Workload:
     discovery, hooks, load-time validation included), vs the CLI's ``unilens lens``."""
     import subprocess
 
-    from unilens.loading import default_model_path, gguf_cache_dir
+    from unilens.arch.loading import default_model_path, gguf_cache_dir
 
     folder = str(gguf_cache_dir(default_model_path()))  # made by load_default() before this workload runs
     tmp = Path(tempfile.mkdtemp(prefix="unilens-startup-"))
@@ -812,7 +812,7 @@ def check_outputs(timing: Timing) -> list[str]:
             torch.testing.assert_close(ul_p, hf_p, rtol=1e-5, atol=1e-6, msg=lambda m, i=i: f"layer {i}: {m}")
         notes.append("unilens probabilities match HF eager output_attentions (rtol 1e-5) on every layer.")
     elif title.startswith("TransformerLens-style run_with_cache"):
-        from unilens import tl
+        from unilens.compat import tl
 
         hand = out["one trace, the same standardized reads in forward order by hand"]
         logits, cache = out["unilens run_with_cache (every TL name)"]
@@ -972,7 +972,7 @@ def run_anchors(quick: bool, timeout_s: float, prompts_by_size: dict[str, list[s
             return None, f"installing {' '.join(ANCHOR_PACKAGES)} failed: {' / '.join(tail) or err}"
         except subprocess.TimeoutExpired:
             return None, f"installing the anchor packages took over {timeout_s:.0f} s; skipped"
-    from unilens.loading import gguf_cache_dir
+    from unilens.arch.loading import gguf_cache_dir
 
     cached = gguf_cache_dir(unilens.default_model_path())
     if not (cached / "config.json").exists():
@@ -1059,7 +1059,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _log(f"wrote the data-parallel caching section of {args.out}")
         return 0
 
-    from unilens.loading import default_model_path, load_hf_model
+    from unilens.arch.loading import default_model_path, load_hf_model
 
     load_start = os.getloadavg()
     default_threads = torch.get_num_threads()

@@ -51,7 +51,7 @@ def _tokenizer_copy(tok):
 def _load(kind: str):
     """(unilens model, second HF copy of the same weights, tokenizer)."""
     from unilens import StandardizedTransformer, load_default
-    from unilens.loading import default_model_path, load_hf_model
+    from unilens.arch.loading import default_model_path, load_hf_model
     from unilens.testing import tiny_model
 
     if kind == "smollm2":
@@ -80,7 +80,7 @@ def _half(x, hook):
 
 
 def _eager_copy(kind: str):
-    from unilens.loading import default_model_path, load_hf_model
+    from unilens.arch.loading import default_model_path, load_hf_model
     from unilens.testing import tiny_model
 
     if kind == "smollm2":
@@ -99,7 +99,7 @@ def _bridge_cache(bridge, ids, flags):
 def compare(kind: str) -> dict:
     from transformer_lens.model_bridge import TransformerBridge
 
-    from unilens import tl
+    from unilens.compat import tl
 
     row: dict = {"type": kind}
     model, other, tok = _load(kind)

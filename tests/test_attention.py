@@ -14,17 +14,11 @@ import pytest
 import torch
 from torch import nn
 
-from unilens.attention import (
-    AttentionHookAccessor,
-    AttentionHooks,
-    find_output_projection,
-    install_attention_hooks,
-    request_materialize,
-)
-from unilens.discovery import ModuleAccessor, discover
-from unilens.model import StandardizedTransformer
+from unilens.hooks.attention import AttentionHookAccessor, AttentionHooks, find_output_projection, install_attention_hooks, request_materialize
+from unilens.arch.discovery import ModuleAccessor, discover
+from unilens.model.transformer import StandardizedTransformer
 from unilens.testing import tiny_model
-from unilens.weights import LayerWeights
+from unilens.arch.weights import LayerWeights
 
 # Add a model type here to cover it by the probability / logit / fast-path checks.
 VERIFIED_TYPES = [
@@ -477,7 +471,7 @@ def test_bart_style_heads_match_out_proj_input():
 def test_unknown_attention_keyword_is_refused_not_ignored():
     """A keyword no model passes today reaches the attention function (Llama hands **kwargs down): refused on both
     paths, while HF's own sdpa would silently drop it. A None value carries nothing and is accepted."""
-    from unilens.attention import UnknownAttentionKeyword
+    from unilens.hooks.attention import UnknownAttentionKeyword
 
     hf, tok = tiny_model("llama")
     ids = _ids(_vocab(hf))
@@ -500,7 +494,7 @@ def test_sparse_selection_binds_and_load_check_sees_it(model_type, monkeypatch):
     """The zoo's sparse-attention configs select fewer keys than the prompt has, so the selection changes the output;
     dropping it (what an implementation name other than eager / sdpa did before) fails the load-time check."""
     import unilens.attention as attention
-    from unilens.validation import ValidationError, validate_model
+    from unilens.model.validation import ValidationError, validate_model
 
     hf, tok = tiny_model(model_type)
     dense, _ = tiny_model(model_type, index_topk=10_000, index_topk_blocks=10_000)

@@ -19,16 +19,8 @@ import torch
 import xxhash
 
 from unilens import StandardizedTransformer
-from unilens import cache as cache_mod
-from unilens.cache import (
-    ActivationStore,
-    CacheCorruptError,
-    CacheDiskFullError,
-    CacheError,
-    cache_activations,
-    main_cache,
-    read_texts,
-)
+from unilens.scale import store as cache_mod
+from unilens.scale.store import ActivationStore, CacheCorruptError, CacheDiskFullError, CacheError, cache_activations, main_cache, read_texts
 from unilens.testing import ZOO_REQUIRED, tiny_model
 
 REPO = Path(__file__).resolve().parents[1]

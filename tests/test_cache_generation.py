@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from unilens import ActivationStore, StandardizedTransformer, cache_activations
-from unilens.cache import CacheError
+from unilens.scale.store import CacheError
 from unilens.testing import tiny_model
 
 TEXTS = ["The cat sat", "Hello there my friend", "A"]

@@ -8,17 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from unilens.conformance import (
-    AttentionCase,
-    check_attention,
-    diff_model_implementations,
-    diff_models,
-    reference_as_attention_fn,
-    reference_attention,
-    run_attn_check,
-    visibility_mask,
-)
-from unilens.conformance_faults import FAULTS, correct
+from unilens.conformance import AttentionCase, check_attention, diff_model_implementations, diff_models, reference_as_attention_fn, reference_attention, run_attn_check, visibility_mask
+from unilens.conformance.faults import FAULTS, correct
 
 # ---------------------------------------------------------------------------------------------------------------
 # Reference attention against hand-computed numbers
@@ -350,7 +341,7 @@ def test_diff_models_eager_vs_sdpa_no_divergence_fp32():
 # Where real kernels break: tiles past the first, decode paths, low-precision accumulation, module attributes
 # ---------------------------------------------------------------------------------------------------------------
 
-from unilens.conformance_faults import TILED_FAULT_NAMES, tiled_correct  # noqa: E402
+from unilens.conformance.faults import TILED_FAULT_NAMES, tiled_correct
 
 # fault -> a case of the default grid that must fail, the rule that must catch it
 TILED_EXPECTATIONS = {
@@ -420,7 +411,7 @@ def test_precision_verdict_reports_relative_error_growth():
 def test_padded_query_contract_flash_zeros():
     """A kernel with flash_attention_2's convention (zeros at padded query positions) conforms; padded_queries=
     'zeros' demands exactly that, so eager's averages there fail it while the flash-style kernel passes."""
-    from unilens.conformance_faults import _simple_attention
+    from unilens.conformance.faults import _simple_attention
 
     def flash_like(module, query, key, value, attention_mask, **kwargs):
         out, _ = _simple_attention(module, query, key, value, attention_mask, fault=None, **kwargs)
@@ -468,7 +459,7 @@ def test_cli_attn_check_takes_a_user_kernel(tmp_path):
 # diff_models in low precision: per-layer isolation against a noise yardstick
 # ---------------------------------------------------------------------------------------------------------------
 
-from unilens.conformance_faults import plant_attention_fault  # noqa: E402
+from unilens.conformance.faults import plant_attention_fault
 
 
 def _pair_and_inputs(dtype):
@@ -497,7 +488,7 @@ def test_diff_models_accepts_standardized_models_and_copies_caches():
     """Two StandardizedTransformers of the same weights, a decode step with one cache object in the inputs: each
     model (and each replay) gets its own copy, so identical models do not 'diverge' at layer 0."""
     from unilens import StandardizedTransformer
-    from unilens.patching import cache_keyword, output_cache
+    from unilens.analysis.sweep import cache_keyword, output_cache
     from unilens.testing import tiny_model
 
     hf_a, tok = tiny_model("llama")
@@ -522,8 +513,8 @@ def test_diff_models_localizes_faults_in_smollm2_half_precision(dtype):
     """SmolLM2 in bf16 / fp16: eager vs sdpa has no fault (the propagated rows alone would call rounding growth a
     divergence), and four planted attention faults in layer 17 (one only on the decode path) are each localized to
     layer 17's attention."""
-    from unilens.loading import default_model_path, load_hf_model
-    from unilens.patching import cache_keyword, output_cache
+    from unilens.arch.loading import default_model_path, load_hf_model
+    from unilens.analysis.sweep import cache_keyword, output_cache
 
     def load(implementation):
         return load_hf_model(default_model_path(), dtype=dtype, attn_implementation=implementation)

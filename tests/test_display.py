@@ -19,13 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from unilens.display import (
-    attention_viewer_html,
-    plot_logit_lens_heatmap,
-    plot_patching_heatmap,
-    plot_topk_tokens,
-    token_label,
-)
+from unilens.ui.display import attention_viewer_html, plot_logit_lens_heatmap, plot_patching_heatmap, plot_topk_tokens, token_label
 from unilens.testing import make_tokenizer
 
 CHROMIUM = os.environ.get("UNILENS_CHROMIUM", "/usr/bin/chromium")
@@ -229,7 +223,7 @@ def test_missing_plotly_and_pandas_say_how_to_install(monkeypatch, tok):
     with pytest.raises(ImportError, match=r"pip install 'unilens\[display\]'"):
         plot_topk_tokens(random_probs(2, 512), tok)
     monkeypatch.setitem(sys.modules, "pandas", None)
-    from unilens.prompt_utils import Prompt, prompts_to_df
+    from unilens.analysis.prompts import Prompt, prompts_to_df
 
     with pytest.raises(ImportError, match=r"pip install 'unilens\[display\]'"):
         prompts_to_df([Prompt.from_strings("x", "Paris", tok)], tok)

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from unilens import ActivationStore, StandardizedTransformer, activation_patching
-from unilens.distributed import split_range
+from unilens.scale.distributed import split_range
 from unilens.testing import tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,7 +103,7 @@ def test_two_ranks_with_generation_equal_one_process(folder):
     cmd = _cache_cmd(folder, out, 2)
     cmd[cmd.index("--names") + 1 : cmd.index("--out")] = ["layers_output.*", "logits"]
     _run([*cmd, "--generate-tokens", "3"])
-    from unilens.cache import cache_activations, read_texts
+    from unilens.scale.store import cache_activations, read_texts
 
     model = StandardizedTransformer(str(folder / "model"), dtype=torch.float32)
     cache_activations(model, read_texts(folder / "texts.txt"), ["layers_output.*", "logits"], folder / "gen-one",

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from unilens import StandardizedTransformer
-from unilens.hook_points import LAYER_POINTS, UnsupportedHookPoint
+from unilens.hooks.points import LAYER_POINTS, UnsupportedHookPoint
 from unilens.testing import ZOO_REQUIRED, tiny_model
 
 TEXT = ["The capital of France is Paris"]
@@ -500,7 +500,7 @@ def _readable_names(model) -> list[str]:
     """Every standardized name (all layers, whole-model names) this model serves, each checked by a one-name read:
     the ones a model refuses (``UnsupportedHookPoint``, or an attention class that computes q/k/v inline, both
     NotImplementedError) are left out, anything else that fails fails the test."""
-    from unilens.order import LAYER_ACCESSORS, MODEL_ACCESSORS, parse_names
+    from unilens.hooks.reads import LAYER_ACCESSORS, MODEL_ACCESSORS, parse_names
 
     names = []
     for accessor in LAYER_ACCESSORS:

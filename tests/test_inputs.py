@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from unilens import StandardizedTransformer
-from unilens.model import ReadOrderError
+from unilens.hooks.reads import ReadOrderError
 from unilens.testing import tiny_model
 
 PROMPT = "The capital of France is"

@@ -6,17 +6,10 @@ import pytest
 import torch
 
 from unilens import StandardizedTransformer, load_default
-from unilens.interventions import (
-    TargetPrompt,
-    activation_patching,
-    attribution_patching,
-    direct_logit_attribution,
-    logit_lens,
-    mean_difference_vector,
-    patchscope_lens,
-    repeat_prompt,
-    steer_all,
-)
+from unilens.analysis.lens import TargetPrompt, logit_lens, patchscope_lens, repeat_prompt
+from unilens.analysis.patching import activation_patching, attribution_patching
+from unilens.analysis.attribution import direct_logit_attribution
+from unilens.analysis.steering import mean_difference_vector, steer_all
 from unilens.testing import tiny_model
 
 CLEAN, CORRUPTED = "The capital of France is", "The capital of Italy is"
@@ -249,7 +242,7 @@ def test_activation_patching_resumes_from_the_corrupted_cache(model_type, reques
 
 def test_activation_patching_falls_back_when_the_cache_check_fails(llama, monkeypatch):
     """A cache that does not reproduce the corrupted run is caught by the check: warning, whole-sequence runs."""
-    from unilens import patching
+    from unilens.analysis import sweep as patching
 
     paris = _tid(llama.tokenizer, " Paris")
 

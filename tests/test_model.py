@@ -5,7 +5,7 @@ import torch
 
 from unilens import StandardizedTransformer
 from unilens.testing import ZOO_REQUIRED, tiny_model
-from unilens.validation import hf_reference_forward
+from unilens.model.validation import hf_reference_forward
 
 PROMPTS = ["The capital of France is", "A cat sat on"]
 
@@ -212,7 +212,7 @@ def test_model_without_tokenizer_raises():
 def test_non_causal_lm_refused():
     from transformers import AutoConfig, AutoModel
 
-    from unilens.discovery import ArchitectureError
+    from unilens.arch.discovery import ArchitectureError
 
     encoder = AutoModel.from_config(AutoConfig.for_model("bert", hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32))
     with pytest.raises((ArchitectureError, ValueError), match="causal"):

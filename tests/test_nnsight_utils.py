@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from unilens import StandardizedTransformer
-from unilens import nnsight_utils as nu
-from unilens.discovery import ModuleAccessor
+from unilens.compat import nnsight_utils as nu
+from unilens.arch.discovery import ModuleAccessor
 from unilens.testing import tiny_model
-from unilens.validation import hf_reference_forward
+from unilens.model.validation import hf_reference_forward
 
 PROMPTS = ["The capital of France is", "A cat", "When Mary and John went to the store"]
 

@@ -14,57 +14,11 @@ from torch import nn
 
 import unilens as nnterp
 from unilens.testing import ZOO_REQUIRED, tiny_model
-from unilens.interventions import (
-    TargetPrompt,
-    TargetPromptBatch,
-    it_repeat_prompt,
-    logit_lens,
-    patch_object_attn_lens,
-    patchscope_generate,
-    patchscope_lens,
-    repeat_prompt,
-)
-from unilens.nnsight_utils import (
-    ModuleAccessor,
-    collect_last_token_activations_session,
-    collect_token_activations_batched,
-    compute_next_token_probs,
-    get_attention,
-    get_attention_output,
-    get_embed_tokens,
-    get_layer,
-    get_layer_input,
-    get_layer_output,
-    get_layers,
-    get_logits,
-    get_mlp,
-    get_mlp_output,
-    get_next_token_probs,
-    get_num_layers,
-    get_token_activations,
-    get_unembed,
-    get_unembed_norm,
-    project_on_vocab,
-    set_layer_output,
-)
-from unilens.prompt_utils import Prompt, TokenizationError, get_first_tokens, next_token_probs_unsqueeze, run_prompts
-from unilens.rename_utils import (
-    AttnProbFunction,
-    IOType,
-    LayerAccessor,
-    RenameConfig,
-    RenamingError,
-    check_io,
-    check_model_renaming,
-    expand_path_with_model,
-    get_hidden_size,
-    get_ignores,
-    get_num_attention_heads,
-    get_rename_dict,
-    get_vocab_size,
-    text_config,
-)
-from unilens.standardized_transformer import StandardizedTransformer
+from unilens.analysis.lens import TargetPrompt, TargetPromptBatch, it_repeat_prompt, logit_lens, patch_object_attn_lens, patchscope_generate, patchscope_lens, repeat_prompt
+from unilens.compat.nnsight_utils import ModuleAccessor, collect_last_token_activations_session, collect_token_activations_batched, compute_next_token_probs, get_attention, get_attention_output, get_embed_tokens, get_layer, get_layer_input, get_layer_output, get_layers, get_logits, get_mlp, get_mlp_output, get_next_token_probs, get_num_layers, get_token_activations, get_unembed, get_unembed_norm, project_on_vocab, set_layer_output
+from unilens.analysis.prompts import Prompt, TokenizationError, get_first_tokens, next_token_probs_unsqueeze, run_prompts
+from unilens.compat.nnterp import AttnProbFunction, IOType, LayerAccessor, RenameConfig, RenamingError, check_io, check_model_renaming, expand_path_with_model, get_hidden_size, get_ignores, get_num_attention_heads, get_rename_dict, get_vocab_size, text_config
+from unilens.model.transformer import StandardizedTransformer
 
 PROMPT = "The capital of France is"
 OTHER = "One, two, three,"
@@ -609,7 +563,7 @@ def test_prompt_utils_against_hf():
 
 def test_display_names(tmp_path):
     pytest.importorskip("plotly")
-    from unilens.display import plot_topk_tokens, prompts_to_df
+    from unilens.ui.display import plot_topk_tokens, prompts_to_df
 
     _, _, tok = zoo("llama")
     probs = torch.softmax(torch.randn(3, 512, generator=torch.Generator().manual_seed(1)), -1)

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from unilens import StandardizedTransformer
-from unilens.discovery import Architecture
-from unilens.offload import OffloadError, detached_copy, offloaded_parameter_names, parameter
+from unilens.arch.discovery import Architecture
+from unilens.arch.offload import OffloadError, detached_copy, offloaded_parameter_names, parameter
 from unilens.testing import tiny_model
 
 # Every standardized tensor of the README's list, read through `model.read` (names in any order).
@@ -83,7 +83,9 @@ def _assert_same(a, b, what: str) -> None:
 
 
 def _check_everything(ref: StandardizedTransformer, off: StandardizedTransformer) -> None:
-    from unilens.interventions import activation_patching, attribution_patching, direct_logit_attribution, logit_lens
+    from unilens.analysis.patching import activation_patching, attribution_patching
+    from unilens.analysis.attribution import direct_logit_attribution
+    from unilens.analysis.lens import logit_lens
 
     hf_off = off.module_accessor.model
     offloaded = offloaded_parameter_names(hf_off)
@@ -119,7 +121,7 @@ def _check_everything(ref: StandardizedTransformer, off: StandardizedTransformer
         return out
 
     _assert_same(traced(ref), traced(off), "trace")
-    from unilens.nnsight_utils import compute_next_token_probs, get_token_activations
+    from unilens.compat.nnsight_utils import compute_next_token_probs, get_token_activations
 
     _assert_same(get_token_activations(ref, TEXTS), get_token_activations(off, TEXTS), "get_token_activations")
     _assert_same(compute_next_token_probs(ref, TEXTS), compute_next_token_probs(off, TEXTS), "next_token_probs")
@@ -153,7 +155,7 @@ def _check_everything(ref: StandardizedTransformer, off: StandardizedTransformer
 
 
 def _check_generation(ref, off) -> None:
-    from unilens.generation import generate
+    from unilens.analysis.generation import generate
 
     def run(model):
         out = generate(model, TEXTS[:2], max_new_tokens=3, capture=["layers_output.0", "attention_probabilities.0"],
@@ -164,7 +166,7 @@ def _check_generation(ref, off) -> None:
 
 
 def _check_cache(ref, off, tmp: Path, names=("layers_output.*", "attention_probabilities.0", "logits")) -> None:
-    from unilens.cache import ActivationStore, cache_activations
+    from unilens.scale.store import ActivationStore, cache_activations
 
     names = list(names)
     a = cache_activations(ref, TEXTS, names, tmp / "ref_store", batch_size=2, progress=False)
@@ -194,8 +196,9 @@ def test_offloaded_tiny_equals_in_memory(model_type, disk_layers, disk_parts, tm
 @pytest.mark.slow
 def test_offloaded_smollm2_equals_in_memory(tmp_path):
     from unilens import load_default
-    from unilens.interventions import activation_patching, logit_lens
-    from unilens.loading import default_model_path
+    from unilens.analysis.patching import activation_patching
+    from unilens.analysis.lens import logit_lens
+    from unilens.arch.loading import default_model_path
 
     ref = load_default()
     hf = ref.module_accessor.model

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from unilens import StandardizedTransformer
-from unilens.interventions import activation_patching
+from unilens.analysis.patching import activation_patching
 from unilens.testing import ZOO_REQUIRED, tiny_model
 
 CLEAN, CORRUPTED = "The capital of France is Paris and", "The capital of Italy is Rome and"
@@ -92,7 +92,7 @@ def test_rows_join_the_batch_at_their_layer(llama):
 def test_a_staggered_run_that_disagrees_with_plain_rows_is_caught(llama, monkeypatch):
     """The run-time check: rows that join wrong (here: an offset added to every joining row) make the check
     fail, with a warning, and the sweep computes every row plainly, so the result is still right."""
-    from unilens import patching
+    from unilens.analysis import sweep as patching
 
     paris = _tid(llama, " Paris")
 
@@ -110,7 +110,7 @@ def test_a_staggered_run_that_disagrees_with_plain_rows_is_caught(llama, monkeyp
 def test_a_model_that_cannot_grow_its_batch_falls_back(llama, monkeypatch):
     """A model whose code refuses a batch that grows (here: each layer's cache gets one row more than the
     layer's batch) raises inside the check: warning, plain rows, right result."""
-    from unilens import patching
+    from unilens.analysis import sweep as patching
 
     paris = _tid(llama, " Paris")
     expected = _plain(llama, lambda lg: lg[:, -1, paris])
@@ -201,7 +201,7 @@ def test_subsets_chunks_and_half_precision(dtype):
 def test_cache_keyword_read_from_the_signature():
     """transformers 5.24 takes the key/value cache as `cache=` (`past_key_values=` warns); older releases only know
     `past_key_values=`: decided from the forward's signature, never from a version string."""
-    from unilens.patching import cache_keyword, output_cache
+    from unilens.analysis.sweep import cache_keyword, output_cache
 
     class Old(torch.nn.Module):
         def forward(self, input_ids, past_key_values=None, **kwargs): ...

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from unilens import StandardizedTransformer
-from unilens.discovery import NO_POSITION_EMBEDDING, discover, probe_dataflow
-from unilens.hook_points import UnsupportedHookPoint
-from unilens.order import forward_order
+from unilens.arch.discovery import NO_POSITION_EMBEDDING, discover, probe_dataflow
+from unilens.hooks.points import UnsupportedHookPoint
+from unilens.hooks.reads import forward_order
 from unilens.testing import ZOO_REQUIRED, tiny_model
-from unilens.tl import TLNameError, hook_names, resolve, run_with_cache, run_with_hooks, to_tokens
+from unilens.compat.tl import TLNameError, hook_names, resolve, run_with_cache, run_with_hooks, to_tokens
 
 PROMPTS = ["The capital of France is", "Hi there"]  # two lengths: a padded batch (OPT's positions follow the mask)
 # From the transformers source: GPT-2 adds ``wpe(position_ids)``, OPT ``embed_positions(attention_mask)``; every
@@ -170,7 +170,7 @@ def test_probe_keeps_only_a_table_added_before_layer_0():
     """An embedding table the forward never adds to the residual stream is not taken for the position embedding."""
     from torch import nn
 
-    from unilens.discovery import probe_position_embedding
+    from unilens.arch.discovery import probe_position_embedding
 
     hf, _ = tiny_model("gpt2")
     hidden = hf.config.n_embd

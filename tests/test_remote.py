@@ -14,20 +14,15 @@ import pytest
 import torch
 
 from unilens import StandardizedTransformer, activation_patching, cache_activations, logit_lens
-from unilens.remote import (
-    REMOTE_ACCESSORS,
-    Loopback,
-    RemoteUnsupportedError,
-    check_block,
-    meta_structure,
-)
-from unilens.order import forward_order
+from unilens.core.names import CATALOGUE
+from unilens.model.remote import REMOTE_TABLE_NAMES, Loopback, RemoteUnsupportedError, check_block, meta_structure
+from unilens.hooks.reads import forward_order
 from unilens.testing import ZOO_REQUIRED, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["The capital of France is", "Hi there"]  # two lengths: a padded batch
-SUPPORTED = [n for n, why in REMOTE_ACCESSORS.items() if why is None]
-REFUSED = [n for n, why in REMOTE_ACCESSORS.items() if why is not None and n != "unilens_hooks"]
+SUPPORTED = [n for n in REMOTE_TABLE_NAMES if CATALOGUE[n].remote is None]
+REFUSED = [n for n in REMOTE_TABLE_NAMES if CATALOGUE[n].remote is not None]
 
 
 def _layers(model, name: str) -> list[int]:
@@ -236,8 +231,8 @@ def test_interventions_through_loopback_equal_local():
 
 
 def test_probe_copy_is_one_layer_and_small():
-    from unilens.discovery import discover
-    from unilens.remote import probe_copy
+    from unilens.arch.discovery import discover
+    from unilens.model.remote import probe_copy
 
     hf, _ = tiny_model("llama", num_hidden_layers=4)
     structure = meta_structure(hf.config)
@@ -273,7 +268,7 @@ def smollm2():
 
 
 def test_smollm2_through_loopback(smollm2):
-    from unilens.loading import default_model_path, gguf_cache_dir
+    from unilens.arch.loading import default_model_path, gguf_cache_dir
 
     folder = gguf_cache_dir(default_model_path())
     server = Loopback(folder, dtype=torch.float32)
@@ -357,7 +352,7 @@ def test_session_is_one_request():
 def test_containers_filled_inside_a_trace_come_back():
     """The idiom "build a dict / list outside, fill it inside" (unilens's helpers use it) works remotely: the block
     sent ends by saving each container it fills. nnterp's helpers run on a remote-mode model as on a local one."""
-    from unilens import nnsight_utils as nu
+    from unilens.compat import nnsight_utils as nu
 
     hf, tok = tiny_model("llama")
     local = StandardizedTransformer(hf, tokenizer=tok)

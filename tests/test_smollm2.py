@@ -56,8 +56,8 @@ def test_generation_steps_equal_the_no_cache_reference(smollm2):
     heads and layer output (cached, sdpa model) equal a recomputed eager forward of the same weights."""
     from test_generation import _close, _reference
 
-    from unilens.generation import generate
-    from unilens.loading import load_hf_model
+    from unilens.analysis.generation import generate
+    from unilens.arch.loading import load_hf_model
 
     eager, _ = load_hf_model(default_model_path(), attn_implementation="eager", dtype=torch.float32)
     layer, steps = 20, 4
@@ -79,7 +79,7 @@ def test_direct_logit_attribution_in_bfloat16():
     """DLA's checks scale with the model's dtype: in bfloat16 the residual is rounded at every addition (spacing 2
     at |x| ~ 400), so a float32 tolerance would refuse every bf16 model. The parts sum to the model's logit within
     bfloat16 rounding (one unit of its spacing at the logit)."""
-    from unilens.interventions import direct_logit_attribution
+    from unilens.analysis.attribution import direct_logit_attribution
 
     model = load_default(dtype=torch.bfloat16)
     dla = direct_logit_attribution(model, PROMPT, " Paris")

@@ -15,7 +15,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--check", action="store_true", help="exit 1 when docs/remote.md is not current")
     args = parser.parse_args(argv)
-    from unilens.remote import support_table
+    from unilens.conformance.support import support_table
     from unilens.testing import ZOO_REQUIRED
 
     text = DOC.read_text()

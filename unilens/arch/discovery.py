@@ -1,0 +1,731 @@
+"""Architecture discovery: find the parts of any HF causal LM from its module tree, not from a per-model table.
+
+The rules, in order of trust:
+
+* embeddings and unembedding come from the model's own ``get_input_embeddings()`` /
+  ``get_output_embeddings()``;
+* the decoder-layer list is the ``nn.ModuleList`` holding the most parameters (MoE expert lists live
+  *inside* layers, so they always hold fewer);
+* inside a layer, the attention module is the shallowest module whose class name says "Attention"
+  (never "CrossAttention") and that owns a projection (a Linear / Conv1D child); the MLP is the
+  shallowest module whose class or attribute name says MLP / feed-forward / MoE and that does not
+  contain the attention. Layers whose MLP is a bare ``fc1 -> act -> fc2`` (OPT, BioGPT) get an
+  MLP *span*: its input is ``fc1``'s input, its output ``fc2``'s output;
+* the final norm is the norm module registered beside the layer list, after it;
+* learned absolute position embeddings (GPT-2's ``wpe``, OPT's ``embed_positions``): an embedding table outside
+  the layer stack, other than the token embedding, whose output the probe sees added to layer 0's input
+  (``probe_position_embedding``); rotary / ALiBi models have none.
+
+Every guess is checked at load time against HF's ``output_hidden_states`` (``unilens.validation``), so a
+wrong guess is an error, never a silently wrong tensor.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .offload import module_device
+from .structure import computes_softmax_attention, is_projection, owns_projection
+
+__all__ = [
+    "Architecture",
+    "ArchitectureError",
+    "ModuleAccessor",
+    "get_rename_dict",
+    "discover",
+    "NO_POSITION_EMBEDDING",
+    "probe_position_embedding",
+]
+
+# The one reason given for ``position_embeddings`` on every model without such a tensor (the same sentence on all).
+NO_POSITION_EMBEDDING = (
+    "the model has no learned absolute position embedding added to the token embeddings before layer 0 (positions "
+    "enter inside attention instead, as rotary / ALiBi, or not at all); blocks.0 / layers_input[0] is the first "
+    "residual stream"
+)
+
+
+class ArchitectureError(ValueError):
+    """The model's structure does not fit the standardized view (raised before any wrong tensor is read)."""
+
+
+_ATTENTION_CLASS = re.compile(r"attention|attn", re.IGNORECASE)
+_NOT_SELF_ATTENTION = re.compile(r"cross|encoder_attn|encdec", re.IGNORECASE)  # decoder cross-attention
+_SIDE_TOWER = re.compile(r"vision|visual|image|audio|speech|patch_embed|encoder\.", re.IGNORECASE)
+_MLP_NAME = re.compile(r"^(mlp|feed_forward|ffn|ff|block_sparse_moe|moe|mixer_mlp)$", re.IGNORECASE)
+_MLP_CLASS = re.compile(r"mlp|feedforward|moe|experts|ffn", re.IGNORECASE)
+_NORM_CLASS = re.compile(r"norm", re.IGNORECASE)
+_SPLIT_MLP = (("fc1", "fc2"), ("c_fc", "c_proj"), ("dense_h_to_4h", "dense_4h_to_h"))
+
+# Config attributes that change the logits after the unembedding: name -> how to apply it.
+# These are the only post-unembedding steps in transformers 5 causal LMs (checked at load time,
+# so a new one shows up as a validation error, not as wrong numbers).
+LOGIT_POSTPROCESSING = {
+    "logit_scale": "multiply",  # Cohere / Cohere2: logits * logit_scale
+    "logits_scaling": "divide",  # Granite family: logits / logits_scaling
+    "final_logit_softcapping": "softcap",  # Gemma 2/3: tanh(logits / cap) * cap
+    "output_multiplier_scale": "multiply",  # some MuP-style models
+    "logits_soft_cap": "softcap",  # RecurrentGemma
+}
+
+
+def _param_count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+@dataclass
+class LayerParts:
+    """Where the standardized pieces live inside one decoder layer (paths relative to the layer)."""
+
+    attention: str | None  # e.g. "self_attn", "norm_attn_norm.attn"; None on non-attention layers
+    mlp: str | None  # e.g. "mlp"; None when the MLP is a span of bare linears
+    mlp_in: str | None  # module whose *input* is the MLP input (== mlp when there is an MLP module)
+    mlp_out: str | None  # module whose *output* is the MLP output
+    attention_out: str | None = None  # module whose output is the attention branch (== attention unless the
+    # attention module adds the residual itself, as Bloom's does: then its last projection; see probe_dataflow)
+
+    def __post_init__(self):
+        if self.attention_out is None:
+            self.attention_out = self.attention
+
+
+@dataclass
+class Architecture:
+    """The standardized map of one HF causal LM: dotted paths from the root model.
+
+    Example:
+        >>> from unilens.testing import tiny_model
+        >>> hf, tok = tiny_model("gpt2")
+        >>> Architecture.from_model(hf).layers_path
+        'transformer.h'
+    """
+
+    model_type: str
+    embed_path: str
+    layers_path: str
+    final_norm_path: str | None
+    lm_head_path: str
+    layers: list[LayerParts] = field(default_factory=list)
+    parallel: bool = False  # attention and MLP read the same layer input (GPT-J, Phi, Falcon, Cohere, NeoX)
+    logit_postprocessing: dict[str, float] = field(default_factory=dict)
+    # standardized outputs the model later modifies in place (Falcon: ``mlp_output += attention_output``);
+    # accessors return a copy of these, or a saved tensor would silently change after it was read
+    mutated_in_place: set[str] = field(default_factory=set)
+    # the modules applied, in order, between the last layer and lm_head: usually just the final norm; BERT-style
+    # heads add dense + activation + LayerNorm (``cls.predictions.transform``). Found by probe_dataflow.
+    head_chain: list[str] | None = field(default_factory=list)  # None: not reproducible (see head_error)
+    head_error: str | None = None
+    # the learned absolute position embedding whose output is added to the token embeddings before layer 0 (GPT-2's
+    # ``transformer.wpe``); None on rotary / ALiBi models. Found by probe_position_embedding.
+    position_embed_path: str | None = None
+
+    def __post_init__(self):
+        if not self.head_chain and self.final_norm_path:
+            self.head_chain = [self.final_norm_path]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def attention_layers(self) -> list[int]:
+        """Indices of layers that have softmax attention (all of them except on hybrid models)."""
+        return [i for i, p in enumerate(self.layers) if p.attention is not None]
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> "Architecture":
+        return discover(model)
+
+
+def _path_of(root: nn.Module, target: nn.Module) -> str | None:
+    for name, module in root.named_modules():
+        if module is target:
+            return name
+    return None
+
+
+def _find_layers(model: nn.Module) -> str:
+    best, best_params = None, (-1, -1)
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        # the language stack, not a vision / audio tower of a multimodal wrapper (which may be bigger)
+        params = (0 if _SIDE_TOWER.search(name + ".") else 1, _param_count(module))
+        if params > best_params:
+            best, best_params = name, params
+    if best is None:
+        raise ArchitectureError(
+            f"{type(model).__name__}: found no nn.ModuleList of decoder layers. unilens needs a stack of "
+            "layers; pass a transformers causal LM (AutoModelForCausalLM)."
+        )
+    return best
+
+
+def _find_attention(layer: nn.Module) -> str | None:
+
+    # shallowest first: named_modules() is depth-first, so sort by depth
+    candidates = []
+    for order, (name, module) in enumerate(layer.named_modules()):
+        if not name:
+            continue
+        cls = type(module).__name__
+        if _NOT_SELF_ATTENTION.search(name) or _NOT_SELF_ATTENTION.search(cls):
+            continue  # cross-attention shares the class with self-attention in BART-style decoders
+        if _ATTENTION_CLASS.search(cls) and owns_projection(module) and computes_softmax_attention(module):
+            # linear / delta / recurrent mixers named "attention" have no probabilities: not attention layers
+            candidates.append((name.count("."), order, name))  # shallowest, then first registered
+    if not candidates:
+        return None
+    return min(candidates)[2]
+
+
+def _find_mlp(layer: nn.Module, attention: str | None) -> tuple[str | None, str | None, str | None]:
+    candidates = []
+    for name, module in layer.named_modules():
+        if not name or (attention and (attention == name or attention.startswith(name + "."))):
+            continue
+        if attention and name.startswith(attention + "."):
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        cls = type(module).__name__
+        if _NORM_CLASS.search(cls) or isinstance(module, nn.ModuleList):
+            continue  # e.g. Qwen2MoeRMSNorm says "Moe" but is a norm
+        if _MLP_NAME.match(leaf) or _MLP_CLASS.search(cls):
+            candidates.append((name.count("."), name))
+    if candidates:
+        mlp = min(candidates)[1]
+        return mlp, mlp, mlp
+    children = dict(layer.named_children())
+    for first, last in _SPLIT_MLP:
+        if first in children and last in children:
+            return None, first, last
+    return None, None, None
+
+
+def _find_final_norm(model: nn.Module, layers_path: str) -> str | None:
+    """Structural first guess: the last norm registered beside the layer list (confirmed by ``probe_final_norm``)."""
+    parent_path, _, layers_name = layers_path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    norms = [n for n, c in parent.named_children() if n != layers_name and _NORM_CLASS.search(type(c).__name__)]
+    if not norms:
+        return None
+    return f"{parent_path}.{norms[-1]}" if parent_path else norms[-1]
+
+
+def discover(model: nn.Module) -> Architecture:
+    """Find the standardized parts of ``model`` (a transformers causal LM) by structure.
+
+    Example:
+        >>> from unilens.testing import tiny_model
+        >>> hf, _ = tiny_model("llama")
+        >>> arch = discover(hf)
+        >>> arch.layers_path, arch.layers[0].attention, arch.layers[0].mlp
+        ('model.layers', 'self_attn', 'mlp')
+    """
+    if not hasattr(model, "get_input_embeddings") or not hasattr(model, "get_output_embeddings"):
+        raise ArchitectureError(
+            f"{type(model).__name__} is not a transformers PreTrainedModel; load a causal LM with "
+            "AutoModelForCausalLM or pass a hub id / folder / .gguf file."
+        )
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", type(model).__name__)
+    embed = model.get_input_embeddings()
+    lm_head = model.get_output_embeddings()
+    if lm_head is None:
+        raise ArchitectureError(
+            f"{type(model).__name__} ({model_type}) has no output embeddings (lm_head): it is not a causal "
+            "language model. Load it with AutoModelForCausalLM."
+        )
+    embed_path = _path_of(model, embed)
+    lm_head_path = _path_of(model, lm_head)
+    layers_path = _find_layers(model)
+    layers = model.get_submodule(layers_path)
+    parts = []
+    for layer in layers:
+        attention = _find_attention(layer)
+        mlp, mlp_in, mlp_out = _find_mlp(layer, attention)
+        parts.append(LayerParts(attention=attention, mlp=mlp, mlp_in=mlp_in, mlp_out=mlp_out))
+    # recurrent-only stacks (Mamba, RWKV) have neither: the residual stream view still holds (validated at
+    # load); attention and MLP accessors raise a clear error for them
+    post = {}
+    for key in LOGIT_POSTPROCESSING:
+        value = getattr(config, key, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value not in (0,):
+            post[key] = float(value)
+    return Architecture(
+        model_type=model_type,
+        embed_path=embed_path,
+        layers_path=layers_path,
+        final_norm_path=_find_final_norm(model, layers_path),
+        lm_head_path=lm_head_path,
+        layers=parts,
+        logit_postprocessing=post,
+    )
+
+
+def apply_logit_postprocessing(logits: torch.Tensor, post: dict[str, float]) -> torch.Tensor:
+    """Apply the config-level steps that turn ``lm_head`` output into the model's logits."""
+    for key, value in post.items():
+        how = LOGIT_POSTPROCESSING[key]
+        if how == "multiply":
+            logits = logits * value
+        elif how == "divide":
+            logits = logits / value
+        elif how == "softcap":
+            logits = torch.tanh(logits / value) * value
+    return logits
+
+
+def get_rename_dict(
+    model: nn.Module | None = None,
+    rename_config: dict[str, str] | None = None,
+    architecture: Architecture | None = None,
+) -> dict[str, str]:
+    """Module renames for nnsight's ``LanguageModel(..., rename=...)`` / ``NNsight(...)``.
+
+    With a model, the dict is exact (built by discovery); without one, it lists the common HF names.
+
+    Example:
+        >>> from nnsight import NNsight
+        >>> from unilens.testing import tiny_model
+        >>> hf, _ = tiny_model("gpt2")
+        >>> renamed = NNsight(hf, rename=get_rename_dict(hf))
+        >>> type(renamed.layers._module).__name__
+        'ModuleList'
+    """
+    if model is not None:
+        arch = architecture or discover(model)
+        rename = {arch.layers_path: "layers", arch.lm_head_path: "lm_head", arch.embed_path: "embed_tokens"}
+        if arch.final_norm_path:
+            rename[arch.final_norm_path] = "ln_final"
+        first = arch.layers[arch.attention_layers[0]] if arch.attention_layers else arch.layers[0]
+        if first.attention and "." not in first.attention and first.attention != "self_attn":
+            rename[first.attention] = "self_attn"
+        if first.mlp and "." not in first.mlp and first.mlp != "mlp":
+            rename[first.mlp] = "mlp"
+    else:
+        rename = {
+            "transformer.h": "layers",
+            "model.layers": "layers",
+            "gpt_neox.layers": "layers",
+            "model.decoder.layers": "layers",
+            "transformer.blocks": "layers",
+            "transformer.ln_f": "ln_final",
+            "model.norm": "ln_final",
+            "gpt_neox.final_layer_norm": "ln_final",
+            "model.decoder.final_layer_norm": "ln_final",
+            "transformer.norm_f": "ln_final",
+            "model.final_layernorm": "ln_final",
+            "transformer.wte": "embed_tokens",
+            "gpt_neox.embed_in": "embed_tokens",
+            "transformer.word_embeddings": "embed_tokens",
+            "embed_out": "lm_head",
+            "attn": "self_attn",
+            "self_attention": "self_attn",
+            "attention": "self_attn",
+            "feed_forward": "mlp",
+            "ffn": "mlp",
+            "block_sparse_moe": "mlp",
+        }
+    if rename_config:
+        rename.update(rename_config)
+    if model is not None:
+        rename = {path: alias for path, alias in rename.items() if not _alias_collides(model, path, alias)}
+    return rename
+
+
+def _alias_collides(model: nn.Module, path: str, alias: str) -> bool:
+    """Whether nnsight's alias would shadow an existing, different attribute (nnsight refuses those)."""
+    if path == alias:
+        return True
+    if "." in path:  # a full path: the alias is bound on the root
+        existing = getattr(model, alias, None)
+        return existing is not None and existing is not model.get_submodule(path)
+    for _, module in model.named_modules():  # a child name: the alias is bound on each parent having it
+        if hasattr(module, path) and isinstance(getattr(module, path), nn.Module) and alias in dict(module.named_children()):
+            return True
+    return False
+
+
+class ModuleAccessor:
+    """Plain torch modules of any HF causal LM under the standardized names (no nnsight, no overhead).
+
+    Example:
+        >>> from unilens.testing import tiny_model
+        >>> hf, _ = tiny_model("llama")
+        >>> acc = ModuleAccessor(hf)
+        >>> len(acc.layers) == hf.config.num_hidden_layers
+        True
+    """
+
+    def __init__(self, model: nn.Module, architecture: Architecture | None = None):
+        self.model = model
+        self.architecture = architecture or discover(model)
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.model.get_submodule(self.architecture.layers_path)
+
+    def get_layers(self) -> nn.ModuleList:
+        return self.layers
+
+    def _check(self, i: int) -> int:
+        n = self.architecture.num_layers
+        if not -n <= i < n:
+            raise IndexError(f"layer {i} is out of range: this {self.architecture.model_type} model has {n} layers (0..{n - 1}).")
+        return i % n
+
+    def get_layer(self, i: int) -> nn.Module:
+        return self.layers[self._check(i)]
+
+    def get_attention(self, i: int) -> nn.Module:
+        i = self._check(i)
+        path = self.architecture.layers[i].attention
+        if path is None:
+            raise ArchitectureError(
+                f"layer {i} of this {self.architecture.model_type} model has no softmax attention "
+                f"(hybrid stack); attention layers are {self.architecture.attention_layers}."
+            )
+        return self.layers[i].get_submodule(path)
+
+    def get_mlp(self, i: int) -> nn.Module:
+        i = self._check(i)
+        path = self.architecture.layers[i].mlp
+        if path is None:
+            raise ArchitectureError(
+                f"layer {i} of this {self.architecture.model_type} model has no single MLP module "
+                f"(its MLP is the span {self.architecture.layers[i].mlp_in} -> {self.architecture.layers[i].mlp_out}); "
+                "use mlps_input / mlps_output."
+            )
+        return self.layers[i].get_submodule(path)
+
+    def get_embed_tokens(self) -> nn.Module:
+        return self.model.get_submodule(self.architecture.embed_path)
+
+    def get_unembed_norm(self) -> nn.Module | None:
+        path = self.architecture.final_norm_path
+        return self.model.get_submodule(path) if path else None
+
+    def project_on_vocab(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Plain torch: the modules between the last layer and lm_head, lm_head, and the logit post-processing."""
+        if self.architecture.head_chain is None:
+            raise ArchitectureError(self.architecture.head_error)
+        for path in self.architecture.head_chain:
+            hidden = self.model.get_submodule(path)(hidden)
+        logits = self.get_unembed()(hidden)
+        return apply_logit_postprocessing(logits, self.architecture.logit_postprocessing)
+
+    def get_unembed(self) -> nn.Module:
+        return self.model.get_submodule(self.architecture.lm_head_path)
+
+
+class _StopForward(Exception):
+    pass
+
+
+@torch.no_grad()
+def probe_parallel(model: nn.Module, arch: Architecture) -> bool:
+    """Whether attention and MLP run in parallel, found from data flow rather than a list of model types.
+
+    Runs the model up to the first MLP twice on 4 tokens, the second time with the first attention's
+    output perturbed: if the MLP input does not change, the MLP does not read the attention output, so the
+    block is parallel (GPT-J, Phi, Falcon, Cohere, GPT-NeoX with ``use_parallel_residual``).
+    """
+    layer_index = next(
+        (i for i, p in enumerate(arch.layers) if p.attention is not None and p.mlp_in is not None), None
+    )
+    if layer_index is None:
+        return False
+    layer = model.get_submodule(arch.layers_path)[layer_index]
+    attention = layer.get_submodule(arch.layers[layer_index].attention)
+    mlp_in = layer.get_submodule(arch.layers[layer_index].mlp_in)
+    seen: list[torch.Tensor] = []
+    perturb = [False]
+
+    def on_attention(module, args, output):
+        if not perturb[0]:
+            return None
+        if isinstance(output, torch.Tensor):
+            return output + 1.0
+        return type(output)([output[0] + 1.0, *output[1:]])
+
+    def on_mlp(module, args, kwargs):
+        x = args[0] if args else next(iter(kwargs.values()))
+        seen.append(x.detach().clone())
+        raise _StopForward
+
+    handles = [attention.register_forward_hook(on_attention), mlp_in.register_forward_pre_hook(on_mlp, with_kwargs=True)]
+    device = module_device(model.get_input_embeddings())  # accelerate's execution device under device_map
+    vocab = model.get_input_embeddings().weight.shape[0]
+    ids = (torch.arange(4, device=device).unsqueeze(0) * 7 + 3) % vocab
+    try:
+        for flag in (False, True):
+            perturb[0] = flag
+            try:
+                model(input_ids=ids)
+            except _StopForward:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    if len(seen) != 2:
+        raise ArchitectureError(f"{arch.model_type}: the MLP of layer {layer_index} did not run in a forward pass.")
+    return bool(torch.equal(seen[0], seen[1]))
+
+
+def _first_tensor(value):
+    while isinstance(value, (tuple, list)) and value:
+        value = value[0]
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _head_chain(calls, final: torch.Tensor | None, target: torch.Tensor, arch: Architecture) -> list[str]:
+    """The modules that carry the last layer's output to lm_head's input, each reading the previous one's output.
+
+    Picks, step by step, the shallowest module called after the last layer whose input is the current tensor
+    (skipping lm_head's ancestors, which also read it but contain lm_head). Refuses (raises) when functional
+    code between modules breaks the chain: then project_on_vocab could not reproduce the model's logits.
+    """
+    ancestors = {arch.lm_head_path.rsplit(".", k)[0] for k in range(1, arch.lm_head_path.count(".") + 1)}
+    chain, x = [], final
+    while x is not None and not _same(x, target):
+        steps = [
+            (name.count("."), order, name, out)
+            for order, (name, inp, out) in enumerate(calls)
+            if name not in ancestors and name != arch.lm_head_path and isinstance(inp, torch.Tensor)
+            and isinstance(out, torch.Tensor) and _same(inp, x) and not any(name.startswith(c + ".") for c in chain)
+        ]
+        if not steps:
+            raise ArchitectureError(
+                f"{arch.model_type}: cannot find the modules that take the last layer's output to the unembedding "
+                f"({arch.lm_head_path}); functional code between them is not reproducible by project_on_vocab."
+            )
+        _, _, name, x = min(steps, key=lambda s: (s[0], s[1]))
+        chain.append(name)
+        if len(chain) > 8:
+            raise ArchitectureError(f"{arch.model_type}: the unembedding head is longer than 8 modules; not supported.")
+    return chain
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a is b or (a.shape == b.shape and torch.equal(a, b))
+
+
+def _last_projection(module: nn.Module, calls: list[tuple[str, torch.Tensor]], prefix: str) -> tuple[str, torch.Tensor] | None:
+    inside = [(n, out) for n, out in calls if n.startswith(prefix + ".")]
+    return inside[-1] if inside else None
+
+
+@torch.no_grad()
+def probe_dataflow(model: nn.Module, arch: Architecture) -> None:
+    """Settle, from one 4-token forward, what structure alone cannot tell (updates ``arch`` in place).
+
+    * the final norm: the norm module outside the layers whose output *is* the unembedding input
+      (registration order is not enough: OPT registers ``final_layer_norm`` before its layers, OLMo's norm has
+      no parameters); ``None`` when the unembedding reads the last layer's output directly;
+    * branch modules that add the residual themselves (Bloom's attention and MLP end in ``dropout_add(x,
+      residual)``): their standardized output moves to their last projection, so ``attentions_output`` /
+      ``mlps_output`` are the branch, never branch + residual;
+    * the learned absolute position embedding, if any (``probe_position_embedding``).
+    """
+    layers_prefix = arch.layers_path + "."
+    norms = {
+        name: m
+        for name, m in model.named_modules()
+        if name and _NORM_CLASS.search(type(m).__name__) and not (name == arch.layers_path or name.startswith(layers_prefix))
+    }
+    index = next((i for i, p in enumerate(arch.layers) if p.attention is not None), 0)
+    layer_path = f"{arch.layers_path}.{index}"
+    layer = model.get_submodule(layer_path)
+    parts = arch.layers[index]
+    branches = {k: v for k, v in (("attention", parts.attention), ("mlp", parts.mlp)) if v}
+    outputs: dict[str, torch.Tensor] = {}
+    versions: dict[str, tuple[torch.Tensor, int]] = {}
+    projection_calls: list[tuple[str, torch.Tensor]] = []
+    unembed_input: list[torch.Tensor] = []
+    norm_inputs: dict[str, torch.Tensor] = {}
+    handles = [
+        m.register_forward_hook(lambda mod, a, out, name=name: outputs.__setitem__(name, out)) for name, m in norms.items()
+    ] + [
+        m.register_forward_pre_hook(lambda mod, a, name=name: norm_inputs.__setitem__(name, _first_tensor(a)))
+        for name, m in norms.items()
+    ]
+    def remember(key, out):
+        first = _first_tensor(out)
+        if first is None:
+            return
+        outputs["branch:" + key] = first.clone()
+        versions[key] = (first, first._version)
+
+    watched = dict(branches)
+    watched["layer"] = ""
+    if parts.mlp_out and parts.mlp_out != parts.mlp:
+        watched["mlp"] = parts.mlp_out
+    for key, path in watched.items():
+        module = layer.get_submodule(path) if path else layer
+        handles.append(module.register_forward_hook(lambda mod, a, out, key=key: remember(key, out)))
+    for name, m in layer.named_modules():
+        if name and is_projection(m):
+            handles.append(
+                m.register_forward_hook(
+                    lambda mod, a, out, name=name: projection_calls.append((name, out)) if isinstance(out, torch.Tensor) else None
+                )
+            )
+    handles.append(model.get_submodule(arch.lm_head_path).register_forward_pre_hook(lambda mod, a: unembed_input.append(a[0])))
+    head_calls: list[tuple[str, torch.Tensor | None, torch.Tensor | None]] = []  # (path, input, output) in order
+    after_last_layer = [False]
+
+    def on_call(mod, args, kwargs, out, name):
+        if after_last_layer[0]:
+            head_calls.append((name, _first_tensor(args) if args else _first_tensor(list(kwargs.values())), _first_tensor(out)))
+
+    for name, m in model.named_modules():
+        if name and not (name == arch.layers_path or name.startswith(layers_prefix)):
+            handles.append(m.register_forward_hook(lambda mod, a, kw, out, name=name: on_call(mod, a, kw, out, name), with_kwargs=True))
+    last_layer_output: list[torch.Tensor] = []
+
+    def on_last_layer(mod, args, out) -> None:  # returns None: a hook's return value would replace the output
+        last_layer_output.append(_first_tensor(out))
+        after_last_layer[0] = True
+
+    handles.append(model.get_submodule(arch.layers_path)[-1].register_forward_hook(on_last_layer))
+    device = module_device(model.get_input_embeddings())  # accelerate's execution device under device_map
+    vocab = model.get_input_embeddings().weight.shape[0]
+    try:
+        model(input_ids=(torch.arange(4, device=device).unsqueeze(0) * 7 + 3) % vocab)
+    finally:
+        for h in handles:
+            h.remove()
+    if not unembed_input:
+        raise ArchitectureError(f"{arch.model_type}: the unembedding {arch.lm_head_path} did not run in a forward pass.")
+    target = unembed_input[-1]
+    final = last_layer_output[-1] if last_layer_output else None
+    # the final norm reads the last layer's output and its output is what the unembedding reads
+    feeding = [
+        n for n, out in outputs.items()
+        if not n.startswith("branch:") and isinstance(out, torch.Tensor) and _same(out, target)
+        and final is not None and isinstance(norm_inputs.get(n), torch.Tensor) and _same(norm_inputs[n], final)
+    ]
+    if feeding:
+        arch.final_norm_path, arch.head_chain = feeding[-1], [feeding[-1]]
+    elif final is not None and _same(target, final):
+        arch.final_norm_path, arch.head_chain = None, []
+    else:
+        arch.final_norm_path = None
+        try:
+            arch.head_chain = _head_chain(head_calls, final, target, arch)
+        except ArchitectureError as err:  # the residual view stays valid; only project_on_vocab is refused
+            arch.head_chain, arch.head_error = None, str(err)
+    arch.mutated_in_place = {key for key, (tensor, version) in versions.items() if tensor._version != version}
+    for key, path in branches.items():
+        branch = outputs.get("branch:" + key)
+        last = _last_projection(layer, projection_calls, path)
+        if key == "layer" or branch is None or last is None or last[1].shape != branch.shape or torch.allclose(branch, last[1]):
+            continue
+        # the module's output is not its last projection's: it adds something (the residual) after it
+        for p in arch.layers:
+            if key == "attention" and p.attention == path:
+                p.attention_out = last[0]
+            elif key == "mlp" and p.mlp_out == path:
+                p.mlp_out = last[0]
+    probe_position_embedding(model, arch)
+
+
+def _position_candidates(model: nn.Module, arch: Architecture) -> list[str]:
+    """Embedding tables outside the layer stack other than the token embedding, as wide as the hidden size."""
+    embed = model.get_submodule(arch.embed_path)
+    hidden = embed.weight.shape[-1]
+    layers_prefix = arch.layers_path + "."
+    out = []
+    for name, module in model.named_modules():
+        if not name or module is embed or name == arch.layers_path or name.startswith(layers_prefix):
+            continue
+        weight = getattr(module, "weight", None)
+        is_table = isinstance(module, nn.Embedding) or "embed" in type(module).__name__.lower()
+        if is_table and isinstance(weight, nn.Parameter) and weight.dim() == 2 and weight.shape[-1] == hidden:
+            out.append(name)  # rotary "embeddings" hold no table (an inv_freq buffer): never candidates
+    return out
+
+
+@torch.no_grad()
+def probe_position_embedding(model: nn.Module, arch: Architecture) -> str | None:
+    """The learned absolute position embedding, found by data flow (sets and returns ``arch.position_embed_path``).
+
+    A candidate (``_position_candidates``) qualifies when its output differs between positions but not between
+    token ids (a position table, not a token-type or second token table), and adding a random tensor ``delta`` to
+    its output changes layer 0's input by exactly ``delta``: its output is added, unscaled, to the (scaled) token
+    embeddings before the first layer (GPT-2 ``wte(ids) + wpe(pos)``, OPT ``embed_tokens(ids) * scale +
+    embed_positions(mask)``).
+
+    Example:
+        >>> from unilens.testing import tiny_model
+        >>> hf, _ = tiny_model("gpt2")
+        >>> probe_position_embedding(hf, discover(hf))
+        'transformer.wpe'
+        >>> llama, _ = tiny_model("llama")
+        >>> probe_position_embedding(llama, discover(llama)) is None  # rotary: no position tensor
+        True
+    """
+    arch.position_embed_path = None
+    candidates = _position_candidates(model, arch)
+    if not candidates:
+        return None
+    first_layer = model.get_submodule(arch.layers_path)[0]
+    device = module_device(model.get_input_embeddings())
+    vocab = model.get_input_embeddings().weight.shape[0]
+    ids = (torch.arange(4, device=device).unsqueeze(0) * 7 + 3) % vocab
+    generator = torch.Generator().manual_seed(0)
+    for name in candidates:
+        module = model.get_submodule(name)
+        seen: list[torch.Tensor] = []
+        deltas: list[torch.Tensor] = []
+
+        def on_output(mod, args, out):
+            if not deltas or not isinstance(out, torch.Tensor):
+                return None
+            return out + deltas[0].to(out.device, out.dtype).expand_as(out)
+
+        def on_layer(mod, args, kwargs):
+            x = _first_tensor(args) if args else kwargs.get("hidden_states")
+            seen.append(x.detach().clone() if isinstance(x, torch.Tensor) else None)
+            raise _StopForward
+
+        outputs: list[torch.Tensor] = []
+        handles = [
+            module.register_forward_hook(
+                lambda mod, a, out: outputs.append(out) if isinstance(out, torch.Tensor) else None
+            ),
+            module.register_forward_hook(on_output),
+            first_layer.register_forward_pre_hook(on_layer, with_kwargs=True),
+        ]
+        try:
+            for step in ("plain", "other tokens", "perturbed"):
+                if step == "perturbed":
+                    if len(outputs) != 2 or outputs[0].dim() != 3:
+                        break
+                    deltas.append(torch.randn(outputs[0].shape, generator=generator))
+                try:
+                    model(input_ids=ids if step != "other tokens" else (ids * 5 + 11) % vocab)
+                except _StopForward:
+                    pass
+        finally:
+            for h in handles:
+                h.remove()
+        if len(seen) != 3 or any(x is None for x in seen) or seen[0].shape != seen[2].shape:
+            continue
+        # a position embedding depends on the position, not on the tokens (unlike a token-type or second token table)
+        if not torch.equal(outputs[0], outputs[1]) or torch.equal(outputs[0][..., 0, :], outputs[0][..., 1, :]):
+            continue
+        seen = [seen[0], seen[2]]
+        delta = deltas[0].to(seen[0].device, torch.float32)
+        change = (seen[1] - seen[0]).float()
+        if delta.shape[0] == 1:
+            delta = delta.expand_as(change) if delta.dim() == change.dim() else delta
+        if change.shape == delta.shape and torch.allclose(change, delta, atol=1e-3 * (1 + float(delta.abs().max()))):
+            arch.position_embed_path = name
+            return name
+    return None

@@ -1,0 +1,141 @@
+"""Checks at load time: the standardized tensors are the numbers the model computed (oracle: HF's own outputs)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from .transformer import StandardizedTransformer
+
+__all__ = ["ValidationError", "ValidationReport", "validate_model", "hf_reference_forward", "PROBE_TEXT"]
+
+PROBE_TEXT = "The quick brown fox jumps over the lazy dog"
+
+
+class ValidationError(AssertionError):
+    """A standardized tensor differs from what the model computed."""
+
+
+@torch.no_grad()
+def hf_reference_forward(hf_model, encoding, **kwargs):
+    """The plain HF forward (the oracle) on a possibly padded batch, with the padding-aware position ids
+    that nnsight passes in a trace (``cumsum(mask) - 1``), so both sides see the same positions.
+
+    Example:
+        >>> from unilens.testing import tiny_model
+        >>> hf, tok = tiny_model("gpt2")
+        >>> enc = tok(["a b c", "a"], return_tensors="pt", padding=True)
+        >>> hf_reference_forward(hf, enc, output_hidden_states=True).logits.shape[:2]
+        torch.Size([2, 3])
+    """
+    import inspect
+
+    extra = {}
+    mask = encoding.get("attention_mask")
+    params = inspect.signature(hf_model.forward).parameters
+    # nnsight passes them for padded batches even when the forward only takes them through **kwargs (Whisper's
+    # causal LM hands them on to its decoder)
+    takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    if mask is not None and ("position_ids" in params or (takes_kwargs and not bool(mask.all()))):
+        extra["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+    return hf_model(**encoding, **extra, **kwargs)
+
+
+def _tol(dtype: torch.dtype) -> float:
+    # fp32: same kernels, same order -> differences are rounding only (transformers' eager-vs-eager 1e-5);
+    # half precisions get torch.testing's bf16 rtol scale.
+    return 1e-4 if dtype == torch.float32 else (1e-9 if dtype == torch.float64 else 5e-2)
+
+
+def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().max()) if a.numel() else 0.0
+
+
+@dataclass
+class ValidationReport:
+    """Per-check maximum absolute errors (relative to the tensor's scale) of one validation run."""
+
+    model_type: str
+    errors: dict[str, float] = field(default_factory=dict)
+    decomposes: bool | None = None  # layers_input + attention (+ MLP) rebuild layers_output
+
+    @property
+    def ok(self) -> bool:
+        return all(e <= 1 for e in self.errors.values())
+
+
+def _scaled(err: float, ref: torch.Tensor, tol: float) -> float:
+    """Error in units of the tolerance, relative to the reference's magnitude."""
+    return err / (tol * max(1.0, float(ref.float().abs().max())))
+
+
+@torch.no_grad()
+def validate_model(model: "StandardizedTransformer", text: str = PROBE_TEXT, raise_on_error: bool = True) -> ValidationReport:
+    """Compare the standardized residual stream and logits with HF ``output_hidden_states`` on ``text``.
+
+    Checks: ``layers_input[0] == hidden_states[0]``, ``layers_output[i] == hidden_states[i+1]`` (every layer but
+    the last, whose HF state may already be normed), ``project_on_vocab(layers_output[-1]) == logits``, and that
+    ``logits`` equals the plain HF forward. Raises ``ValidationError`` naming the architecture and the check.
+
+    Example:
+        >>> from unilens import StandardizedTransformer
+        >>> from unilens.testing import tiny_model
+        >>> model = StandardizedTransformer(*tiny_model("llama"), check=False)
+        >>> report = validate_model(model)
+        >>> report.ok
+        True
+    """
+    hf = model.module_accessor.model
+    arch = model.architecture
+    device = model.input_device  # the embedding's execution device (accelerate's, under device_map)
+    enc = model.tokenizer(text, return_tensors="pt")
+    ids = enc["input_ids"][:, :12].to(device)
+    # the oracle runs the model's own attention implementation, not unilens's: a model whose code branches on the
+    # implementation's name (sparse-attention masks applied only for "eager" / "sdpa") must compute the same
+    from ..hooks.attention import original_attention
+
+    with original_attention(hf):
+        reference = hf(input_ids=ids, output_hidden_states=True)
+    hidden_states = reference.hidden_states
+    n = model.num_layers
+    dtype = reference.logits.dtype
+    tol = _tol(dtype)
+    report = ValidationReport(arch.model_type)
+    if hidden_states is None or len(hidden_states) != n + 1:
+        got = None if hidden_states is None else len(hidden_states)
+        raise ValidationError(
+            f"{arch.model_type}: HF returned {got} hidden states for {n} discovered layers at {arch.layers_path}: the "
+            "layer list found by discovery is not the model's decoder stack."
+        )
+    saved: dict[str, object] = {}  # filled inside the trace (nnsight 0.8 pushes back only saved names)
+    outputs: list[torch.Tensor] = []
+    with model.trace(ids):
+        saved["first_input"] = model.layers_input[0].save()
+        for i in range(n):
+            outputs.append(model.layers_output[i].save())
+        if arch.head_chain is not None:  # else project_on_vocab is refused with a clear error
+            saved["lens"] = model.project_on_vocab(outputs[-1]).save()
+        saved["logits"] = model.logits.save()
+    first_input, lens, logits = saved["first_input"], saved.get("lens"), saved["logits"]
+    report.errors["layers_input[0] vs hidden_states[0]"] = _scaled(_max_err(first_input, hidden_states[0]), hidden_states[0], tol)
+    for i in range(n - 1):
+        report.errors[f"layers_output[{i}] vs hidden_states[{i + 1}]"] = _scaled(
+            _max_err(outputs[i], hidden_states[i + 1]), hidden_states[i + 1], tol
+        )
+    report.errors["logits vs HF logits"] = _scaled(_max_err(logits, reference.logits), reference.logits, tol)
+    if lens is not None:
+        report.errors["project_on_vocab(layers_output[-1]) vs logits"] = _scaled(
+            _max_err(lens, reference.logits), reference.logits, tol
+        )
+    bad = {k: v for k, v in report.errors.items() if v > 1}
+    if bad and raise_on_error:
+        lines = "\n".join(f"  {k}: error {v * tol:.3g} (tolerance {tol:g} x scale)" for k, v in bad.items())
+        raise ValidationError(
+            f"unilens load check failed for {arch.model_type} ({type(hf).__name__}):\n{lines}\n"
+            "The standardized view does not match what the model computes; please report this architecture. "
+            "Pass check=False to load anyway (the failing tensors are then not trustworthy)."
+        )
+    return report
