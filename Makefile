@@ -28,7 +28,9 @@ browser:
 demo: setup
 	$(BIN)/unilens demo
 
+# the architecture first (pyproject.toml [tool.importlinter]: the tiers of docs/architecture.md), then the suite
 test: setup browser
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest
 
 bench: setup

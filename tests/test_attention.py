@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from unilens.hooks.attention import AttentionHookAccessor, AttentionHooks, find_output_projection, install_attention_hooks, request_materialize
-from unilens.arch.discovery import ModuleAccessor, discover
+from unilens.arch.discovery import ModuleMap, discover
 from unilens.model.transformer import StandardizedTransformer
 from unilens.testing import tiny_model
 from unilens.arch.weights import LayerWeights
@@ -75,7 +75,7 @@ def _pair(name: str):
 
 def _attention_modules(hf_model) -> list[nn.Module | None]:
     arch = discover(hf_model)
-    acc = ModuleAccessor(hf_model, arch)
+    acc = ModuleMap(hf_model, arch)
     return [acc.get_attention(i) if parts.attention else None for i, parts in enumerate(arch.layers)]
 
 

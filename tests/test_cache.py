@@ -19,7 +19,8 @@ import torch
 import xxhash
 
 from unilens import StandardizedTransformer
-from unilens.scale import store as cache_mod
+from unilens.core.names import MODULE, names_of_kind
+from unilens.scale import capture, plan, shard_file, store_format
 from unilens.scale.store import ActivationStore, CacheCorruptError, CacheDiskFullError, CacheError, cache_activations, main_cache, read_texts
 from unilens.testing import ZOO_REQUIRED, tiny_model
 
@@ -34,8 +35,7 @@ TEXTS = [
     "When Mary and John went to the store, John gave a drink to Mary.",
     "Berlin",
 ]
-_LAYER_ACCESSORS = ("layers_input", "layers_output", "attentions_input", "attentions_output", "mlps_input",
-                    "mlps_output")  # module inputs / outputs: read by torch hooks
+_LAYER_ACCESSORS = names_of_kind(MODULE, per_layer=True)  # module inputs / outputs: read by torch hooks
 NAMES = ["layers_output.*", "attentions_output.0", "mlps_input.1", "attention_probabilities.1", "logits"]
 
 
@@ -111,16 +111,16 @@ def test_hook_reads_equal_the_accessors(model_type):
     (OPT's flattened MLP tokens, Falcon's in-place MLP output, MoE blocks, parallel attention / MLP)."""
     hf, tok = tiny_model(model_type, seed=0)
     model = StandardizedTransformer(hf, tokenizer=tok, check=False)
-    names = cache_mod._resolve_names(model, [f"{a}.*" for a in cache_mod._KINDS if a in _LAYER_ACCESSORS])
+    names = store_format._resolve_names(model, [f"{a}.*" for a in _LAYER_ACCESSORS])
     rows = [torch.arange(3, 12).numpy(), torch.arange(20, 25).numpy()]  # 9 and 5 tokens: right padding
-    pad = cache_mod._pad_id(model.tokenizer)
+    pad = plan._pad_id(model.tokenizer)
     for with_logits in (False, True):  # hook reads only (no trace) / hook reads inside the trace that reads logits
-        wanted = names + ([cache_mod._Name("logits", None)] if with_logits else [])
-        hooked, mask = cache_mod._run_batch(model, wanted, rows, pad)
-        traced, _ = cache_mod._run_batch(model, wanted, rows, pad, hooks=False)
+        wanted = names + ([store_format._Name("logits", None)] if with_logits else [])
+        hooked, mask = capture._run_batch(model, wanted, rows, pad)
+        traced, _ = capture._run_batch(model, wanted, rows, pad, hooks=False)
         consumed: dict[str, torch.Tensor] = {}  # values handed over during the forward, copied at once (as stored)
-        rest, _ = cache_mod._run_batch(model, wanted, rows, pad,
-                                       consume=lambda k, v: consumed.__setitem__(k, v.clone()))
+        rest, _ = capture._run_batch(model, wanted, rows, pad,
+                                     consume=lambda k, v: consumed.__setitem__(k, v.clone()))
         assert set(hooked) == set(traced) == {n.key for n in wanted} == set(consumed) | set(rest)
         assert set(rest) == (set(traced) if with_logits else set())  # a trace runs: values come back after it
         real = mask.bool()
@@ -180,8 +180,8 @@ def test_sigkill_then_resume_is_byte_identical(saved_model, tmp_path):
 
     out = tmp_path / "killed"
     env = {**os.environ, "UNILENS_CACHE_TEST_DELAY": "0.3"}  # slow the batches down so the kill lands mid-run
-    cmd = [sys.executable, "-m", "unilens.cache", str(texts), str(out), "--names", "layers_output.*", "mlps_output.1",
-           "--model", str(folder), "--batch-size", "3", "--max-length", "16", "--shard-tokens", "40",
+    cmd = [sys.executable, "-m", "unilens.scale.store", str(texts), str(out), "--names", "layers_output.*",
+           "mlps_output.1", "--model", str(folder), "--batch-size", "3", "--max-length", "16", "--shard-tokens", "40",
            "--no-progress"]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
@@ -233,14 +233,14 @@ def test_resume_ignores_and_cleans_partial_files(saved_model, tmp_path):
 def test_disk_full_keeps_store_consistent_and_resumable(saved_model, tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match="empty"):
         _main(saved_model, tmp_path / "reference")
-    real_pwrite = cache_mod._pwrite
+    real_pwrite = shard_file._pwrite
 
     def full_disk(fd, data, offset):  # the disk fills while the third shard's rows are written (mid-forward)
         if os.readlink(f"/proc/self/fd/{fd}").endswith("shard_00002.safetensors.tmp") and offset > 0:
             raise OSError(errno.ENOSPC, "No space left on device")
         real_pwrite(fd, data, offset)
 
-    monkeypatch.setattr(cache_mod, "_pwrite", full_disk)
+    monkeypatch.setattr(shard_file, "_pwrite", full_disk)
     out = tmp_path / "full"
     with pytest.warns(UserWarning, match="empty"), pytest.raises(CacheDiskFullError, match="disk full.*resume"):
         _main(saved_model, out)
@@ -252,7 +252,7 @@ def test_disk_full_keeps_store_consistent_and_resumable(saved_model, tmp_path, m
     partial.verify()
     assert len(partial) == manifest["shards"][-1]["rows"][1]
 
-    monkeypatch.setattr(cache_mod, "_pwrite", real_pwrite)
+    monkeypatch.setattr(shard_file, "_pwrite", real_pwrite)
     with pytest.warns(UserWarning, match="empty"):
         _main(saved_model, out)
     assert _store_bytes(out) == _store_bytes(tmp_path / "reference")
@@ -306,9 +306,9 @@ def test_shard_bytes_are_safetensors_own(dtype, tmp_path):
         "token_ids": torch.arange(5), "text_index": torch.tensor([3, 3, 4, 7, 7]),
         "position": torch.tensor([0, 1, 0, 0, 1]),
     }  # fmt: skip
-    size, digest = cache_mod._write_shard(tmp_path / "shard.safetensors", tensors)
+    size, digest = shard_file._write_shard(tmp_path / "shard.safetensors", tensors)
     assert not (tmp_path / "shard.safetensors").exists()  # a temp file until committed
-    cache_mod._commit(tmp_path / "shard.safetensors")
+    shard_file._commit(tmp_path / "shard.safetensors")
     written = (tmp_path / "shard.safetensors").read_bytes()
     assert written == save(tensors, metadata={"format": "pt"})
     back = load_file(tmp_path / "shard.safetensors")
@@ -322,7 +322,7 @@ def test_shard_bytes_are_safetensors_own(dtype, tmp_path):
     assert size == len(written)
     assert digest == xxhash.xxh3_128(written[:start] + b"".join(blocks)).hexdigest()
     with open(tmp_path / "shard.safetensors", "rb") as f:  # and verify's recomputation from the file
-        assert cache_mod._file_text_digest(f) == digest
+        assert store_format._file_text_digest(f) == digest
 
 
 def test_shard_file_writes_a_padded_batch_of_texts(tmp_path):
@@ -331,17 +331,17 @@ def test_shard_file_writes_a_padded_batch_of_texts(tmp_path):
     from safetensors.torch import load_file
 
     path = tmp_path / "shard.safetensors"
-    shard = cache_mod._ShardFile(path, {"x": (torch.float32, (3,)), "text_index": (torch.int64, ())},
+    shard = shard_file._ShardFile(path, {"x": (torch.float32, (3,)), "text_index": (torch.int64, ())},
                                  bounds=np.array([0, 2, 3, 5]))  # texts: rows 0-1, 2, 3-4  # fmt: skip
     batch = torch.arange(18, dtype=torch.float32).reshape(2, 3, 3)  # (batch, width, row), right padded
     shard.write_texts("x", batch, [(0, 3, 2), (1, 2, 1)])  # rows 2 and 3-4: adjacent in the file
     shard.write_texts("x", batch[1:], [(0, 0, 2)])
     shard.write("text_index", 0, torch.tensor([0, 0, 1, 2, 2]))
     size, digest = shard.finish()
-    cache_mod._commit(path)
+    shard_file._commit(path)
     assert torch.equal(load_file(path)["x"], torch.cat([batch[1, :2], batch[1, :1], batch[0, :2]]))
     with open(path, "rb") as f:
-        assert (size, digest) == (path.stat().st_size, cache_mod._file_text_digest(f))
+        assert (size, digest) == (path.stat().st_size, store_format._file_text_digest(f))
 
 
 def test_shard_file_refuses_unwritten_or_misfit_rows(tmp_path):
@@ -349,7 +349,7 @@ def test_shard_file_refuses_unwritten_or_misfit_rows(tmp_path):
     twice, rows that are not whole texts, or rows that do not fit its layout are errors, never a silently wrong file."""
     path = tmp_path / "shard.safetensors"
     specs = {"x": (torch.float32, (3,)), "token_ids": (torch.int64, ())}
-    shard = cache_mod._ShardFile(path, specs, bounds=np.array([0, 2, 3, 5]))  # texts: rows 0-1, 2, 3-4
+    shard = shard_file._ShardFile(path, specs, bounds=np.array([0, 2, 3, 5]))  # texts: rows 0-1, 2, 3-4
     shard.write_texts("x", torch.ones(2, 2, 3), [(1, 2, 1), (0, 0, 2)])  # a batch of two texts: one pwritev
     shard.write("token_ids", 0, torch.arange(5))
     with pytest.raises(CacheError, match="rows"):

@@ -447,7 +447,7 @@ def test_cli_attn_check_takes_a_user_kernel(tmp_path):
         "good.mask_format = 'flash'\n"
     )
     env = {**os.environ, "PYTHONPATH": str(tmp_path)}
-    cli = [sys.executable, "-m", "unilens.cli", "attn-check", "--level", "thorough", "--dtype", "float32"]
+    cli = [sys.executable, "-m", "unilens.ui.cli", "attn-check", "--level", "thorough", "--dtype", "float32"]
     bad = subprocess.run([*cli, "--kernel", "mypkg.mod:fn"], capture_output=True, text=True, env=env)
     assert bad.returncode == 1, bad.stderr[-2000:]
     assert "FAIL" in bad.stdout and "tiles_129" in bad.stdout

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from unilens import ActivationStore, StandardizedTransformer, activation_patching
-from unilens.scale.distributed import split_range
+from unilens.core.distributed import split_range
 from unilens.testing import tiny_model
 
 REPO = Path(__file__).resolve().parents[1]

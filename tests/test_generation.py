@@ -13,7 +13,7 @@ import torch
 
 from unilens import StandardizedTransformer
 from unilens.hooks.attention import find_output_projection, install_attention_hooks
-from unilens.arch.discovery import ModuleAccessor, discover
+from unilens.arch.discovery import ModuleMap, discover
 from unilens.analysis.generation import Steering, generate
 from unilens.testing import ZOO_REQUIRED, tiny_model
 from unilens.model.validation import hf_reference_forward
@@ -33,7 +33,7 @@ def _models(model_type: str):
 def _reference(eager, tokens: torch.Tensor, prompt_mask: torch.Tensor, layer: int, steps: int, edit=None):
     """Per step: (probabilities, z, layer output, last logits) of the recomputed sequence, read with torch hooks."""
     arch = discover(eager)
-    acc = ModuleAccessor(eager, arch)
+    acc = ModuleMap(eager, arch)
     attn = acc.get_attention(layer)
     _, projection = find_output_projection(attn)
     got: dict[str, torch.Tensor] = {}
@@ -151,7 +151,7 @@ def test_steering_with_cache_equals_steering_recomputed():
         prompt = tok(PROMPTS, padding=True, return_tensors="pt")
         tokens, mask = prompt["input_ids"], prompt["attention_mask"]
         prompt_len = tokens.shape[1]
-        layers = ModuleAccessor(eager, discover(eager)).get_layers()
+        layers = ModuleMap(eager, discover(eager)).get_layers()
 
         def add(module, args, output, mask_now=None):
             hidden = output[0] if isinstance(output, tuple) else output

@@ -8,7 +8,7 @@ import torch
 
 from unilens import StandardizedTransformer
 from unilens.compat import nnsight_utils as nu
-from unilens.arch.discovery import ModuleAccessor
+from unilens.arch.discovery import ModuleMap
 from unilens.testing import tiny_model
 from unilens.model.validation import hf_reference_forward
 
@@ -63,7 +63,7 @@ def test_next_token_probs_read_the_last_real_token(side):
 
 def test_module_outputs_and_set_layer_output_match_torch_hooks():
     model, hf, enc = _model()
-    acc = ModuleAccessor(hf)
+    acc = ModuleMap(hf)
     seen = {}
     handles = [acc.get_attention(1).register_forward_hook(lambda m, a, o: seen.__setitem__("attn", o[0])),
                acc.get_mlp(1).register_forward_hook(lambda m, a, o: seen.__setitem__("mlp", o))]
@@ -94,7 +94,7 @@ def test_module_outputs_and_set_layer_output_match_torch_hooks():
 
 def test_structure_functions_and_errors():
     model, hf, _ = _model()
-    assert nu.get_num_layers(model) == len(ModuleAccessor(hf).get_layers()) == model.num_layers
+    assert nu.get_num_layers(model) == len(ModuleMap(hf).get_layers()) == model.num_layers
     assert nu.get_layer(model, 0) is nu.get_layers(model)[0]
     assert nu.get_unembed(model) is model.lm_head and nu.get_unembed_norm(model) is model.ln_final
     assert nu.get_embed_tokens(model) is model.embed_tokens

@@ -100,8 +100,8 @@ def test_a_staggered_run_that_disagrees_with_plain_rows_is_caught(llama, monkeyp
         return logits[:, -1, paris]
 
     expected = _plain(llama, metric)
-    joining = patching.Sweep._joining_rows
-    monkeypatch.setattr(patching.Sweep, "_joining_rows", lambda self, *a: joining(self, *a) + 0.5)
+    joining = patching.ChunkRunner._joining_rows
+    monkeypatch.setattr(patching.ChunkRunner, "_joining_rows", lambda self, *a: joining(self, *a) + 0.5)
     with pytest.warns(UserWarning, match="rows joining the batch at their patched layer does not reproduce"):
         got = activation_patching(llama, CLEAN, CORRUPTED, metric, progress=False)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)

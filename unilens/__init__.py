@@ -4,13 +4,13 @@ The package is layered (docs/architecture.md); each tier imports only from the t
 
     ui           display, cli
     conformance  kernels, diff, faults, support
-    scale        store, sae, distributed
+    scale        store, sae
     analysis     lens, patching (+ sweep), attribution, steering, generation, prompts
     model        transformer, validation, remote
     compat       tl, nnterp, nnsight_utils
     hooks        attention, points, reads
     arch         structure, discovery, loading, offload, weights
-    core         names, protocol, tensors, config, accessors
+    core         names, protocol, tensors, config, accessors, memo, distributed
 
 ``unilens.testing`` (the tiny model zoo) stands beside them; only tests, docs, the support report and the CLI use it.
 """
@@ -66,7 +66,7 @@ MODULE_ALIASES: dict[str, str] = {
     "cli": "ui.cli",
     "cache": "scale.store",
     "sae": "scale.sae",
-    "distributed": "scale.distributed",
+    "distributed": "core.distributed",
     "remote": "model.remote",
     "validation": "model.validation",
     "discovery": "arch.discovery",

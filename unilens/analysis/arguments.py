@@ -1,5 +1,9 @@
-"""Argument checks and encoding shared by the analysis functions: prompts to a trace's input dict, layer / position
-lists checked against the model, the unembedding as a plain function."""
+"""Argument checks and encoding shared by the analysis modules: prompts to a trace's input dict, layer / position
+lists checked against the model, the check of a metric's output.
+
+The one module of ``unilens.analysis`` whose underscored helpers its siblings import: a helper two analysis modules
+use lives here, not in either of them.
+"""
 
 from __future__ import annotations
 
@@ -7,16 +11,10 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..arch.offload import module_device
-
+__all__ = ["Metric", "Prompts", "check_metric"]
 
 Prompts = str | Sequence[str]
 Metric = Callable[[torch.Tensor], torch.Tensor]
-
-
-# ------------------------------------------------------------------------------------------------
-# Plumbing
-# ------------------------------------------------------------------------------------------------
 
 
 def _encode(model, prompts: Prompts) -> dict[str, torch.Tensor]:
@@ -57,15 +55,20 @@ def _layer_list(model, layers: int | Sequence[int] | None) -> list[int]:
     return out
 
 
-def _unembed(model, hidden: torch.Tensor) -> torch.Tensor:
-    """Final norm + unembedding + logit post-processing on plain modules (no trace): ``(..., hidden)`` -> logits."""
-    device = module_device(model.module_accessor.get_unembed())  # accelerate's execution device when dispatched
-    with torch.no_grad():
-        return model.module_accessor.project_on_vocab(hidden.to(device))
+def _position_list(positions: int | Sequence[int] | None, seq: int) -> list[int]:
+    """Checked token positions of ``seq``-token prompts, in the order given (negative counts from the end)."""
+    return _checked_indices(positions, seq, "position", "the prompts have {n} tokens")
 
 
-# ------------------------------------------------------------------------------------------------
-# Logit lens
-# ------------------------------------------------------------------------------------------------
+def check_metric(values: torch.Tensor, n: int) -> torch.Tensor:
+    """``values`` when it is the ``(n,)`` tensor a patching metric must return, else a clear error.
 
-
+    Example:
+        >>> check_metric(torch.zeros(3), 3).shape
+        torch.Size([3])
+    """
+    if not isinstance(values, torch.Tensor) or values.shape != (n,):
+        shape = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
+        raise ValueError(f"metric must map logits (n, positions, vocab) to a tensor of shape (n,) = ({n},); "
+                         f"got {shape}.")
+    return values

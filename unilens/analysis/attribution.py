@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .arguments import _encode
 from ..arch.discovery import LOGIT_POSTPROCESSING
 from ..arch.offload import detached_copy, module_device
-from .patching import _position_list
+from .arguments import _encode, _position_list
+
+__all__ = ["direct_logit_attribution"]
 
 
 def _norm_eps(norm: nn.Module) -> float:
@@ -98,6 +100,30 @@ def direct_logit_attribution(
         >>> bool(torch.isclose(total, dla["logit"], atol=1e-4))
         True
     """
+    token = _token_id(model, token)
+    batch = _encode(model, prompt)
+    (position,) = _position_list(position, batch["input_ids"].shape[1])
+    n = model.num_layers
+    parts, attn_out, z, final, logits = _read_parts(model, batch, position, heads)
+    _check_residual_sum(model, parts, final)
+    readout = _Readout.build(model, token, final.to(parts.device))
+    contributions = readout(parts)  # (1 + 2n,)
+    result: dict[str, torch.Tensor | list[str] | float] = {
+        "embed": contributions[0],
+        "layers": contributions[1:],
+        "labels": [f"L{i} {kind}" for i in range(n) for kind in ("attn", "mlp")],
+        "attn": contributions[1::2],
+        "mlp": contributions[2::2],
+        "bias": readout.bias,
+        "logit": _logit_before_softcap(logits[token].double(), model.architecture.logit_postprocessing),
+    }
+    if heads:
+        result["heads"], result["head_bias"] = _head_contributions(model, z, attn_out, readout)
+    return result
+
+
+def _token_id(model, token: int | str):
+    """``token`` as a checked vocabulary id (a string must be one token)."""
     if isinstance(token, str):
         ids = model.tokenizer(token, add_special_tokens=False).input_ids
         if len(ids) != 1:
@@ -105,9 +131,16 @@ def direct_logit_attribution(
         token = ids[0]
     if not 0 <= int(token) < model.vocab_size:
         raise IndexError(f"token id {token} out of range (vocab size {model.vocab_size}).")
-    batch = _encode(model, prompt)
-    seq = batch["input_ids"].shape[1]
-    (position,) = _position_list(position, seq)
+    return token
+
+
+def _read_parts(model, batch: dict[str, torch.Tensor], position: int, heads: bool):
+    """One no-grad trace reading the residual's parts at ``position`` (prompt 0).
+
+    Returns ``parts`` ``(1 + 2 * n_layers, hidden)`` float64 = [embed, attn 0, mlp 0, attn 1, ...], the attention
+    outputs (``(hidden,)`` each, model dtype), the per-head ``z`` (``(heads, head_dim)`` each; empty without
+    ``heads``), the final residual ``(hidden,)`` and the logits ``(vocab,)``.
+    """
     n = model.num_layers
     attn_out, mlp_out, z = [], [], []
     with torch.no_grad(), model.trace(batch):
@@ -120,6 +153,11 @@ def direct_logit_attribution(
         final = model.layers_output[n - 1][0, position].save()
         logits = model.logits[0, position].save()
     parts = torch.stack([embed] + [v for pair in zip(attn_out, mlp_out) for v in pair]).double()  # (1+2n, hidden)
+    return parts, attn_out, z, final, logits
+
+
+def _check_residual_sum(model, parts: torch.Tensor, final: torch.Tensor) -> None:
+    """Raise unless the final residual ``(hidden,)`` is the sum of ``parts`` ``(1 + 2n, hidden)``, up to rounding."""
     final64 = final.double()
     residual_error = float((parts.sum(0) - final64).abs().max())
     # The model adds its branches to the residual in its own dtype, rounding after every addition; replaying those
@@ -137,73 +175,80 @@ def direct_logit_attribution(
             f"of the embedding and the attention / MLP outputs (max error {residual_error:.3g}); DLA needs a "
             "pre-norm residual stream without residual scaling."
         )
-    arch = model.architecture
-    if arch.head_chain is None or len(arch.head_chain) > 1 or (arch.head_chain and arch.head_chain[0] != arch.final_norm_path):
-        raise ValueError(
-            f"direct_logit_attribution: this {arch.model_type} model maps the residual to logits through "
-            f"{arch.head_chain or arch.head_error}, not a single final norm; DLA through it is not linearizable here."
-        )
-    norm = model.module_accessor.get_unembed_norm() if arch.final_norm_path is not None else None
-    gain, norm_bias, center, scale = _frozen_norm(norm, final.to(parts.device))
-    head = model.module_accessor.get_unembed()
-    w_u = model.weights.W_U[:, token].detach().double().to(parts.device)  # (hidden,)
-    head_bias = getattr(head, "bias", None)
-    direction = w_u * gain / scale  # (hidden,)
 
-    post = model.architecture.logit_postprocessing
-    factor = 1.0
-    for key, value in post.items():
-        how = LOGIT_POSTPROCESSING[key]
-        factor = factor * value if how == "multiply" else factor / value if how == "divide" else factor
 
-    def project(c: torch.Tensor) -> torch.Tensor:  # (..., hidden) -> (...)
-        c = c.double().to(direction.device)
-        if center:
+@dataclass
+class _Readout:
+    """The map from a residual part to its share of one token's logit: the final norm with its scale frozen, the
+    unembedding column and the linear logit scaling, ``factor * (W_U[:, token] * gain / scale) . P(c)``."""
+
+    direction: torch.Tensor  # (hidden,) float64: W_U[:, token] * gain / scale
+    center: bool  # LayerNorm-like: parts are mean-centered first
+    factor: float  # linear logit post-processing (scale / divide); a soft-cap is undone on the logit instead
+    bias: torch.Tensor  # float64 scalar: the norm's bias and the unembedding bias, through the same map
+
+    @classmethod
+    def build(cls, model, token: int, final: torch.Tensor) -> _Readout:
+        """The readout at the full forward's final residual ``final`` ``(hidden,)``, on its device."""
+        arch = model.architecture
+        if arch.head_chain is None or len(arch.head_chain) > 1 or (
+            arch.head_chain and arch.head_chain[0] != arch.final_norm_path
+        ):
+            raise ValueError(
+                f"direct_logit_attribution: this {arch.model_type} model maps the residual to logits through "
+                f"{arch.head_chain or arch.head_error}, not a single final norm; DLA through it is not linearizable "
+                "here."
+            )
+        norm = model.module_accessor.get_unembed_norm() if arch.final_norm_path is not None else None
+        gain, norm_bias, center, scale = _frozen_norm(norm, final)
+        head = model.module_accessor.get_unembed()
+        w_u = model.weights.W_U[:, token].detach().double().to(final.device)  # (hidden,)
+        head_bias = getattr(head, "bias", None)
+        factor = 1.0
+        for key, value in arch.logit_postprocessing.items():
+            how = LOGIT_POSTPROCESSING[key]
+            factor = factor * value if how == "multiply" else factor / value if how == "divide" else factor
+        bias = factor * (w_u @ norm_bias)
+        if head_bias is not None:
+            bias = bias + factor * float(head_bias[token])
+        return cls(w_u * gain / scale, center, factor, bias)
+
+    def __call__(self, c: torch.Tensor) -> torch.Tensor:  # (..., hidden) -> (...)
+        c = c.double().to(self.direction.device)
+        if self.center:
             c = c - c.mean(dim=-1, keepdim=True)
-        return factor * (c @ direction)
+        return self.factor * (c @ self.direction)
 
-    contributions = project(parts)  # (1 + 2n,)
-    bias = factor * (w_u @ norm_bias)
-    if head_bias is not None:
-        bias = bias + factor * float(head_bias[token])
-    logit = logits[token].double()
+
+def _logit_before_softcap(logit: torch.Tensor, post: dict[str, float]) -> torch.Tensor:
+    """The logit with a soft-cap (Gemma 2) undone, the value the contributions add up to; else ``logit``."""
     if any(LOGIT_POSTPROCESSING[key] == "softcap" for key in post):
         cap = next(v for k, v in post.items() if LOGIT_POSTPROCESSING[k] == "softcap")
         logit = cap * torch.atanh((logit / cap).clamp(-1 + 1e-12, 1 - 1e-12))
-    result: dict[str, torch.Tensor | list[str] | float] = {
-        "embed": contributions[0],
-        "layers": contributions[1:],
-        "labels": [f"L{i} {kind}" for i in range(n) for kind in ("attn", "mlp")],
-        "attn": contributions[1::2],
-        "mlp": contributions[2::2],
-        "bias": bias,
-        "logit": logit,
-    }
-    if heads:
-        per_head, b_o = [], []
-        for i in range(n):
-            w_o = model.weights[i].W_O.detach().double().to(direction.device)  # (heads, head_dim, hidden)
-            vectors = torch.einsum("hd,hdm->hm", z[i].double().to(direction.device), w_o)  # (heads, hidden)
-            bias_o = model.weights[i].b_O
-            bias_o = torch.zeros_like(vectors[0]) if bias_o is None else bias_o.detach().double().to(vectors.device)
-            error = float((vectors.sum(0) + bias_o - attn_out[i].double().to(vectors.device)).abs().max())
-            # the projection's output is rounded once to the model's dtype: 1e-3 of the scale in float32, two
-            # units of rounding in half precision (bfloat16: 2 * 2**-7 = 1.6 %)
-            rtol = max(1e-3, 2 * torch.finfo(attn_out[i].dtype).eps)
-            if error > rtol * float(attn_out[i].abs().max()) + 1e-5:
-                raise ValueError(
-                    f"direct_logit_attribution: layer {i}'s heads (z @ W_O + b_O) do not add up to its attention "
-                    f"output (max error {error:.3g}); pass heads=False for layer-level attribution."
-                )
-            per_head.append(project(vectors))
-            b_o.append(project(bias_o))
-        result["heads"] = torch.stack(per_head)
-        result["head_bias"] = torch.stack(b_o)
-    return result
+    return logit
 
 
-# ------------------------------------------------------------------------------------------------
-# Steering
-# ------------------------------------------------------------------------------------------------
-
-
+def _head_contributions(
+    model, z: list[torch.Tensor], attn_out: list[torch.Tensor], readout: _Readout
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per layer, each head's contribution ``z_h @ W_O[h]`` through ``readout`` ``(n_layers, n_heads)`` and the
+    attention output bias's ``(n_layers,)``, checked to add up to the layer's attention output."""
+    device = readout.direction.device
+    per_head, b_o = [], []
+    for i in range(model.num_layers):
+        w_o = model.weights[i].W_O.detach().double().to(device)  # (heads, head_dim, hidden)
+        vectors = torch.einsum("hd,hdm->hm", z[i].double().to(device), w_o)  # (heads, hidden)
+        bias_o = model.weights[i].b_O
+        bias_o = torch.zeros_like(vectors[0]) if bias_o is None else bias_o.detach().double().to(vectors.device)
+        error = float((vectors.sum(0) + bias_o - attn_out[i].double().to(vectors.device)).abs().max())
+        # the projection's output is rounded once to the model's dtype: 1e-3 of the scale in float32, two
+        # units of rounding in half precision (bfloat16: 2 * 2**-7 = 1.6 %)
+        rtol = max(1e-3, 2 * torch.finfo(attn_out[i].dtype).eps)
+        if error > rtol * float(attn_out[i].abs().max()) + 1e-5:
+            raise ValueError(
+                f"direct_logit_attribution: layer {i}'s heads (z @ W_O + b_O) do not add up to its attention "
+                f"output (max error {error:.3g}); pass heads=False for layer-level attribution."
+            )
+        per_head.append(readout(vectors))
+        b_o.append(readout(bias_o))
+    return torch.stack(per_head), torch.stack(b_o)

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Literal, Sequence
 import torch
 
 from ..hooks.reads import _get, forward_order, parse_names
+from ..hooks.steering import add_to_residual, real_token_mask
 
 if TYPE_CHECKING:
     from ..model.transformer import StandardizedTransformer
@@ -75,15 +76,8 @@ def _steer(model: "StandardizedTransformer", steering: Sequence[Steering], layer
               and not ((step == 0 and s.where == "generated") or (step > 0 and s.where == "prompt"))]
     if not active:
         return
-    out = model.layers_output[layer]  # (batch, seq, hidden): the prompt at step 0, one token later
-    # read after the wait above: this step's mask (batch, prompt + step); padding positions are never steered
-    mask = model.attention_mask
-    if mask is None:  # no padding in this batch
-        real = torch.ones(out.shape[:2], dtype=out.dtype, device=out.device)[..., None]
-    else:
-        real = mask[:, -out.shape[1]:].to(out.device, out.dtype)[..., None]  # (batch, seq, 1)
-    delta = sum(s.factor * s.vector.to(out.device, out.dtype) for s in active)
-    model.layers_output[layer] = out + real * delta
+    # the prompt's positions at step 0, the generated token later; padding positions are never steered
+    add_to_residual(model, layer, [(s.factor, s.vector) for s in active], real_token_mask)
 
 
 def generate(

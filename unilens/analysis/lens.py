@@ -7,9 +7,27 @@ from typing import Sequence
 
 import torch
 
-from .arguments import _encode
+from ..arch.offload import module_device
 from ..core.tensors import last_real_positions
-from .arguments import Prompts, _layer_list, _unembed
+from .arguments import Prompts, _encode, _layer_list
+
+__all__ = [
+    "TargetPrompt",
+    "TargetPromptBatch",
+    "it_repeat_prompt",
+    "logit_lens",
+    "patch_object_attn_lens",
+    "patchscope_generate",
+    "patchscope_lens",
+    "repeat_prompt",
+]
+
+
+def _unembed(model, hidden: torch.Tensor) -> torch.Tensor:
+    """Final norm + unembedding + logit post-processing on plain modules (no trace): ``(..., hidden)`` -> logits."""
+    device = module_device(model.module_accessor.get_unembed())  # accelerate's execution device when dispatched
+    with torch.no_grad():
+        return model.module_accessor.project_on_vocab(hidden.to(device))
 
 
 def logit_lens(
@@ -249,6 +267,43 @@ def _as_target_batch(
     return targets
 
 
+def _last_token_residuals(
+    model, batch: dict[str, torch.Tensor], layers: Sequence[int], trace_kwargs: dict
+) -> dict[int, torch.Tensor]:
+    """``layers_output[layer]`` at each prompt's last real token, for every layer of ``layers``, in one no-grad
+    trace: ``{layer: (batch, hidden)}``."""
+    saved: list[torch.Tensor] = []
+    with torch.no_grad(), model.trace(batch, **trace_kwargs):
+        for layer in sorted(layers):
+            saved.append(model._last_positions(model.layers_output[layer]).save())  # (batch, hidden)
+    return dict(zip(sorted(layers), saved))
+
+
+def _patched_cells(mask: torch.Tensor, targets: TargetPromptBatch, layers: Sequence[int]) -> dict[int, torch.Tensor]:
+    """Where patchscope patches, per layer: a boolean ``(rows, seq, 1)`` marking each row's ``index_to_patch`` (of
+    its target prompt's own tokens) in the layer's block of rows. Rows are layer-major: ``slot * n_targets + t``."""
+    n_src, rows = len(targets), mask.shape[0]
+    lengths = mask.sum(dim=1)
+    positions = []
+    for row in range(rows):
+        index = int(targets.index_to_patch[row % n_src])
+        n_real = int(lengths[row])
+        if not -n_real <= index < n_real:
+            raise IndexError(
+                f"index_to_patch={index} is out of range for target prompt {targets.prompts[row % n_src]!r} "
+                f"({n_real} tokens)."
+            )
+        real = torch.nonzero(mask[row], as_tuple=False).flatten()
+        positions.append(int(real[index]))
+    patches = {}
+    for slot, layer in enumerate(layers):
+        cell = torch.zeros(rows, mask.shape[1], 1, dtype=torch.bool, device=mask.device)
+        for row in range(slot * n_src, (slot + 1) * n_src):
+            cell[row, positions[row]] = True
+        patches[layer] = cell
+    return patches
+
+
 def patchscope_lens(
     nn_model,
     source_prompts: Prompts | None = None,
@@ -279,12 +334,7 @@ def patchscope_lens(
     if latents is None:
         if source_prompts is None:
             raise ValueError("patchscope_lens needs source_prompts or latents.")
-        source = _encode(model, source_prompts)
-        saved: list[torch.Tensor] = []
-        with torch.no_grad(), model.trace(source, **trace_kwargs):
-            for layer in sorted(layer_list):
-                saved.append(model._last_positions(model.layers_output[layer]).save())  # (n_sources, hidden)
-        by_layer = dict(zip(sorted(layer_list), saved))
+        by_layer = _last_token_residuals(model, _encode(model, source_prompts), layer_list, trace_kwargs)
         latents = torch.stack([by_layer[layer] for layer in layer_list], dim=1)  # (n_sources, layers, hidden)
     if latents.dim() != 3 or latents.shape[1] != len(layer_list) or latents.shape[2] != model.hidden_size:
         raise ValueError(
@@ -295,27 +345,8 @@ def patchscope_lens(
     targets = _as_target_batch(target_patch_prompts, n_src)
     # rows are layer-major: row = layer_slot * n_src + source
     target = _encode(model, targets.prompts * n_layers)
-    mask = target["attention_mask"]
-    lengths = mask.sum(dim=1)
-    positions = []
-    for row in range(n_src * n_layers):
-        index = int(targets.index_to_patch[row % n_src])
-        n_real = int(lengths[row])
-        if not -n_real <= index < n_real:
-            raise IndexError(
-                f"index_to_patch={index} is out of range for target prompt {targets.prompts[row % n_src]!r} "
-                f"({n_real} tokens)."
-            )
-        real = torch.nonzero(mask[row], as_tuple=False).flatten()
-        positions.append(int(real[index]))
-    seq = mask.shape[1]
+    patches = _patched_cells(target["attention_mask"], targets, layer_list)  # {layer: (rows, seq, 1)}
     values = latents.transpose(0, 1).reshape(n_src * n_layers, -1)  # (rows, hidden), layer-major
-    patches = {}
-    for slot, layer in enumerate(layer_list):
-        cell = torch.zeros(n_src * n_layers, seq, 1, dtype=torch.bool, device=mask.device)
-        for row in range(slot * n_src, (slot + 1) * n_src):
-            cell[row, positions[row]] = True
-        patches[layer] = cell
     with torch.no_grad(), model.trace(target, **trace_kwargs):
         for layer in sorted(layer_list):
             out = model.layers_output[layer]  # (rows, seq, hidden)
@@ -373,11 +404,7 @@ def patchscope_generate(
     if max_batch_size < 1 or max_length < 1:
         raise ValueError(f"max_batch_size and max_length must be >= 1, got {max_batch_size}, {max_length}.")
     layer_list = _layer_list(model, layers)
-    source = _encode(model, prompts)
-    saved: dict[int, torch.Tensor] = {}
-    with torch.no_grad(), model.trace(source):
-        for layer in sorted(layer_list):
-            saved[layer] = model._last_positions(model.layers_output[layer]).save()  # (n_prompts, hidden)
+    saved = _last_token_residuals(model, _encode(model, prompts), layer_list, {})  # {layer: (n_prompts, hidden)}
     n = len(prompts)
     per_run = max(max_batch_size // n, 1)  # layers per generation
     generations: dict[int, torch.Tensor] = {}
@@ -471,9 +498,4 @@ def patch_object_attn_lens(
             model.attentions_input[layer] = torch.where(cells[layer].to(x.device), new, x)
         probs = model.next_token_probs.save()  # (rows, vocab)
     return probs.cpu().reshape(n_layers, n_tgt, -1).transpose(0, 1)
-
-
-# ------------------------------------------------------------------------------------------------
-# Activation and attribution patching
-# ------------------------------------------------------------------------------------------------
 

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
+from nnsight import save as _nnsight_save
 
-from .arguments import Metric
-from .arguments import _encode
-from .sweep import Sweep, check_metric, run_sweep
-from .arguments import _checked_indices, _layer_list
+from ..core.distributed import distributed_pairs, is_distributed, rank_world
+from .arguments import (
+    Metric,
+    _checked_indices,
+    _encode,
+    _layer_list,
+    _position_list,
+    check_metric,
+)
+from .sweep import Row, Sweep, run_sweep
+
+__all__ = ["activation_patching", "attribution_patching"]
 
 
 _COMPONENTS = {"resid": "layers_output", "attn": "attentions_output", "mlp": "mlps_output", "head": "attention_heads"}
@@ -47,25 +56,14 @@ def _encode_pairs(
     return _encode(model, cleans), _encode(model, corrupteds)
 
 
-def _position_list(positions: int | Sequence[int] | None, seq: int) -> list[int]:
-    return _checked_indices(positions, seq, "position", "the prompts have {n} tokens")
-
-
 def _clean_activations(model, accessor, batch: dict[str, torch.Tensor], layers: Sequence[int]) -> dict:
     """``accessor[layer]`` of every layer in ``layers`` on ``batch``, one no-grad trace: ``{layer: (n, seq, ...)}``."""
     acts: dict[int, torch.Tensor] = {}  # built before the trace: nnsight pushes back only saved names
     with torch.no_grad(), model.trace(batch):
         for layer in sorted(layers):
             acts[layer] = accessor[layer].save()  # (n, seq, hidden) or (n, seq, heads, head_dim)
-        acts = _save(acts)  # a remote request returns saved names only: the dict itself
+        acts = _nnsight_save(acts)  # a remote request returns saved names only: the dict itself
     return acts
-
-
-def _save(value: Any) -> Any:
-    """``nnsight.save``: marks a container built outside a trace to come back from a remote request too."""
-    from nnsight import save
-
-    return save(value)
 
 
 def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
@@ -130,8 +128,6 @@ def activation_patching(
         >>> effect.shape[0] == model.num_layers
         True
     """
-    from ..scale.distributed import distributed_pairs, is_distributed, rank_world
-
     if distribute and not isinstance(clean, str) and not isinstance(corrupted, str) and is_distributed():
         _encode_pairs(model, clean, corrupted)  # every rank checks every pair (same lengths) before the split
         return distributed_pairs(
@@ -159,12 +155,17 @@ def activation_patching(
     sweep = Sweep(model, component, accessor, clean_acts, clean_batch["input_ids"], corrupted_batch, metric,
                   metric_positions, sorted(set(position_list)), per_cell=not isinstance(clean, str))
     values = run_sweep(sweep, rows, batch_size, resume=reuse_prefix, stagger=stagger, progress=progress)
-    values = {row: _at_least_float32(v) for row, v in values.items()}
-    result = torch.stack([
-        torch.stack([torch.stack([values[(layer, j, pair)] for j in columns]) for layer in layer_list])
-        for pair in range(pairs)
-    ])  # (pairs, layers, columns)
+    result = _cell_grid(values, layer_list, columns, pairs)  # (pairs, layers, columns)
     return result[0] if isinstance(clean, str) else result
+
+
+def _cell_grid(values: dict[Row, torch.Tensor], layers: list[int], columns: list[int], pairs: int) -> torch.Tensor:
+    """The sweep's per-row metric values as one tensor ``(pairs, len(layers), len(columns))``, float32 or wider."""
+    values = {row: _at_least_float32(v) for row, v in values.items()}
+    return torch.stack([
+        torch.stack([torch.stack([values[(layer, j, pair)] for j in columns]) for layer in layers])
+        for pair in range(pairs)
+    ])
 
 
 def attribution_patching(
@@ -222,10 +223,4 @@ def attribution_patching(
     order = _layer_list(model, layers)
     by_layer = dict(zip(layer_list, rows))
     return _at_least_float32(torch.stack([by_layer[layer] for layer in order]))
-
-
-# ------------------------------------------------------------------------------------------------
-# Direct logit attribution
-# ------------------------------------------------------------------------------------------------
-
 

@@ -8,6 +8,20 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 import torch
+from tqdm.auto import tqdm as _tqdm
+
+from ..compat.nnsight_utils import compute_next_token_probs
+
+__all__ = [
+    "GetProbsFunc",
+    "Prompt",
+    "TokenizationError",
+    "get_first_tokens",
+    "next_token_probs_of",
+    "next_token_probs_unsqueeze",
+    "prompts_to_df",
+    "run_prompts",
+]
 
 # A function `(model, list_of_prompt_strings) -> probs (batch, ..., vocab)`; nnterp's also take `remote=`.
 GetProbsFunc = Callable[[Any, list[str]], torch.Tensor]
@@ -146,8 +160,6 @@ def next_token_probs_unsqueeze(nn_model, prompt: str | list[str], remote: bool =
         >>> next_token_probs_unsqueeze(model, ["The capital of France is", "Hi"]).shape
         torch.Size([2, 1, 512])
     """
-    from ..compat.nnsight_utils import compute_next_token_probs
-
     return compute_next_token_probs(nn_model, prompt, remote=remote).unsqueeze(1)
 
 
@@ -254,9 +266,7 @@ def _accepts(func: Callable, name: str) -> bool:
 
 
 def _default_tqdm(*args: Any, **kwargs: Any):
-    from tqdm.auto import tqdm
-
-    return tqdm(*args, **kwargs)
+    return _tqdm(*args, **kwargs)
 
 
 @torch.no_grad()

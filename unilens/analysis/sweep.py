@@ -13,7 +13,8 @@ patch cannot change:
 
 Both depend on the model's code (a cache that can be cut and repeated per layer, layers that accept a batch
 that grows), so both are checked at run time against the plain computation, with a warning and a fallback
-(same result, slower) when a model does not allow them. ``interventions.activation_patching`` is the API.
+(same result, slower) when a model does not allow them. ``unilens.analysis.patching.activation_patching`` (also
+``unilens.interventions.activation_patching``) is the API.
 """
 
 from __future__ import annotations
@@ -24,13 +25,30 @@ import inspect
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
+from tqdm.auto import tqdm
+from transformers.cache_utils import Cache, DynamicCache
 
 from ..core.tensors import _first
+from .arguments import Metric, check_metric
 
-Metric = Callable[[torch.Tensor], torch.Tensor]
+__all__ = [
+    "DEFAULT_LOGITS_BUDGET",
+    "FORWARD_COST_TOKENS",
+    "Chunk",
+    "ChunkRunner",
+    "CorruptedRun",
+    "Row",
+    "Sweep",
+    "cache_keyword",
+    "check_staggered",
+    "output_cache",
+    "plan",
+    "probe_rows",
+    "run_sweep",
+]
 
 # Logits kept in memory per forward when `batch_size` is not given (bytes).
 DEFAULT_LOGITS_BUDGET = 2**28
@@ -51,20 +69,6 @@ class Chunk:
     start: int  # first position computed; earlier positions are the corrupted run's (cache and logits)
     rows: list[Row]  # sorted by layer: the order rows join a staggered batch
     staggered: bool  # rows join the batch at their layer; else every row runs from the input
-
-
-def check_metric(values: torch.Tensor, n: int) -> torch.Tensor:
-    """``values`` when it is the ``(n,)`` tensor a patching metric must return, else a clear error.
-
-    Example:
-        >>> check_metric(torch.zeros(3), 3).shape
-        torch.Size([3])
-    """
-    if not isinstance(values, torch.Tensor) or values.shape != (n,):
-        shape = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
-        raise ValueError(f"metric must map logits (n, positions, vocab) to a tensor of shape (n,) = ({n},); "
-                         f"got {shape}.")
-    return values
 
 
 _CACHE_KEYWORDS: dict[type, str] = {}  # a plain dict, not functools.lru_cache: this module ships by value to NDIF
@@ -179,8 +183,6 @@ class CorruptedRun:
         logits = out.logits.detach()
         if not bool(batch["attention_mask"].all()):
             return cls(logits, None, None)  # padded prompt: the cache would start at a padding token
-        from transformers.cache_utils import Cache
-
         cache = output_cache(out) if resume_at > 0 else None
         cache = cache if isinstance(cache, Cache) else None
         batch_seq = tuple(batch["input_ids"].shape)
@@ -199,8 +201,6 @@ class CorruptedRun:
         layer types recording past states (sliding-window layers otherwise drop what a cut needs)."""
         hf = model.module_accessor.model
         if with_cache:
-            from transformers.cache_utils import DynamicCache
-
             try:
                 cache = DynamicCache(config=hf.config)
                 cache.activate_past_recording()
@@ -254,7 +254,9 @@ def _with_first(output: Any, first: torch.Tensor) -> Any:
 
 
 class Sweep:
-    """Plans and runs the patched runs of one ``activation_patching`` call.
+    """The patched runs of one ``activation_patching`` call, as data, and what a row is: its first patched position,
+    the layer it joins a staggered batch at, the logits a forward from a position keeps. It runs nothing: `plan`
+    groups rows into chunks, a `ChunkRunner` runs a chunk, `run_sweep` does both after the run-time checks.
 
     ``clean_acts[layer]``: the clean prompts' activations ``(pairs, seq, ...)`` at each patched layer;
     ``patched_positions``: the positions a ``"head"`` row patches (all of them, together);
@@ -286,9 +288,7 @@ class Sweep:
         differs = clean_ids.to(corrupted_batch["input_ids"].device) != corrupted_batch["input_ids"]  # (pairs, seq)
         firsts = [int(d.nonzero()[0]) if bool(d.any()) else self.seq for d in differs]
         self.first_difference = max(firsts)  # every pair's patches change its run from here on
-        self.run: CorruptedRun | None = None
 
-    # --- what a row is ----------------------------------------------------------------------------------
     def first_position(self, row: Row) -> int:
         return min(self.patched_positions) if self.component == "head" else row[1]
 
@@ -300,77 +300,121 @@ class Sweep:
         """
         return layer if self.component == "resid" else layer - 1
 
-    # --- planning ---------------------------------------------------------------------------------------
-    def plan(self, rows: list[Row], batch_size: int, staggered: bool) -> list[Chunk]:
-        """Chunks covering ``rows``: positions grouped to balance a forward's fixed cost against recomputed
-        positions (staggered), or one start per position (plain), each cut to ``batch_size`` rows."""
-        resume = self.run is not None and self.run.cache is not None
-        by_start: dict[int, list[Row]] = {}
-        for row in rows:
-            by_start.setdefault(self.first_position(row) if resume else 0, []).append(row)
-        starts = sorted(by_start)
-        groups = self._group_positions(starts, by_start, batch_size) if staggered else [[s] for s in starts]
-        chunks = []
-        for group in groups:
-            group_rows = sorted((r for s in group for r in by_start[s]), key=lambda r: r[0])  # stable
-            for i in range(0, len(group_rows), batch_size):
-                chunks.extend(self._chunk(group[0], group_rows[i : i + batch_size], staggered))
-        return chunks
-
-    def _chunk(self, start: int, rows: list[Row], staggered: bool) -> list[Chunk]:
-        """A staggered chunk joining rows at the input holds one input row; more go to a plain chunk."""
-        if not staggered:
-            return [Chunk(start, rows, False)]
-        at_input = [r for r in rows if self.entry_layer(r[0]) < 0]
-        if len(at_input) <= 1:
-            return [Chunk(start, rows, True)]
-        rest = [r for r in rows if self.entry_layer(r[0]) >= 0]
-        return [Chunk(start, at_input[:1] + rest, True), Chunk(start, at_input[1:], False)]
-
-    def _group_positions(self, starts: list[int], by_start: dict[int, list[Row]], batch_size: int) -> list[list[int]]:
-        """Consecutive starts sharing a forward, by dynamic programming over a cost counted in token-layers."""
-        layer_params = sum(p.numel() for p in self.model.module_accessor.get_layers()[0].parameters())
-        unembed = self.model.module_accessor.get_unembed().weight.numel()
-        head_cost = unembed / max(layer_params, 1)  # the unembedding of one position, in layers
-        # prefix sums over starts: rows, and layers those rows run through
-        rows, layers = [0], [0]
-        for s in starts:
-            rows.append(rows[-1] + len(by_start[s]))
-            layers.append(layers[-1] + sum(self.num_layers - max(self.entry_layer(r[0]), 0) for r in by_start[s]))
-
-        def cost(begin: int, end: int) -> float:  # starts[begin:end] in one group
-            start, n = starts[begin], rows[end] - rows[begin]
-            forwards = math.ceil(n / batch_size)
-            compute = (self.seq - start) * (layers[end] - layers[begin]) + n * self._kept_logits(start) * head_cost
-            return forwards * FORWARD_COST_TOKENS * self.num_layers + compute
-
-        best = [0.0] + [math.inf] * len(starts)
-        cut = [0] * (len(starts) + 1)
-        for end in range(1, len(starts) + 1):
-            for begin in range(end):
-                total = best[begin] + cost(begin, end)
-                if total < best[end]:
-                    best[end], cut[end] = total, begin
-        groups, end = [], len(starts)
-        while end > 0:
-            groups.append(starts[cut[end] : end])
-            end = cut[end]
-        return groups[::-1]
-
-    def _kept_logits(self, start: int) -> int:
+    def kept_logits(self, start: int) -> int:
         """How many final positions a forward starting at ``start`` unembeds (``logits_to_keep``)."""
         if self.metric_positions is None:
             return self.seq - start
         computed = [p for p in self.metric_positions if p >= start]
         return self.seq - min(computed) if computed else 1
 
-    # --- running ----------------------------------------------------------------------------------------
+    def default_batch_size(self) -> int:
+        """Rows per forward when ``batch_size`` is not given: as many as keep ``DEFAULT_LOGITS_BUDGET`` of logits."""
+        kept = self.seq if self.metric_positions is None else self.seq - min(self.metric_positions)
+        return max(1, DEFAULT_LOGITS_BUDGET // (kept * self.model.vocab_size * 4))
+
+
+# ------------------------------------------------------------------------------------------------
+# Planning: rows -> chunks (one forward each), by a cost model
+# ------------------------------------------------------------------------------------------------
+
+
+def plan(sweep: Sweep, rows: list[Row], batch_size: int, staggered: bool, resume: bool) -> list[Chunk]:
+    """Chunks covering ``rows``: positions grouped to balance a forward's fixed cost against recomputed
+    positions (staggered), or one start per position (plain), each cut to ``batch_size`` rows. Without ``resume``
+    (no checked key/value cache) every chunk starts at position 0.
+
+    Example:
+        >>> from unilens import StandardizedTransformer
+        >>> from unilens.testing import tiny_model
+        >>> model = StandardizedTransformer(*tiny_model("llama"))
+        >>> ids = torch.tensor([[1, 2, 3, 4]])
+        >>> corrupted = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        >>> sweep = Sweep(model, "resid", model.layers_output, {}, torch.tensor([[1, 5, 3, 4]]), corrupted,
+        ...               lambda logits: logits[:, -1, 0], None, [0, 1, 2, 3], per_cell=False)
+        >>> rows = [(0, position, 0) for position in range(4)]  # layer 0, every position, pair 0
+        >>> [chunk.start for chunk in plan(sweep, rows, batch_size=8, staggered=False, resume=True)]
+        [0, 1, 2, 3]
+        >>> [len(chunk.rows) for chunk in plan(sweep, rows, batch_size=3, staggered=False, resume=False)]
+        [3, 1]
+    """
+    by_start: dict[int, list[Row]] = {}
+    for row in rows:
+        by_start.setdefault(sweep.first_position(row) if resume else 0, []).append(row)
+    starts = sorted(by_start)
+    groups = _group_positions(sweep, starts, by_start, batch_size) if staggered else [[s] for s in starts]
+    chunks = []
+    for group in groups:
+        group_rows = sorted((r for s in group for r in by_start[s]), key=lambda r: r[0])  # stable
+        for i in range(0, len(group_rows), batch_size):
+            chunks.extend(_chunks_at(sweep, group[0], group_rows[i : i + batch_size], staggered))
+    return chunks
+
+
+def _chunks_at(sweep: Sweep, start: int, rows: list[Row], staggered: bool) -> list[Chunk]:
+    """A staggered chunk joining rows at the input holds one input row; more go to a plain chunk."""
+    if not staggered:
+        return [Chunk(start, rows, False)]
+    at_input = [r for r in rows if sweep.entry_layer(r[0]) < 0]
+    if len(at_input) <= 1:
+        return [Chunk(start, rows, True)]
+    rest = [r for r in rows if sweep.entry_layer(r[0]) >= 0]
+    return [Chunk(start, at_input[:1] + rest, True), Chunk(start, at_input[1:], False)]
+
+
+def _group_positions(
+    sweep: Sweep, starts: list[int], by_start: dict[int, list[Row]], batch_size: int
+) -> list[list[int]]:
+    """Consecutive starts sharing a forward, by dynamic programming over a cost counted in token-layers."""
+    accessor = sweep.model.module_accessor
+    layer_params = sum(p.numel() for p in accessor.get_layers()[0].parameters())
+    unembed = accessor.get_unembed().weight.numel()
+    head_cost = unembed / max(layer_params, 1)  # the unembedding of one position, in layers
+    n_layers = sweep.num_layers
+    # prefix sums over starts: rows, and layers those rows run through
+    rows, layers = [0], [0]
+    for s in starts:
+        rows.append(rows[-1] + len(by_start[s]))
+        layers.append(layers[-1] + sum(n_layers - max(sweep.entry_layer(r[0]), 0) for r in by_start[s]))
+
+    def cost(begin: int, end: int) -> float:  # starts[begin:end] in one group
+        start, n = starts[begin], rows[end] - rows[begin]
+        forwards = math.ceil(n / batch_size)
+        compute = (sweep.seq - start) * (layers[end] - layers[begin]) + n * sweep.kept_logits(start) * head_cost
+        return forwards * FORWARD_COST_TOKENS * n_layers + compute
+
+    best = [0.0] + [math.inf] * len(starts)
+    cut = [0] * (len(starts) + 1)
+    for end in range(1, len(starts) + 1):
+        for begin in range(end):
+            total = best[begin] + cost(begin, end)
+            if total < best[end]:
+                best[end], cut[end] = total, begin
+    groups, end = [], len(starts)
+    while end > 0:
+        groups.append(starts[cut[end] : end])
+        end = cut[end]
+    return groups[::-1]
+
+
+# ------------------------------------------------------------------------------------------------
+# Running: one chunk's patched forward
+# ------------------------------------------------------------------------------------------------
+
+
+class ChunkRunner:
+    """Runs the chunks of a sweep: plain rows (every row from the input) or staggered rows (rows join the batch at
+    their layer), from the corrupted run's key/value cache and layer outputs where ``run`` has them (checked)."""
+
+    def __init__(self, sweep: Sweep, run: CorruptedRun | None):
+        self.sweep, self.run = sweep, run
+        self.model = sweep.model
+
     def run_chunk(self, chunk: Chunk, full_logits: bool = False) -> torch.Tensor:
         """The chunk's logits, one row per row: ``(rows, kept positions, vocab)``, every position from
         ``chunk.start`` on with ``full_logits``."""
-        start, kept = chunk.start, self._kept_logits(chunk.start)
+        start, kept = chunk.start, self.sweep.kept_logits(chunk.start)
         kwargs: dict[str, Any] = {}
-        if not full_logits and kept < self.seq - start:
+        if not full_logits and kept < self.sweep.seq - start:
             kwargs.update(self.model._keep_last_logits_kwargs(kept))
         runner = self._staggered if chunk.staggered else self._plain
         with torch.no_grad():
@@ -378,29 +422,32 @@ class Sweep:
 
     def _inputs(self, start: int, pairs: Sequence[int]) -> dict[str, torch.Tensor]:
         index = torch.tensor(list(pairs), dtype=torch.long)
+        batch = self.sweep.batch
         return {  # the mask covers the cache
-            "input_ids": self.batch["input_ids"][index, start:],
-            "attention_mask": self.batch["attention_mask"][index],
+            "input_ids": batch["input_ids"][index, start:],
+            "attention_mask": batch["attention_mask"][index],
         }
 
     def _patch_masks(self, rows: list[Row], start: int) -> dict[int, torch.Tensor]:
         """Per patched layer, a boolean mask over the chunk's rows marking what each row patches."""
-        width, masks = self.seq - start, {}
+        sweep = self.sweep
+        width, masks = sweep.seq - start, {}
         for i, (layer, j, _pair) in enumerate(rows):
             if layer not in masks:
-                per_head = (self.model.num_heads, 1) if self.component == "head" else (1,)
+                per_head = (self.model.num_heads, 1) if sweep.component == "head" else (1,)
                 masks[layer] = torch.zeros((len(rows), width, *per_head), dtype=torch.bool)
-            if self.component == "head":
-                masks[layer][i, [p - start for p in self.patched_positions], j] = True
+            if sweep.component == "head":
+                masks[layer][i, [p - start for p in sweep.patched_positions], j] = True
             else:
                 masks[layer][i, j - start] = True
         return masks
 
     def _patch(self, layer: int, mask: torch.Tensor, pairs: Sequence[int], start: int) -> None:
         """Inside a trace: the rows of ``mask`` take the clean activation of their pair where it is set."""
-        out = self.accessor[layer]
-        clean = self.clean_acts[layer][torch.tensor(list(pairs), dtype=torch.long), start:]  # (rows, width, ...)
-        self.accessor[layer] = torch.where(mask.to(out.device), clean.to(out.device, out.dtype), out)
+        accessor = self.sweep.accessor
+        out = accessor[layer]
+        clean = self.sweep.clean_acts[layer][torch.tensor(list(pairs), dtype=torch.long), start:]  # (rows, width, ...)
+        accessor[layer] = torch.where(mask.to(out.device), clean.to(out.device, out.dtype), out)
 
     def _plain(self, chunk: Chunk, kwargs: dict) -> torch.Tensor:
         """Every row runs from the input (layers below the chunk's lowest one skipped, when allowed)."""
@@ -421,10 +468,10 @@ class Sweep:
     def _staggered(self, chunk: Chunk, kwargs: dict) -> torch.Tensor:
         """Rows join the batch at their layer: the forward starts with one row (the input), skips the layers up to
         the lowest entry, whose output becomes that entry's rows, and grows at each later entry."""
-        start, n = chunk.start, self.num_layers
+        start, n = chunk.start, self.sweep.num_layers
         joining: dict[int, list[Row]] = {}  # entry layer -> rows joining at its output (-1: the input row)
         for row in chunk.rows:
-            joining.setdefault(self.entry_layer(row[0]), []).append(row)
+            joining.setdefault(self.sweep.entry_layer(row[0]), []).append(row)
         first = min(joining)  # the rows of the first entry are the last skipped layer's output (or the input)
         input_pair = joining[first][0][2] if first < 0 else chunk.rows[0][2]
         present: list[list[int]] = []  # pairs of the rows in the batch at each layer's input, in batch order
@@ -434,7 +481,7 @@ class Sweep:
             batch += [pair for *_, pair in joining.get(layer, [])]
         if start > 0:
             kwargs.update(self.run.cache_kwargs(start, present))
-        masks = {} if self.component == "resid" else self._patch_masks(chunk.rows, start)
+        masks = {} if self.sweep.component == "resid" else self._patch_masks(chunk.rows, start)
         with self.model.trace(self._inputs(start, [input_pair]), **kwargs):
             for layer in range(first + 1):  # layers up to the first entry are skipped
                 joins = joining[layer] if layer == first else [(layer, 0, input_pair)]
@@ -457,75 +504,105 @@ class Sweep:
 
     def _joining_rows(self, rows: list[Row], base: torch.Tensor, start: int) -> torch.Tensor:
         """Rows joining at a layer's output ``base`` (corrupted, one per row): patched there for ``"resid"``."""
-        if self.component != "resid":
+        if self.sweep.component != "resid":
             return base  # patched inside the next layer
         base = base.clone()  # (len(rows), seq - start, hidden)
         for i, (layer, j, pair) in enumerate(rows):
-            base[i, j - start] = self.clean_acts[layer][pair, j].to(base.device, base.dtype)
+            base[i, j - start] = self.sweep.clean_acts[layer][pair, j].to(base.device, base.dtype)
         return base
 
-    # --- metric -----------------------------------------------------------------------------------------
-    def metric_logits(self, chunk: Chunk, logits: torch.Tensor) -> torch.Tensor:
-        """Each row's logits as the metric sees them: every position ``(rows, seq, vocab)``, or the
-        ``metric_positions`` in order ``(rows, len(metric_positions), vocab)``."""
-        pairs = torch.tensor([pair for *_, pair in chunk.rows], dtype=torch.long)
-        offset = self.seq - logits.shape[1]  # the position of logits[:, 0]
-        if self.metric_positions is None:
-            if offset > 0:
-                logits = torch.cat([self.run.logits[pairs, :offset].to(logits.device), logits], dim=1)
-            return logits
-        columns = [self.run.logits[pairs, p].to(logits.device) if p < offset else logits[:, p - offset]
-                   for p in self.metric_positions]  # fmt: skip
-        return torch.stack(columns, dim=1)
 
-    def probe_rows(self, rows: list[Row]) -> list[Row]:
-        """A few rows to check staggered rows on: the lowest, a middle and the highest patched layer, at two
-        neighbouring positions (or heads) where patches change the run (at or after the first token where the
-        prompts differ), for the first and last pair: rows joining later would show any trace of earlier rows."""
-        layers = sorted({r[0] for r in rows})
-        layers = {layers[0], layers[len(layers) // 2], layers[-1]}
-        columns = sorted({r[1] for r in rows})
-        if self.component != "head":
-            informative = [j for j in columns if j >= self.first_difference] or columns
-            columns = informative[-3:-1] if len(informative) > 2 else informative  # width >= 2 where possible
-        pairs = {0, self.pairs - 1}
-        return [r for r in rows if r[0] in layers and r[1] in columns[:2] and r[2] in pairs]
+# ------------------------------------------------------------------------------------------------
+# Run-time check: staggered rows against plain rows
+# ------------------------------------------------------------------------------------------------
 
-    def check_staggered(self, rows: list[Row]) -> tuple[bool, Chunk | None, torch.Tensor | None]:
-        """Run a few rows as one staggered chunk and as plain rows, and compare every logit.
 
-        Returns (ok, the chunk run, its logits): when ok, those rows are done."""
-        start = min(self.first_position(r) for r in rows) if self.run.cache is not None else 0
-        chunk = self._chunk(start, sorted(rows, key=lambda r: r[0]), True)[0]
-        if len(chunk.rows) < 2:
-            return True, None, None  # one row from a one-row input: what the corrupted run's check covered
-        name = type(self.model.module_accessor.model).__name__
-        try:
-            staggered = self.run_chunk(chunk, full_logits=True)
-            plain = self.run_chunk(Chunk(chunk.start, chunk.rows, False), full_logits=True)
-        except Exception as err:  # noqa: BLE001 - the model's code does not allow a growing batch
-            reason = f"fails ({type(err).__name__}: {err})"
-        else:
-            if _reproduces(staggered, plain):
-                return True, chunk, staggered[:, staggered.shape[1] - self._kept_logits(chunk.start) :]
-            reason = "does not reproduce plain batched rows"
-        warnings.warn(f"activation_patching: rows joining the batch at their patched layer {reason} for {name}; "
-                      "every row runs from the first layer (same result, slower).", stacklevel=4)
-        return False, None, None
+def probe_rows(sweep: Sweep, rows: list[Row]) -> list[Row]:
+    """A few rows to check staggered rows on: the lowest, a middle and the highest patched layer, at two
+    neighbouring positions (or heads) where patches change the run (at or after the first token where the
+    prompts differ), for the first and last pair: rows joining later would show any trace of earlier rows.
+
+    Example:
+        >>> from unilens import StandardizedTransformer
+        >>> from unilens.testing import tiny_model
+        >>> model = StandardizedTransformer(*tiny_model("llama"))
+        >>> ids = torch.tensor([[1, 2, 3, 4]])
+        >>> corrupted = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        >>> sweep = Sweep(model, "resid", model.layers_output, {}, torch.tensor([[1, 5, 3, 4]]), corrupted,
+        ...               lambda logits: logits[:, -1, 0], None, [0, 1, 2, 3], per_cell=False)
+        >>> sweep.first_difference  # the prompts differ from position 1 on
+        1
+        >>> probe_rows(sweep, [(layer, position, 0) for layer in range(2) for position in range(4)])
+        [(0, 1, 0), (0, 2, 0), (1, 1, 0), (1, 2, 0)]
+    """
+    layers = sorted({r[0] for r in rows})
+    layers = {layers[0], layers[len(layers) // 2], layers[-1]}
+    columns = sorted({r[1] for r in rows})
+    if sweep.component != "head":
+        informative = [j for j in columns if j >= sweep.first_difference] or columns
+        columns = informative[-3:-1] if len(informative) > 2 else informative  # width >= 2 where possible
+    pairs = {0, sweep.pairs - 1}
+    return [r for r in rows if r[0] in layers and r[1] in columns[:2] and r[2] in pairs]
+
+
+def check_staggered(
+    runner: ChunkRunner, rows: list[Row], resume: bool
+) -> tuple[bool, Chunk | None, torch.Tensor | None]:
+    """Run a few rows as one staggered chunk and as plain rows, and compare every logit.
+
+    Returns (ok, the chunk run, its logits): when ok, those rows are done."""
+    sweep = runner.sweep
+    start = min(sweep.first_position(r) for r in rows) if resume else 0
+    chunk = _chunks_at(sweep, start, sorted(rows, key=lambda r: r[0]), True)[0]
+    if len(chunk.rows) < 2:
+        return True, None, None  # one row from a one-row input: what the corrupted run's check covered
+    name = type(sweep.model.module_accessor.model).__name__
+    try:
+        staggered = runner.run_chunk(chunk, full_logits=True)
+        plain = runner.run_chunk(Chunk(chunk.start, chunk.rows, False), full_logits=True)
+    except Exception as err:  # noqa: BLE001 - the model's code does not allow a growing batch
+        reason = f"fails ({type(err).__name__}: {err})"
+    else:
+        if _reproduces(staggered, plain):
+            return True, chunk, staggered[:, staggered.shape[1] - sweep.kept_logits(chunk.start) :]
+        reason = "does not reproduce plain batched rows"
+    warnings.warn(f"activation_patching: rows joining the batch at their patched layer {reason} for {name}; "
+                  "every row runs from the first layer (same result, slower).", stacklevel=4)
+    return False, None, None
+
+
+# ------------------------------------------------------------------------------------------------
+# The metric, and the whole sweep
+# ------------------------------------------------------------------------------------------------
 
 
 class _Metrics:
     """Calls the metric once per cell on its rows of every pair, in pair order, as soon as all have run (or,
     when not ``per_cell``: one pair, once per chunk on all its rows)."""
 
-    def __init__(self, sweep: Sweep):
-        self.sweep = sweep
+    def __init__(self, sweep: Sweep, run: CorruptedRun | None):
+        self.sweep, self.run = sweep, run
         self.values: dict[Row, torch.Tensor] = {}
         self.pending: dict[tuple[int, int], dict[int, torch.Tensor]] = {}
 
+    def metric_logits(self, chunk: Chunk, logits: torch.Tensor) -> torch.Tensor:
+        """Each row's logits as the metric sees them: every position ``(rows, seq, vocab)``, or the
+        ``metric_positions`` in order ``(rows, len(metric_positions), vocab)``; positions a chunk did not compute
+        are the corrupted run's."""
+        sweep = self.sweep
+        pairs = torch.tensor([pair for *_, pair in chunk.rows], dtype=torch.long)
+        offset = sweep.seq - logits.shape[1]  # the position of logits[:, 0]
+        if sweep.metric_positions is None:
+            if offset > 0:
+                logits = torch.cat([self.run.logits[pairs, :offset].to(logits.device), logits], dim=1)
+            return logits
+        columns = [self.run.logits[pairs, p].to(logits.device) if p < offset else logits[:, p - offset]
+                   for p in sweep.metric_positions]  # fmt: skip
+        return torch.stack(columns, dim=1)
+
     def add(self, chunk: Chunk, logits: torch.Tensor) -> None:
         sweep = self.sweep
-        logits = sweep.metric_logits(chunk, logits)  # (rows, positions, vocab)
+        logits = self.metric_logits(chunk, logits)  # (rows, positions, vocab)
         if not sweep.per_cell:
             self.values.update(zip(chunk.rows, check_metric(sweep.metric(logits), len(chunk.rows))))
             return
@@ -547,26 +624,27 @@ def run_sweep(
     stagger: bool,
     progress: bool,
 ) -> dict[Row, torch.Tensor]:
-    """Every row's metric value: the corrupted run, the staggered check, the plan, then the chunks."""
-    model = sweep.model
+    """Every row's metric value: the corrupted run (and its checks), the staggered check, the plan, then the chunks.
+
+    ``resume`` / ``stagger`` ask for the fast paths; each is used only where its run-time check passes.
+    """
     firsts = [sweep.first_position(r) for r in rows]
     resume_at = min((p for p in firsts if p > 0), default=0) if resume else 0
-    if resume_at > 0 or stagger:  # else every run is plain: from the input, over the whole sequence
-        sweep.run = CorruptedRun.build(model, sweep.batch, resume_at)
-    stagger = stagger and sweep.run is not None and sweep.run.layer_outputs is not None
+    run = None  # without one every run is plain: from the input, over the whole sequence
+    if resume_at > 0 or stagger:
+        run = CorruptedRun.build(sweep.model, sweep.batch, resume_at)
+    stagger = stagger and run is not None and run.layer_outputs is not None
+    resume = run is not None and run.cache is not None  # the cache passed its check
     if batch_size is None:
-        kept = sweep.seq if sweep.metric_positions is None else sweep.seq - min(sweep.metric_positions)
-        batch_size = max(1, DEFAULT_LOGITS_BUDGET // (kept * model.vocab_size * 4))
-    metrics = _Metrics(sweep)
+        batch_size = sweep.default_batch_size()
+    runner, metrics = ChunkRunner(sweep, run), _Metrics(sweep, run)
     if stagger:
-        stagger, checked, logits = sweep.check_staggered(sweep.probe_rows(rows))
+        stagger, checked, logits = check_staggered(runner, probe_rows(sweep, rows), resume)
         if checked is not None:
             metrics.add(checked, logits)
             done = set(checked.rows)
             rows = [r for r in rows if r not in done]
-    chunks = sweep.plan(rows, batch_size, stagger)
-    from tqdm.auto import tqdm
-
+    chunks = plan(sweep, rows, batch_size, stagger, resume)
     for chunk in tqdm(chunks, desc=f"patching {sweep.component}", disable=not progress or len(chunks) == 1):
-        metrics.add(chunk, sweep.run_chunk(chunk))
+        metrics.add(chunk, runner.run_chunk(chunk))
     return metrics.values

@@ -28,13 +28,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .offload import module_device
+from .probe import Probe, probe_ids
 from .structure import computes_softmax_attention, is_projection, owns_projection
 
 __all__ = [
     "Architecture",
     "ArchitectureError",
-    "ModuleAccessor",
+    "ModuleMap",
     "get_rename_dict",
     "discover",
     "NO_POSITION_EMBEDDING",
@@ -351,13 +351,13 @@ def _alias_collides(model: nn.Module, path: str, alias: str) -> bool:
     return False
 
 
-class ModuleAccessor:
+class ModuleMap:
     """Plain torch modules of any HF causal LM under the standardized names (no nnsight, no overhead).
 
     Example:
         >>> from unilens.testing import tiny_model
         >>> hf, _ = tiny_model("llama")
-        >>> acc = ModuleAccessor(hf)
+        >>> acc = ModuleMap(hf)
         >>> len(acc.layers) == hf.config.num_hidden_layers
         True
     """
@@ -423,15 +423,11 @@ class ModuleAccessor:
         return self.model.get_submodule(self.architecture.lm_head_path)
 
 
-class _StopForward(Exception):
-    pass
-
-
 @torch.no_grad()
 def probe_parallel(model: nn.Module, arch: Architecture) -> bool:
     """Whether attention and MLP run in parallel, found from data flow rather than a list of model types.
 
-    Runs the model up to the first MLP twice on 4 tokens, the second time with the first attention's
+    Runs the model up to the first MLP twice on the probe ids, the second time with the first attention's
     output perturbed: if the MLP input does not change, the MLP does not read the attention output, so the
     block is parallel (GPT-J, Phi, Falcon, Cohere, GPT-NeoX with ``use_parallel_residual``).
     """
@@ -456,22 +452,13 @@ def probe_parallel(model: nn.Module, arch: Architecture) -> bool:
     def on_mlp(module, args, kwargs):
         x = args[0] if args else next(iter(kwargs.values()))
         seen.append(x.detach().clone())
-        raise _StopForward
 
-    handles = [attention.register_forward_hook(on_attention), mlp_in.register_forward_pre_hook(on_mlp, with_kwargs=True)]
-    device = module_device(model.get_input_embeddings())  # accelerate's execution device under device_map
-    vocab = model.get_input_embeddings().weight.shape[0]
-    ids = (torch.arange(4, device=device).unsqueeze(0) * 7 + 3) % vocab
-    try:
+    with Probe(model) as probe:
+        probe.forward_hook(attention, on_attention)
+        probe.pre_hook(mlp_in, on_mlp, with_kwargs=True, stop=True)
         for flag in (False, True):
             perturb[0] = flag
-            try:
-                model(input_ids=ids)
-            except _StopForward:
-                pass
-    finally:
-        for h in handles:
-            h.remove()
+            probe.run()
     if len(seen) != 2:
         raise ArchitectureError(f"{arch.model_type}: the MLP of layer {layer_index} did not run in a forward pass.")
     return bool(torch.equal(seen[0], seen[1]))
@@ -548,12 +535,10 @@ def probe_dataflow(model: nn.Module, arch: Architecture) -> None:
     projection_calls: list[tuple[str, torch.Tensor]] = []
     unembed_input: list[torch.Tensor] = []
     norm_inputs: dict[str, torch.Tensor] = {}
-    handles = [
-        m.register_forward_hook(lambda mod, a, out, name=name: outputs.__setitem__(name, out)) for name, m in norms.items()
-    ] + [
-        m.register_forward_pre_hook(lambda mod, a, name=name: norm_inputs.__setitem__(name, _first_tensor(a)))
-        for name, m in norms.items()
-    ]
+    head_calls: list[tuple[str, torch.Tensor | None, torch.Tensor | None]] = []  # (path, input, output) in order
+    after_last_layer = [False]
+    last_layer_output: list[torch.Tensor] = []
+
     def remember(key, out):
         first = _first_tensor(out)
         if first is None:
@@ -561,45 +546,39 @@ def probe_dataflow(model: nn.Module, arch: Architecture) -> None:
         outputs["branch:" + key] = first.clone()
         versions[key] = (first, first._version)
 
-    watched = dict(branches)
-    watched["layer"] = ""
-    if parts.mlp_out and parts.mlp_out != parts.mlp:
-        watched["mlp"] = parts.mlp_out
-    for key, path in watched.items():
-        module = layer.get_submodule(path) if path else layer
-        handles.append(module.register_forward_hook(lambda mod, a, out, key=key: remember(key, out)))
-    for name, m in layer.named_modules():
-        if name and is_projection(m):
-            handles.append(
-                m.register_forward_hook(
-                    lambda mod, a, out, name=name: projection_calls.append((name, out)) if isinstance(out, torch.Tensor) else None
-                )
-            )
-    handles.append(model.get_submodule(arch.lm_head_path).register_forward_pre_hook(lambda mod, a: unembed_input.append(a[0])))
-    head_calls: list[tuple[str, torch.Tensor | None, torch.Tensor | None]] = []  # (path, input, output) in order
-    after_last_layer = [False]
+    def on_projection(name, out):
+        if isinstance(out, torch.Tensor):
+            projection_calls.append((name, out))
 
     def on_call(mod, args, kwargs, out, name):
         if after_last_layer[0]:
             head_calls.append((name, _first_tensor(args) if args else _first_tensor(list(kwargs.values())), _first_tensor(out)))
 
-    for name, m in model.named_modules():
-        if name and not (name == arch.layers_path or name.startswith(layers_prefix)):
-            handles.append(m.register_forward_hook(lambda mod, a, kw, out, name=name: on_call(mod, a, kw, out, name), with_kwargs=True))
-    last_layer_output: list[torch.Tensor] = []
-
     def on_last_layer(mod, args, out) -> None:  # returns None: a hook's return value would replace the output
         last_layer_output.append(_first_tensor(out))
         after_last_layer[0] = True
 
-    handles.append(model.get_submodule(arch.layers_path)[-1].register_forward_hook(on_last_layer))
-    device = module_device(model.get_input_embeddings())  # accelerate's execution device under device_map
-    vocab = model.get_input_embeddings().weight.shape[0]
-    try:
-        model(input_ids=(torch.arange(4, device=device).unsqueeze(0) * 7 + 3) % vocab)
-    finally:
-        for h in handles:
-            h.remove()
+    watched = dict(branches)
+    watched["layer"] = ""
+    if parts.mlp_out and parts.mlp_out != parts.mlp:
+        watched["mlp"] = parts.mlp_out
+    with Probe(model) as probe:
+        for name, m in norms.items():
+            probe.forward_hook(m, lambda mod, a, out, name=name: outputs.__setitem__(name, out))
+        for name, m in norms.items():
+            probe.pre_hook(m, lambda mod, a, name=name: norm_inputs.__setitem__(name, _first_tensor(a)))
+        for key, path in watched.items():
+            module = layer.get_submodule(path) if path else layer
+            probe.forward_hook(module, lambda mod, a, out, key=key: remember(key, out))
+        for name, m in layer.named_modules():
+            if name and is_projection(m):
+                probe.forward_hook(m, lambda mod, a, out, name=name: on_projection(name, out))
+        probe.pre_hook(model.get_submodule(arch.lm_head_path), lambda mod, a: unembed_input.append(a[0]))
+        for name, m in model.named_modules():
+            if name and not (name == arch.layers_path or name.startswith(layers_prefix)):
+                probe.forward_hook(m, lambda mod, a, kw, out, name=name: on_call(mod, a, kw, out, name), with_kwargs=True)
+        probe.forward_hook(model.get_submodule(arch.layers_path)[-1], on_last_layer)
+        probe.run()
     if not unembed_input:
         raise ArchitectureError(f"{arch.model_type}: the unembedding {arch.lm_head_path} did not run in a forward pass.")
     target = unembed_input[-1]
@@ -675,9 +654,7 @@ def probe_position_embedding(model: nn.Module, arch: Architecture) -> str | None
     if not candidates:
         return None
     first_layer = model.get_submodule(arch.layers_path)[0]
-    device = module_device(model.get_input_embeddings())
-    vocab = model.get_input_embeddings().weight.shape[0]
-    ids = (torch.arange(4, device=device).unsqueeze(0) * 7 + 3) % vocab
+    ids = probe_ids(model)
     generator = torch.Generator().manual_seed(0)
     for name in candidates:
         module = model.get_submodule(name)
@@ -692,29 +669,18 @@ def probe_position_embedding(model: nn.Module, arch: Architecture) -> str | None
         def on_layer(mod, args, kwargs):
             x = _first_tensor(args) if args else kwargs.get("hidden_states")
             seen.append(x.detach().clone() if isinstance(x, torch.Tensor) else None)
-            raise _StopForward
 
         outputs: list[torch.Tensor] = []
-        handles = [
-            module.register_forward_hook(
-                lambda mod, a, out: outputs.append(out) if isinstance(out, torch.Tensor) else None
-            ),
-            module.register_forward_hook(on_output),
-            first_layer.register_forward_pre_hook(on_layer, with_kwargs=True),
-        ]
-        try:
+        with Probe(model) as probe:
+            probe.forward_hook(module, lambda mod, a, out: outputs.append(out) if isinstance(out, torch.Tensor) else None)
+            probe.forward_hook(module, on_output)
+            probe.pre_hook(first_layer, on_layer, with_kwargs=True, stop=True)
             for step in ("plain", "other tokens", "perturbed"):
                 if step == "perturbed":
                     if len(outputs) != 2 or outputs[0].dim() != 3:
                         break
                     deltas.append(torch.randn(outputs[0].shape, generator=generator))
-                try:
-                    model(input_ids=ids if step != "other tokens" else (ids * 5 + 11) % vocab)
-                except _StopForward:
-                    pass
-        finally:
-            for h in handles:
-                h.remove()
+                probe.run(ids if step != "other tokens" else probe_ids(model, other=True))
         if len(seen) != 3 or any(x is None for x in seen) or seen[0].shape != seen[2].shape:
             continue
         # a position embedding depends on the position, not on the tokens (unlike a token-type or second token table)

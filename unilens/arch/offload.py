@@ -31,6 +31,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from ..core.memo import ProcessWeakKeyDictionary, ProcessWeakSet
+
 __all__ = [
     "OffloadError", "parameter", "module_device", "offloaded_parameter_names", "is_dispatched", "detached_copy",
     "prepare_dispatched", "check_offload_map",
@@ -41,9 +43,10 @@ class OffloadError(RuntimeError):
     """A parameter is on the meta device and no accelerate hook holds its value."""
 
 
-# module -> its parent, per root model (built once; modules are not re-parented after dispatch)
-_PARENTS: "weakref.WeakKeyDictionary[nn.Module, tuple[nn.Module, str]]" = weakref.WeakKeyDictionary()
-_ROOTS: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+# module -> its parent, per root model (built once; modules are not re-parented after dispatch). Per process: they
+# pickle empty (remote mode ships the functions that read them by value).
+_PARENTS: "weakref.WeakKeyDictionary[nn.Module, tuple[nn.Module, str]]" = ProcessWeakKeyDictionary()
+_ROOTS: "weakref.WeakSet[nn.Module]" = ProcessWeakSet()
 
 
 def _align_hooks(module: nn.Module) -> Iterator[object]:

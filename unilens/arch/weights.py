@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .structure import find_output_projection, is_projection, is_quantized
+from ..core.accessors import LayerIndexed
+from ..core.config import heads_attribute, text_config
 from .offload import is_dispatched, parameter
+from .structure import find_output_projection, is_projection, is_quantized
 
 __all__ = ["LayerWeights", "WeightViews", "layer_weights"]
 
@@ -51,12 +52,11 @@ def _to_heads(w_out_in: torch.Tensor, bias: torch.Tensor, head_dim: int) -> tupl
 
 
 def _num_heads(attn: nn.Module, config) -> int:
-    for obj in (attn, config):
-        for key in ("num_heads", "num_attention_heads", "n_head", "n_heads"):
-            value = getattr(obj, key, None)
-            if isinstance(value, int) and value > 0:
-                return value
-    raise ValueError(f"cannot find the number of heads of {type(attn).__name__} (module or config)")
+    """The attention module's own head count, else the config's (``unilens.core.config.heads_attribute``)."""
+    value = heads_attribute(attn) or heads_attribute(config)
+    if value is None:
+        raise ValueError(f"cannot find the number of heads of {type(attn).__name__} (module or config)")
+    return value
 
 
 class LayerWeights:
@@ -194,7 +194,7 @@ def layer_weights(attn: nn.Module, config, layer: int | None = None) -> LayerWei
     return LayerWeights(attn, config, layer)
 
 
-class WeightViews:
+class WeightViews(LayerIndexed):
     """`model.weights[i].W_Q` ... and `model.weights.W_U (hidden, vocab)`, `model.weights.W_E (vocab, hidden)`.
 
     `model` is a `StandardizedTransformer` (uses its plain `_attention_modules` and `module_accessor`).
@@ -208,21 +208,17 @@ class WeightViews:
     """
 
     def __init__(self, model):
-        self.model = model
+        super().__init__(model, "weights")
         self._layers: dict[int, LayerWeights] = {}
 
     def _config(self):
-        config = self.model.module_accessor.model.config
-        return config.get_text_config() if hasattr(config, "get_text_config") else config
+        return text_config(self.model.module_accessor.model.config)
 
-    def __len__(self) -> int:
+    def _count(self) -> int:
         return len(self.model._attention_modules)
 
-    def __getitem__(self, i: int) -> LayerWeights:
+    def _get(self, i: int) -> LayerWeights:
         modules = self.model._attention_modules
-        if not -len(modules) <= i < len(modules):
-            raise IndexError(f"layer {i} out of range: the model has {len(modules)} layers")
-        i = i % len(modules)
         if modules[i] is None:
             raise IndexError(
                 f"layer {i} has no softmax attention; layers with attention: "

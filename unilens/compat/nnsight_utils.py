@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..core.protocol import StandardizedModel
-from ..arch.discovery import ModuleAccessor as _DiscoveryAccessor
+from ..arch.discovery import ModuleMap
 from ..core.tensors import rows_position
 
 __all__ = [
@@ -54,7 +54,7 @@ __all__ = [
 GetModuleOutput = Callable[["StandardizedModel", int], torch.Tensor]
 
 
-class ModuleAccessor(_DiscoveryAccessor):
+class ModuleAccessor(ModuleMap):
     """Plain torch modules of an HF model under the standardized names (no nnsight): nnterp's
     ``ModuleAccessor(model, rename_config=None, rename=None)``; a RenameConfig / ``rename`` dict steers discovery
     as in ``StandardizedTransformer``.

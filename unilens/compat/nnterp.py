@@ -35,6 +35,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from ..core import config as _config
 from ..core.protocol import StandardizedModel
 from ..arch.discovery import Architecture, ArchitectureError, LayerParts, _find_attention, _find_mlp
 
@@ -180,7 +181,7 @@ def default_attn_head_config_keys() -> list[str]:
         >>> default_attn_head_config_keys()[0]
         'num_attention_heads'
     """
-    return ["num_attention_heads", "n_head", "num_heads", "n_heads"]
+    return list(_config.NUM_HEADS_KEYS)
 
 
 def default_hidden_size_config_keys() -> list[str]:
@@ -190,7 +191,7 @@ def default_hidden_size_config_keys() -> list[str]:
         >>> "n_embd" in default_hidden_size_config_keys()
         True
     """
-    return ["hidden_size", "d_model", "n_embd"]
+    return list(_config.HIDDEN_SIZE_KEYS)
 
 
 def default_vocab_size_config_keys() -> list[str]:
@@ -200,11 +201,11 @@ def default_vocab_size_config_keys() -> list[str]:
         >>> default_vocab_size_config_keys()
         ['vocab_size', 'n_vocab']
     """
-    return ["vocab_size", "n_vocab"]
+    return list(_config.VOCAB_SIZE_KEYS)
 
 
 def text_config(model: Any) -> Any:
-    """The language model's config (the text sub-config of a multimodal model).
+    """The language model's config (the text sub-config of a multimodal model; ``unilens.core.config.text_config``).
 
     Example:
         >>> from unilens.testing import tiny_model
@@ -212,9 +213,7 @@ def text_config(model: Any) -> Any:
         >>> text_config(hf) is hf.config
         True
     """
-    config = model.config
-    sub = getattr(config, "text_config", None)
-    return sub if sub is not None else config
+    return _config.text_config(model.config)
 
 
 def _config_lookup(model: Any, defaults: list[str], override: Any, what: str, field: str, raise_error: bool):
@@ -229,11 +228,9 @@ def _config_lookup(model: Any, defaults: list[str], override: Any, what: str, fi
         keys[:0] = list(override)
     elif override is not None:
         raise ValueError(f"RenameConfig.{field}={override!r}: expected None, an int, a config key or a list of keys")
-    cfg = text_config(model)
-    for key in keys:
-        value = getattr(cfg, key, None)
-        if value is not None:
-            return value
+    value = _config.config_value(model.config, *keys)
+    if value is not None:
+        return value
     if raise_error:
         raise RenamingError(
             f"{type(model).__name__}: none of the config keys {keys} gives the {what}; pass it as an int or name the "

@@ -120,9 +120,9 @@ def _first_tensor(output: Any) -> torch.Tensor | None:
 
 
 def _capture(model: nn.Module, inputs: dict[str, Any]) -> dict[tuple[int, str], torch.Tensor]:
-    from ..arch.discovery import ModuleAccessor
+    from ..arch.discovery import ModuleMap
 
-    accessor = ModuleAccessor(model)
+    accessor = ModuleMap(model)
     captured: dict[tuple[int, str], torch.Tensor] = {}
     handles = []
 
@@ -201,9 +201,9 @@ def _to_dtype(value: Any, dtype: torch.dtype | None) -> Any:
 
 def _sites(model: nn.Module) -> list[tuple[tuple[int, str], nn.Module]]:
     """((layer, component), module) in forward order: attention, MLP, then the whole layer ("residual")."""
-    from ..arch.discovery import ModuleAccessor
+    from ..arch.discovery import ModuleMap
 
-    accessor = ModuleAccessor(model)
+    accessor = ModuleMap(model)
     sites = []
     for i, layer in enumerate(accessor.get_layers()):
         try:
@@ -375,7 +375,7 @@ def diff_models(model_a: nn.Module, model_b: nn.Module, inputs: dict[str, Any] |
     """Run two HF models on the same inputs and localize where their activations first diverge.
 
     Captures, per decoder layer, the attention output, the MLP output and the residual stream (the layer output)
-    with torch forward hooks on the modules `unilens.discovery.ModuleAccessor` finds (first tensor of tuple
+    with torch forward hooks on the modules `unilens.discovery.ModuleMap` finds (first tensor of tuple
     outputs). Padded positions (`attention_mask == 0`) are left out: backends legitimately differ there (the
     padded-query contract of `check_attention`). Tolerance of the propagated rows: `atol` if given, else
     transformers' eager-vs-sdpa test tolerance of the less precise dtype, `atol + rtol * max|a|` per (layer,

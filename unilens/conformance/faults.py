@@ -281,13 +281,13 @@ def plant_attention_fault(model: nn.Module, layer: int, fault: str) -> nn.Module
 
     from transformers import AttentionInterface
 
-    from ..arch.discovery import ModuleAccessor
+    from ..arch.discovery import ModuleMap
 
     if fault not in MODEL_FAULTS:
         raise ValueError(f"unknown fault {fault!r}; choose one of {sorted(MODEL_FAULTS)}")
     name = f"unilens_fault_{fault}"
     AttentionInterface.register(name, MODEL_FAULTS[fault])
-    attention = ModuleAccessor(model).get_attention(layer)
+    attention = ModuleMap(model).get_attention(layer)
     config = copy.copy(attention.config)
     config._attn_implementation = name
     attention.config = config

@@ -1,45 +1,119 @@
-"""Accessors: ``model.<name>[i]`` reads / assigns one standardized tensor of a layer inside a trace."""
+"""Accessors: ``model.<name>[i]`` reads / assigns one standardized tensor of a layer inside a trace.
+
+``LayerIndexed`` is the one base of every per-layer accessor (``LayerTensors`` and ``LayerModules`` here, the
+attention hook points, the TransformerLens-style hook points and the weight views above): the layer index check
+(``layer_index``: ints, negative from the end, one error message), ``len``, iteration and shape-checked assignment.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
 from .protocol import StandardizedModel
 from .tensors import _check_shape, _first, layer_index
 
+__all__ = ["LayerIndexed", "LayerModules", "LayerTensors"]
 
-class LayerAccessor:
+
+class LayerIndexed:
+    """Base of ``model.<name>[i]``: ``self[i]`` checks ``i`` (``layer_index``, labelled ``name``) and reads
+    ``self._get(i)``; ``self[i] = value`` checks it and calls ``self._set(i, value)``; ``len`` is the number of layers
+    (``_count``); iteration reads every layer. Subclasses implement ``_get`` and, where a value can be assigned,
+    ``_set`` (with ``_assign`` for the shape check).
+
+    Example:
+        >>> class Squares(LayerIndexed):
+        ...     def _count(self): return 3
+        ...     def _get(self, i): return i * i
+        >>> sq = Squares(None, "squares")
+        >>> len(sq), sq[-1], list(sq)
+        (3, 4, [0, 1, 4])
+        >>> sq[3]
+        Traceback (most recent call last):
+        ...
+        IndexError: squares[3]: layer index out of range, the model has 3 layers (0..2).
+    """
+
+    def __init__(self, model: Any, name: str):
+        self._model, self._name = model, name
+
+    @property
+    def model(self) -> Any:
+        """The model the accessor reads from."""
+        return self._model
+
+    def _count(self) -> int:
+        """The number of layers (valid indices ``-n..n-1``)."""
+        return self._model.num_layers
+
+    def _index(self, i: int) -> int:
+        return layer_index(self._name, i, self._count())
+
+    def _label(self, i: int | None) -> str:
+        """How messages name the tensor of layer ``i`` (``None``: a whole-model tensor)."""
+        return self._name if i is None else f"{self._name}[{i}]"
+
+    def _get(self, i: int) -> Any:
+        raise NotImplementedError
+
+    def _set(self, i: int, value: Any) -> None:
+        raise TypeError(f"{self._label(i)} cannot be assigned: it is not a tensor of the forward.")
+
+    @staticmethod
+    def _assign(envoy: Any, label: str, value: torch.Tensor) -> None:
+        """``envoy.output = value`` after checking ``value`` has the shape, dtype and device the model computes."""
+        # same rule as layers_output: a tensor missing the batch dimension would broadcast silently
+        _check_shape(label, value, envoy.output)
+        envoy.output = value
+
+    def __getitem__(self, i: int) -> Any:
+        return self._get(self._index(i))
+
+    def __setitem__(self, i: int, value: Any) -> None:
+        self._set(self._index(i), value)
+
+    def __len__(self) -> int:
+        return self._count()
+
+    def __iter__(self) -> Iterator[Any]:
+        return (self[i] for i in range(len(self)))
+
+
+class LayerTensors(LayerIndexed):
     """``model.<name>[i]``: read (``.save()``) or assign one standardized tensor of layer ``i`` inside a trace.
 
     The tensor is always the plain ``(batch, seq, hidden)`` tensor, never the module's tuple.
+
+    Example:
+        >>> from unilens import StandardizedTransformer
+        >>> from unilens.testing import tiny_model
+        >>> model = StandardizedTransformer(*tiny_model("llama"), check=False)
+        >>> with model.trace("The cat sat"):
+        ...     out = model.layers_output[-1].save()
+        >>> out.shape[-1] == model.hidden_size, len(model.layers_output) == model.num_layers
+        (True, True)
     """
 
     def __init__(
         self, model: "StandardizedModel", name: str, envoy_of: Callable[[int], Any], io: str, kind: str = ""
     ):
-        self._model, self._name, self._envoy_of, self._io = model, name, envoy_of, io
+        super().__init__(model, name)
+        self._envoy_of, self._io = envoy_of, io
         self._copy = io == "output" and kind in model.architecture.mutated_in_place
 
-    def _index(self, i: int) -> int:
-        return layer_index(self._name, i, self._model.num_layers)
-
-    def __len__(self) -> int:
-        return self._model.num_layers
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        self._model._note_read(self._name, self._index(i))
-        envoy = self._envoy_of(self._index(i))
+    def _get(self, i: int) -> torch.Tensor:
+        self._model._note_read(self._name, i)
+        envoy = self._envoy_of(i)
         value = _first(envoy.output if self._io == "output" else envoy.input)
         value = self._model._unflatten_tokens(value)
         return value.clone() if self._copy else value
 
-    def __setitem__(self, i: int, value: torch.Tensor) -> None:
-        i = self._index(i)
+    def _set(self, i: int, value: torch.Tensor) -> None:
         self._model._note_read(self._name, i)
         envoy = self._envoy_of(i)
-        label = f"{self._name}[{i}]"
+        label = self._label(i)
         if self._io == "input":
             current = envoy.input
             _check_shape(label, value, self._model._unflatten_tokens(current))
@@ -51,26 +125,25 @@ class LayerAccessor:
         value = value.reshape(first.shape)
         envoy.output = (value, *current[1:]) if isinstance(current, tuple) else value
 
-    def __iter__(self):
-        return (self[i] for i in range(self._model.num_layers))
 
+class LayerModules(LayerIndexed):
+    """``model.attentions[i]`` / ``model.mlps[i]``: the nnsight envoys of a standardized module per layer.
 
-class ModuleList:
-    """``model.attentions[i]`` / ``model.mlps[i]``: the nnsight envoys of a standardized module per layer."""
+    Example:
+        >>> from unilens import StandardizedTransformer
+        >>> from unilens.testing import tiny_model
+        >>> model = StandardizedTransformer(*tiny_model("llama"), check=False)
+        >>> type(model.attentions[0]._module).__name__, len(model.mlps) == model.num_layers
+        ('LlamaAttention', True)
+    """
 
     def __init__(self, model: "StandardizedModel", name: str, envoy_of: Callable[[int], Any]):
-        self._model, self._name, self._envoy_of = model, name, envoy_of
+        super().__init__(model, name)
+        self._envoy_of = envoy_of
 
-    def __getitem__(self, i: int):
-        n = self._model.num_layers
-        if not isinstance(i, int) or not -n <= i < n:
-            raise IndexError(f"{self._name}[{i}]: layer index out of range, the model has {n} layers (0..{n - 1}).")
-        return self._envoy_of(i % n)
+    def _get(self, i: int) -> Any:
+        return self._envoy_of(i)
 
-    def __len__(self) -> int:
-        return self._model.num_layers
-
-    def __iter__(self):
-        return (self[i] for i in range(len(self)))
-
-
+    def _set(self, i: int, value: Any) -> None:
+        raise TypeError(f"{self._label(i)} is a module, not a tensor: assign its output instead, e.g. "
+                        f"model.{self._name}[{i}].output = value.")

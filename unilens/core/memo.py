@@ -8,6 +8,8 @@ where unilens is not installed (``nnsight.register``), and cloudpickle pickles a
 from __future__ import annotations
 
 import functools
+import threading
+import weakref
 from typing import Any, Callable, TypeVar
 
 T = TypeVar("T")
@@ -42,3 +44,50 @@ def memoize(fn: Callable[[Any], T]) -> Callable[[Any], T]:
 
     memoized.cache = cache  # type: ignore[attr-defined]
     return memoized
+
+
+class ProcessWeakKeyDictionary(weakref.WeakKeyDictionary):
+    """A ``WeakKeyDictionary`` that pickles empty (per-process bookkeeping about live modules; a plain one cannot be
+    pickled at all, and remote mode ships the functions that use it by value)."""
+
+    def __reduce__(self) -> tuple:
+        return (type(self), ())
+
+
+class ProcessWeakSet(weakref.WeakSet):
+    """A ``WeakSet`` that pickles empty (see ``ProcessWeakKeyDictionary``)."""
+
+    def __reduce__(self) -> tuple:
+        return (type(self), ())
+
+
+class ProcessLock:
+    """A re-entrant lock that pickles as a new, unlocked lock (a ``threading.RLock`` cannot be pickled; remote mode
+    ships the functions that use it by value).
+
+    Example:
+        >>> import pickle
+        >>> lock = ProcessLock()
+        >>> with lock:
+        ...     copy = pickle.loads(pickle.dumps(lock))
+        >>> copy.acquire(blocking=False)
+        True
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        return self._lock.acquire(blocking, timeout)
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def __enter__(self) -> bool:
+        return self._lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+    def __reduce__(self) -> tuple:
+        return (type(self), ())

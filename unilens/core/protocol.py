@@ -22,9 +22,11 @@ class StandardizedModel(Protocol):
 
     # --- structure (unilens.arch) ---
     architecture: Any  # unilens.arch.discovery.Architecture
-    module_accessor: Any  # unilens.arch.discovery.ModuleAccessor over the HF model
+    module_accessor: Any  # unilens.arch.discovery.ModuleMap over the HF model
     tokenizer: Any
     config: Any
+    layers_output: Any  # accessor: layers_output[i] (batch, seq, hidden), readable and assignable in a trace
+    _attention_modules: list  # layer i's attention module with unilens's hook points, or None
 
     @property
     def num_layers(self) -> int: ...
@@ -40,6 +42,9 @@ class StandardizedModel(Protocol):
     def vocab_size(self) -> int: ...
     @property
     def input_device(self) -> torch.device: ...
+    @property
+    def attention_mask(self) -> torch.Tensor | None:
+        """This forward's attention mask ``(batch, seq)`` (None: no padding)."""
 
     # --- nnsight ---
     def trace(self, *inputs: Any, **kwargs: Any) -> Any: ...

@@ -14,9 +14,13 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
-from ..core.memo import memoize
-from ..core.names import attention_hook_sites
+
+from ..arch.offload import parameter
 from ..arch.structure import find_output_projection, is_projection, is_quantized, uses_attention_interface
+from ..core.accessors import LayerIndexed
+from ..core.config import heads_attribute
+from ..core.memo import ProcessLock, memoize
+from ..core.names import attention_hook_sites
 
 __all__ = [
     "ATTENTION_KEYWORDS",
@@ -46,8 +50,6 @@ _SUPPORTED_ORIGINALS = ("sdpa", "eager")
 #   `F.scaled_dot_product_attention` directly (so no softmax runs and no probabilities exist to hook).
 #   Installing hooks switches such models to eager (the survey shows eager and sdpa agree to 0e+00 on them).
 _INLINE_SDPA_BRANCH_CLASSES = {"FalconAttention"}
-#   Attributes holding the number of query heads, read to unflatten BART-style (batch * heads, query, key) scores.
-_NUM_HEADS_ATTRIBUTES = ("num_heads", "num_attention_heads", "n_heads", "n_head")
 
 
 # Every keyword a model passes to the attention function, and what unilens does with it. The hookable path reproduces
@@ -460,7 +462,7 @@ AttentionMaskInterface.register(IMPLEMENTATION_NAME, unilens_mask)
 # ----------------------------------------------------------------------------------------------------------------
 
 _SOFTMAX_SITES = ((F, "softmax"), (torch, "softmax"), (torch.Tensor, "softmax"))
-_softmax_lock = threading.RLock()
+_softmax_lock = ProcessLock()  # pickles as a new lock: this module ships by value in remote mode
 
 
 class _SoftmaxRouter:
@@ -476,8 +478,8 @@ class _SoftmaxRouter:
 
     def __init__(self, hooks: AttentionHooks, module: nn.Module):
         self.hooks = hooks
-        heads = [getattr(module, name, None) for name in _NUM_HEADS_ATTRIBUTES]
-        self.num_heads: int | None = next((h for h in heads if isinstance(h, int) and h > 0), None)
+        # the module's own head count (unilens.core.config), to unflatten BART-style (batch * heads, query, key) scores
+        self.num_heads: int | None = heads_attribute(module)
         head_dim = getattr(module, "head_dim", None)
         self.head_dim: int | None = head_dim if isinstance(head_dim, int) and head_dim > 0 else None
         self.batch: int | None = None  # batch of the hidden states of the current forward (set by the pre-hook)
@@ -551,8 +553,6 @@ class _SoftmaxRouter:
 
 def _output_projection_weight(proj: nn.Module, n_heads: int) -> torch.Tensor:
     """W_O `(heads, head_dim, hidden)` from a Linear (weight (out, in)) or a GPT-2 Conv1D (weight (in, out))."""
-    from ..arch.offload import parameter
-
     weight = parameter(proj, "weight")
     weight = weight.t() if isinstance(proj, nn.Linear) else weight  # (heads * head_dim, hidden)
     return weight.reshape(n_heads, weight.shape[0] // n_heads, weight.shape[1])
@@ -602,8 +602,6 @@ def _make_output_projection_hooks(hooks: AttentionHooks, proj: nn.Module):
         results = hooks.head_results(results)
         out = results.sum(dim=-2)
         if getattr(_proj, "bias", None) is not None:
-            from ..arch.offload import parameter
-
             out = out + parameter(_proj, "bias").to(out.device, out.dtype)
         return out
 
@@ -822,19 +820,29 @@ _SOFTMAX_ROUTE_MISSING = {
 }
 
 
-class AttentionHookAccessor:
+class AttentionHookAccessor(LayerIndexed):
     """`model.attention_<hook>[i]`: read (`.save()`) or assign one attention hook point of layer i inside a trace.
 
-    Example (inside `with model.trace(prompt):`):
-        probs = model.attention_probabilities[0].save()   # (batch, heads, query, key)
-        model.attention_probabilities[0] = edited
+    Example:
+        >>> from unilens import StandardizedTransformer
+        >>> from unilens.testing import tiny_model
+        >>> model = StandardizedTransformer(*tiny_model("llama"), check=False)
+        >>> with model.trace("The cat sat"):
+        ...     probs = model.attention_probabilities[0].save()  # (batch, heads, query, key)
+        ...     model.attention_probabilities[1] = model.attention_probabilities[1] * 1.0
+        >>> probs.shape[1] == model.num_heads, len(model.attention_probabilities) == model.num_layers
+        (True, True)
     """
 
     def __init__(self, model, hook_name: str):
         if hook_name not in HOOK_NAMES:
             raise ValueError(f"unknown attention hook {hook_name!r}; choose one of {HOOK_NAMES}")
-        self.model = model
+        super().__init__(model, f"attention_{hook_name}")
         self.hook_name = hook_name
+
+    def _count(self) -> int:
+        # one entry per layer, None on layers without softmax attention (hybrid models)
+        return len(self.model._attention_modules)
 
     def _arch_name(self) -> str:
         name = getattr(self.model, "architecture_name", None)
@@ -845,10 +853,7 @@ class AttentionHookAccessor:
 
     def _hooks(self, i: int) -> AttentionHooks:
         modules = self.model._attention_modules
-        n = len(modules)
-        if not -n <= i < n:
-            raise IndexError(f"layer {i} out of range: the model has {n} layers")
-        module = modules[i]
+        module = modules[self._index(i)]
         if module is None:
             with_attn = [j for j, m in enumerate(modules) if m is not None]
             raise IndexError(
@@ -884,7 +889,7 @@ class AttentionHookAccessor:
             # nnsight would refuse the read too, but only after the request was made: it would reach the next
             # unrelated forward (which would then take the slower eager path)
             raise ValueError(
-                f"attention_{self.hook_name}[{i}] can only be read or set inside `with model.trace(...)` or "
+                f"{self._label(i)} can only be read or set inside `with model.trace(...)` or "
                 "`with model.generate(...)`: outside one there is no forward to take it from."
             )
         request_materialize(
@@ -911,23 +916,18 @@ class AttentionHookAccessor:
                 "inputs); load it with a config that fixes the module (BigBird: attention_type='original_full')."
             )
 
-    def __getitem__(self, i: int):
+    def _get(self, i: int):
         self._note(i)
         return self._envoy(i).output
 
-    def __setitem__(self, i: int, value) -> None:
-        from ..core.tensors import _check_shape
-
+    def _set(self, i: int, value: torch.Tensor) -> None:
         self._note(i)
-        envoy = self._envoy(i)
-        # same rule as layers_output: a tensor missing the batch dimension would broadcast silently
-        _check_shape(f"attention_{self.hook_name}[{i}]", value, envoy.output)
-        envoy.output = value
+        self._assign(self._envoy(i), self._label(i), value)
 
     def _note(self, i: int) -> None:
         note = getattr(self.model, "_note_read", None)
-        if note is not None and isinstance(i, int):
-            note(f"attention_{self.hook_name}", i % len(self.model._attention_modules))
+        if note is not None:
+            note(self._name, i)
 
     def print_source(self, i: int | None = None) -> None:
         """Print where the tensor comes from for layer i (default: first layer with attention)."""

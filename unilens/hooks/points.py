@@ -48,10 +48,17 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
-from ..core.names import hook_point_sites
-from .attention import HookPoint
+from ..arch.offload import module_device, parameter
+from ..arch.probe import Probe
 from ..arch.structure import is_projection
+from ..arch.weights import _FUSED_QKV, _SEPARATE_QKV, layer_weights
+from ..core.accessors import LayerIndexed
+from ..core.config import NORM_EPS_KEYS, text_config
+from ..core.names import hook_point_sites
+from ..core.tensors import _first
+from .attention import HookPoint
 
 __all__ = [
     "LAYER_POINTS",
@@ -113,17 +120,11 @@ class PointGroup(nn.Module):
         return out, out is not value or not torch.equal(out, snapshot)
 
 
-def _first(value: Any) -> Any:
-    return value[0] if isinstance(value, (tuple, list)) else value
-
-
 def _replace_first(value: Any, new: torch.Tensor) -> Any:
     return (new, *value[1:]) if isinstance(value, tuple) else new
 
 
 def _linear_out_width(module: nn.Module) -> int:
-    from transformers.pytorch_utils import Conv1D
-
     return module.weight.shape[1] if isinstance(module, Conv1D) else module.weight.shape[0]
 
 
@@ -144,8 +145,6 @@ class NormPlan:
     group: PointGroup | None = None
 
     def affine(self, normalized: torch.Tensor) -> torch.Tensor:
-        from ..arch.offload import parameter
-
         w = parameter(self.module, "weight")
         b = parameter(self.module, "bias")
         out = normalized
@@ -219,8 +218,6 @@ def _probe_norm(module: nn.Module, path: str, config: Any) -> NormPlan | str:
     """The norm's formula, by comparing its output with TL's on random inputs; a reason string when none fits."""
     param = next(iter(module.parameters()), None)
     dtype = param.dtype if param is not None else torch.float32
-    from ..arch.offload import module_device
-
     device = module_device(module)
     hidden = getattr(module, "normalized_shape", None)
     hidden = hidden[-1] if isinstance(hidden, (tuple, list)) else hidden
@@ -230,8 +227,7 @@ def _probe_norm(module: nn.Module, path: str, config: Any) -> NormPlan | str:
         return f"{type(module).__name__} at {path}: cannot tell its width"
     eps_values = []
     for obj in (module, config):
-        for key in ("eps", "variance_epsilon", "epsilon", "rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon",
-                    "norm_eps"):
+        for key in NORM_EPS_KEYS:
             value = getattr(obj, key, None)
             if isinstance(value, float) and value not in eps_values:
                 eps_values.append(value)
@@ -266,8 +262,6 @@ def _probe_norm(module: nn.Module, path: str, config: Any) -> NormPlan | str:
 
 
 def _attention_plan(attn: nn.Module, config: Any, layer: int) -> AttentionPlan | str:
-    from ..arch.weights import _FUSED_QKV, _SEPARATE_QKV, layer_weights
-
     try:
         weights = layer_weights(attn, config, layer)
         n_heads, head_dim = weights.n_heads, weights.head_dim
@@ -350,8 +344,6 @@ def _mlp_plan(mlp: nn.Module | None, layer_module: nn.Module, parts: Any, calls:
 
 
 def _in_width(module: nn.Module) -> int:
-    from transformers.pytorch_utils import Conv1D
-
     return module.weight.shape[0] if isinstance(module, Conv1D) else module.weight.shape[1]
 
 
@@ -488,7 +480,10 @@ def install_hook_points(hf_model: nn.Module, arch: Any, attention_modules: list,
 def _install(hf_model: nn.Module, arch: Any, attention_modules: list, unflatten: Callable) -> HookPointSetup:
     """Find the parts that host the hook points (one probe forward) and attach their ``unilens_points`` groups.
 
-    Call on the plain HF model before nnsight wraps it (``StandardizedTransformer`` does).
+    Call on the plain HF model before nnsight wraps it (``StandardizedTransformer`` does). The steps, per layer:
+    the norms feeding the attention and the MLP (``_plan_norms``), the attention's projections
+    (``_plan_attention``), the MLP's gate / up / down (``_plan_mlp``), the residual between the branches
+    (``_plan_resid``), and the no-op hooks some modules need (``_keep_hook_path``); then the final norm.
 
     Example:
         >>> from unilens.testing import tiny_model
@@ -499,12 +494,29 @@ def _install(hf_model: nn.Module, arch: Any, attention_modules: list, unflatten:
         >>> setup.reason("layers_resid_mid", 0) is None, setup.paths[("mlps_pre_activation", 0)]
         (True, 'model.layers.0.mlp.unilens_points.pre')
     """
-    config = hf_model.config
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    config = text_config(hf_model.config)
     layers_module = hf_model.get_submodule(arch.layers_path)
-    n = len(arch.layers)
+    calls = _probe_calls(hf_model, layers_module, len(arch.layers))
+    paths: dict[tuple[str, int | None], str] = {}
+    layers: list[LayerPlan] = []
+    for i in range(len(arch.layers)):
+        attn = attention_modules[i] if i < len(attention_modules) else None
+        layer = _LayerView.of(arch, i, layers_module[i], attn, calls)
+        plan = LayerPlan()
+        layers.append(plan)
+        found, found_mlp = _plan_norms(layer, plan, paths, config)
+        _plan_attention(layer, plan, paths, config, found)
+        _plan_mlp(layer, plan, paths)
+        _plan_resid(layer, plan, paths, arch, found_mlp)
+        _keep_hook_path(layer, plan)
+    final, final_reason = _plan_final_norm(hf_model, arch, config, paths)
+    return HookPointSetup(arch.model_type, layers, final, final_reason, paths, unflatten)
+
+
+def _probe_calls(hf_model: nn.Module, layers_module: nn.Module, n: int) -> dict[str, Any]:
+    """One probe forward (``unilens.arch.probe``) recording, for every module inside the first ``n`` layers, the order
+    of first calls (``"order"``) and the first call's input (``"inputs"``) and output (``"outputs"``), by ``id``."""
     calls: dict[str, Any] = {"order": [], "inputs": {}, "outputs": {}}
-    handles = []
 
     def record(mod, args, kwargs, out):
         x = args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values()), None))
@@ -514,169 +526,201 @@ def _install(hf_model: nn.Module, arch: Any, attention_modules: list, unflatten:
             calls["outputs"][id(mod)] = _first(out)
 
     watched = set()
-    for i in range(n):
-        for module in layers_module[i].modules():
-            if id(module) not in watched:
-                watched.add(id(module))
-                handles.append(module.register_forward_hook(record, with_kwargs=True))
-    try:
-        from ..arch.offload import module_device
+    with Probe(hf_model) as probe:
+        for i in range(n):
+            for module in layers_module[i].modules():
+                if id(module) not in watched:
+                    watched.add(id(module))
+                    probe.forward_hook(module, record, with_kwargs=True)
+        probe.run()
+    return calls
 
-        ids = torch.arange(3, 7, device=module_device(hf_model.get_input_embeddings()))[None]
-        with torch.no_grad():
-            hf_model(input_ids=ids)
-    finally:
-        for handle in handles:
-            handle.remove()
 
-    model_type = arch.model_type
-    paths: dict[tuple[str, int | None], str] = {}
-    layers: list[LayerPlan] = []
-    for i in range(n):
+@dataclass
+class _LayerView:
+    """One layer as the planning steps see it: its parts, what the probe forward saw enter them, and its norms
+    outside the attention / MLP (by the tensor they hand on)."""
+
+    i: int
+    base: str  # dotted path of the layer
+    parts: Any  # unilens.arch.discovery.LayerParts
+    module: nn.Module
+    attn: nn.Module | None
+    mlp: nn.Module | None
+    mlp_first: nn.Module | None  # the module whose input is the MLP input (the MLP, or fc1 of a bare span)
+    attn_in: Any  # the attention's input in the probe forward
+    mlp_in: Any  # the MLP's input in the probe forward
+    norms: list[tuple[str, nn.Module]]
+    calls: dict[str, Any]
+
+    @classmethod
+    def of(cls, arch: Any, i: int, layer_module: nn.Module, attn: nn.Module | None, calls: dict) -> "_LayerView":
         parts = arch.layers[i]
-        base = f"{arch.layers_path}.{i}"
-        layer_module = layers_module[i]
-        plan = LayerPlan()
-        layers.append(plan)
-        attn = attention_modules[i] if i < len(attention_modules) else None
         mlp = layer_module.get_submodule(parts.mlp) if parts.mlp else None
         mlp_first = layer_module.get_submodule(parts.mlp_in) if parts.mlp_in else None
         attn_in = calls["inputs"].get(id(attn)) if attn is not None else None
         mlp_in = calls["inputs"].get(id(mlp_first)) if mlp_first is not None else None
-        # norms of the layer outside the attention / MLP, by the tensor they hand on
         inner = set()
         for sub in (attn, mlp):
             if sub is not None:
                 inner.update(id(m) for m in sub.modules())
         norms = [(name, m) for name, m in layer_module.named_modules()
                  if name and id(m) not in inner and _NORM.search(type(m).__name__) and id(m) in calls["outputs"]]
+        return cls(i, f"{arch.layers_path}.{i}", parts, layer_module, attn, mlp, mlp_first, attn_in, mlp_in, norms,
+                   calls)
 
-        def feeding(target):
-            """The norm whose output is ``target`` (the very tensor, else an equal one)."""
-            if target is None:
-                return None
-            same = [(name, m) for name, m in norms if calls["outputs"][id(m)] is target]
-            equal = [(name, m) for name, m in norms if _same(calls["outputs"][id(m)], target)]
-            return (same or equal or [None])[0]
+    def feeding(self, target: Any) -> tuple[str, nn.Module] | None:
+        """The norm whose output is ``target`` (the very tensor, else an equal one)."""
+        if target is None:
+            return None
+        outputs = self.calls["outputs"]
+        same = [(name, m) for name, m in self.norms if outputs[id(m)] is target]
+        equal = [(name, m) for name, m in self.norms if _same(outputs[id(m)], target)]
+        return (same or equal or [None])[0]
 
-        def plan_norm(part: str, found: tuple[str, nn.Module] | None, refusal: str | None, points: tuple[str, str]):
-            """Serve ``points`` (scale, normalized) from the norm ``found`` feeding a branch, or record why not."""
-            if refusal is None and found is None:
-                branch = "attention" if part == "input_norm" else "MLP"
-                refusal = (f"the {branch} reads the residual stream directly (no norm before it; e.g. OLMo 2 "
-                           "normalizes the branch outputs instead)")
-            result = refusal if refusal is not None else _probe_norm(found[1], f"{base}.{found[0]}", config)
-            if isinstance(result, str):
-                plan.refused[part] = result
-                return
-            plan.parts[part] = result
-            result.group = _group_on(found[1], ["scale", "normalized"])
-            for point in points:
-                paths[(point, i)] = f"{base}.{found[0]}.unilens_points.{_POINTS[point][1]}"
 
-        # --- the norms feeding the attention and the MLP --------------------------------------------------------
-        found = feeding(attn_in) if attn is not None else None
-        plan_norm("input_norm", found, "this layer has no softmax attention (hybrid model)" if attn is None else None,
-                  ("input_norms_scale", "input_norms_normalized"))
-        found_mlp = feeding(mlp_in) if mlp_first is not None else None
-        mlp_refusal = None
-        if mlp_first is None:
-            mlp_refusal = "this layer has no MLP"
-        elif found is not None and found_mlp is not None and found_mlp[1] is found[1]:
-            mlp_refusal = ("parallel block: the MLP reads the same norm output as the attention; use "
-                           "input_norms_scale / input_norms_normalized")
-        plan_norm("mlp_norm", found_mlp, mlp_refusal, ("post_attention_norms_scale", "post_attention_norms_normalized"))
-        # --- attention --------------------------------------------------------------------------------------
-        if attn is None:
-            plan.refused["attention"] = "this layer has no softmax attention (hybrid model)"
-        else:
-            result = _attention_plan(attn, config, i)
-            if isinstance(result, str):
-                plan.refused["attention"] = result
-            elif not all(_same(calls["inputs"].get(id(p)), attn_in) for p, _ in result.projections):
-                plan.refused["attention"] = "the q/k/v projections do not read the attention's input"
-            else:
-                called = [m for m in calls["order"] if any(m is p for p, _ in result.projections)]
-                result.first = called[0] if called else result.first
-                result.norm = plan.parts.get("input_norm")
-                if found is not None and result.norm is None:
-                    for point in ("attention_inputs_per_head", "attention_queries_input", "attention_keys_input",
-                                  "attention_values_input"):
-                        plan.refused[point] = ("the per-head inputs are copies of the input norm's input, but that "
-                                               f"norm cannot be re-applied per head: {plan.refused['input_norm']}")
-                plan.parts["attention"] = result
-                result.group = _group_on(attn, list(_ATTENTION_INPUTS) + ["q", "k"])
-                for point, (role, name) in _POINTS.items():
-                    if role == "attention":
-                        paths[(point, i)] = f"{base}.{parts.attention}.unilens_points.{name}"
-        # --- MLP --------------------------------------------------------------------------------------------
-        if mlp_first is None:
-            plan.refused["mlp"] = "this layer has no MLP"
-        else:
-            result = _mlp_plan(mlp, layer_module, parts, calls, mlp_in)
-            if isinstance(result, str):
-                plan.refused["mlp"] = result
-            else:
-                plan.parts["mlp"] = result
-                names = ["pre", "post"] + (["pre_linear"] if result.up is not None else [])
-                result.group = _group_on(result.host, names)
-                host_path = f"{base}.{parts.mlp}" if mlp is not None else base
-                for point in ("mlps_pre_activation", "mlps_pre_linear", "mlps_post_activation"):
-                    paths[(point, i)] = f"{host_path}.unilens_points.{_POINTS[point][1]}"
-                if result.up is None:
-                    plan.refused["mlps_pre_linear"] = ("the MLP is not gated: its one in-projection is "
-                                                       "mlps_pre_activation")
-        # --- resid_mid --------------------------------------------------------------------------------------
-        plan.refused["resid"] = _resid_plan(plan, arch, i, layer_module, attn, mlp, mlp_first, found_mlp, calls, norms)
-        if isinstance(plan.refused["resid"], ResidPlan):
-            resid = plan.refused.pop("resid")
-            plan.parts["resid"] = resid
-            resid.group = _group_on(layer_module, ["resid_mid"])
-            paths[("layers_resid_mid", i)] = f"{base}.unilens_points.resid_mid"
-        # --- modules read from before their point's hook is registered --------------------------------------
-        # A point's torch hooks are registered when a trace requests it, i.e. once the trace has been served the
-        # previous read. When that read is the INPUT of the very module whose output serves the point (OPT's bare
-        # MLP: mlps_input is fc1's input, mlps_pre_activation fc1's output), the module's call is already under way,
-        # and torch took its hook-free fast path: a forward hook added now does not run in this call, and the point
-        # is never served. A no-op forward hook, kept for good on exactly these modules, keeps their call on torch's
-        # hook-aware path (which looks up the forward hooks after `forward` returns), so the late hook runs.
-        read_inputs = [m for m in (layer_module, attn, mlp_first) if m is not None]
-        served = [plan.parts[role].module for role in ("input_norm", "mlp_norm") if role in plan.parts]
-        if "mlp" in plan.parts:
-            served += [m for m in (plan.parts["mlp"].gate, plan.parts["mlp"].up) if m is not None]
-        if "attention" in plan.parts:
-            served += [m for m, _ in plan.parts["attention"].projections]
-        for module in served:
-            if any(module is m for m in read_inputs) and not getattr(module, "_unilens_live_hooks", False):
-                module.register_forward_hook(_no_op_hook)
-                object.__setattr__(module, "_unilens_live_hooks", True)
+def _plan_norms(layer: _LayerView, plan: LayerPlan, paths: dict, config: Any
+                ) -> tuple[tuple[str, nn.Module] | None, tuple[str, nn.Module] | None]:
+    """The norms feeding the attention (``input_norm``) and the MLP (``mlp_norm``); returns both (None: none)."""
+    found = layer.feeding(layer.attn_in) if layer.attn is not None else None
+    _serve_norm(layer, plan, paths, config, "input_norm", found,
+                "this layer has no softmax attention (hybrid model)" if layer.attn is None else None,
+                ("input_norms_scale", "input_norms_normalized"))
+    found_mlp = layer.feeding(layer.mlp_in) if layer.mlp_first is not None else None
+    mlp_refusal = None
+    if layer.mlp_first is None:
+        mlp_refusal = "this layer has no MLP"
+    elif found is not None and found_mlp is not None and found_mlp[1] is found[1]:
+        mlp_refusal = ("parallel block: the MLP reads the same norm output as the attention; use "
+                       "input_norms_scale / input_norms_normalized")
+    _serve_norm(layer, plan, paths, config, "mlp_norm", found_mlp, mlp_refusal,
+                ("post_attention_norms_scale", "post_attention_norms_normalized"))
+    return found, found_mlp
 
-    # --- final norm -----------------------------------------------------------------------------------------
-    final, final_reason = None, None
+
+def _serve_norm(layer: _LayerView, plan: LayerPlan, paths: dict, config: Any, part: str,
+                found: tuple[str, nn.Module] | None, refusal: str | None, points: tuple[str, str]) -> None:
+    """Serve ``points`` (scale, normalized) from the norm ``found`` feeding a branch, or record why not."""
+    if refusal is None and found is None:
+        branch = "attention" if part == "input_norm" else "MLP"
+        refusal = (f"the {branch} reads the residual stream directly (no norm before it; e.g. OLMo 2 "
+                   "normalizes the branch outputs instead)")
+    result = refusal if refusal is not None else _probe_norm(found[1], f"{layer.base}.{found[0]}", config)
+    if isinstance(result, str):
+        plan.refused[part] = result
+        return
+    plan.parts[part] = result
+    result.group = _group_on(found[1], ["scale", "normalized"])
+    for point in points:
+        paths[(point, layer.i)] = f"{layer.base}.{found[0]}.unilens_points.{_POINTS[point][1]}"
+
+
+def _plan_attention(layer: _LayerView, plan: LayerPlan, paths: dict, config: Any,
+                    found: tuple[str, nn.Module] | None) -> None:
+    """The attention's q/k/v projections (pre-rotary q/k, the per-head inputs), or why not."""
+    if layer.attn is None:
+        plan.refused["attention"] = "this layer has no softmax attention (hybrid model)"
+        return
+    result = _attention_plan(layer.attn, config, layer.i)
+    if isinstance(result, str):
+        plan.refused["attention"] = result
+        return
+    calls = layer.calls
+    if not all(_same(calls["inputs"].get(id(p)), layer.attn_in) for p, _ in result.projections):
+        plan.refused["attention"] = "the q/k/v projections do not read the attention's input"
+        return
+    called = [m for m in calls["order"] if any(m is p for p, _ in result.projections)]
+    result.first = called[0] if called else result.first
+    result.norm = plan.parts.get("input_norm")
+    if found is not None and result.norm is None:
+        for point in ("attention_inputs_per_head", "attention_queries_input", "attention_keys_input",
+                      "attention_values_input"):
+            plan.refused[point] = ("the per-head inputs are copies of the input norm's input, but that "
+                                   f"norm cannot be re-applied per head: {plan.refused['input_norm']}")
+    plan.parts["attention"] = result
+    result.group = _group_on(layer.attn, list(_ATTENTION_INPUTS) + ["q", "k"])
+    for point, (role, name) in _POINTS.items():
+        if role == "attention":
+            paths[(point, layer.i)] = f"{layer.base}.{layer.parts.attention}.unilens_points.{name}"
+
+
+def _plan_mlp(layer: _LayerView, plan: LayerPlan, paths: dict) -> None:
+    """The MLP's gate / up / down projections (its neurons), or why not."""
+    if layer.mlp_first is None:
+        plan.refused["mlp"] = "this layer has no MLP"
+        return
+    result = _mlp_plan(layer.mlp, layer.module, layer.parts, layer.calls, layer.mlp_in)
+    if isinstance(result, str):
+        plan.refused["mlp"] = result
+        return
+    plan.parts["mlp"] = result
+    names = ["pre", "post"] + (["pre_linear"] if result.up is not None else [])
+    result.group = _group_on(result.host, names)
+    host_path = f"{layer.base}.{layer.parts.mlp}" if layer.mlp is not None else layer.base
+    for point in ("mlps_pre_activation", "mlps_pre_linear", "mlps_post_activation"):
+        paths[(point, layer.i)] = f"{host_path}.unilens_points.{_POINTS[point][1]}"
+    if result.up is None:
+        plan.refused["mlps_pre_linear"] = "the MLP is not gated: its one in-projection is mlps_pre_activation"
+
+
+def _plan_resid(layer: _LayerView, plan: LayerPlan, paths: dict, arch: Any,
+                found_mlp: tuple[str, nn.Module] | None) -> None:
+    """``resid_mid``: the residual between the attention and the MLP branch, or why not."""
+    result = _resid_plan(layer, arch, found_mlp)
+    if isinstance(result, str):
+        plan.refused["resid"] = result
+        return
+    plan.parts["resid"] = result
+    result.group = _group_on(layer.module, ["resid_mid"])
+    paths[("layers_resid_mid", layer.i)] = f"{layer.base}.unilens_points.resid_mid"
+
+
+def _keep_hook_path(layer: _LayerView, plan: LayerPlan) -> None:
+    """Modules read from before their point's hook is registered get a no-op forward hook, for good.
+
+    A point's torch hooks are registered when a trace requests it, i.e. once the trace has been served the previous
+    read. When that read is the INPUT of the very module whose output serves the point (OPT's bare MLP: mlps_input
+    is fc1's input, mlps_pre_activation fc1's output), the module's call is already under way, and torch took its
+    hook-free fast path: a forward hook added now does not run in this call, and the point is never served. A no-op
+    forward hook, kept for good on exactly these modules, keeps their call on torch's hook-aware path (which looks
+    up the forward hooks after `forward` returns), so the late hook runs.
+    """
+    read_inputs = [m for m in (layer.module, layer.attn, layer.mlp_first) if m is not None]
+    served = [plan.parts[role].module for role in ("input_norm", "mlp_norm") if role in plan.parts]
+    if "mlp" in plan.parts:
+        served += [m for m in (plan.parts["mlp"].gate, plan.parts["mlp"].up) if m is not None]
+    if "attention" in plan.parts:
+        served += [m for m, _ in plan.parts["attention"].projections]
+    for module in served:
+        if any(module is m for m in read_inputs) and not getattr(module, "_unilens_live_hooks", False):
+            module.register_forward_hook(_no_op_hook)
+            object.__setattr__(module, "_unilens_live_hooks", True)
+
+
+def _plan_final_norm(hf_model: nn.Module, arch: Any, config: Any, paths: dict) -> tuple[NormPlan | None, str | None]:
+    """The final norm's plan (``final_norm_scale`` / ``final_norm_normalized``), or None and why not."""
     if arch.final_norm_path is None:
-        final_reason = "the model has no final norm before the unembedding"
-    else:
-        norm = hf_model.get_submodule(arch.final_norm_path)
-        result = _probe_norm(norm, arch.final_norm_path, config)
-        if isinstance(result, str):
-            final_reason = result
-        else:
-            final = result
-            final.group = _group_on(norm, ["scale", "normalized"])
-            for point in MODEL_POINTS:
-                paths[(point, None)] = f"{arch.final_norm_path}.unilens_points.{point[len('final_norm_'):]}"
-    return HookPointSetup(model_type, layers, final, final_reason, paths, unflatten)
+        return None, "the model has no final norm before the unembedding"
+    norm = hf_model.get_submodule(arch.final_norm_path)
+    result = _probe_norm(norm, arch.final_norm_path, config)
+    if isinstance(result, str):
+        return None, result
+    result.group = _group_on(norm, ["scale", "normalized"])
+    for point in MODEL_POINTS:
+        paths[(point, None)] = f"{arch.final_norm_path}.unilens_points.{point[len('final_norm_'):]}"
+    return result, None
 
 
 def _no_op_hook(module: nn.Module, args: Any, output: Any) -> None:
-    """Keeps a module's call on torch's hook-aware path (see ``_install``); changes nothing."""
+    """Keeps a module's call on torch's hook-aware path (see ``_keep_hook_path``); changes nothing."""
     return None
 
 
-def _resid_plan(plan, arch, i, layer_module, attn, mlp, mlp_first, found_mlp, calls, norms) -> ResidPlan | str:
+def _resid_plan(layer: _LayerView, arch: Any, found_mlp: tuple[str, nn.Module] | None) -> ResidPlan | str:
     if arch.parallel:
         return ("parallel block: the attention and the MLP both read the layer input, so no residual exists between "
                 "them")
+    attn, mlp_first, layer_module, calls = layer.attn, layer.mlp_first, layer.module, layer.calls
     if attn is None:
         return "this layer has no softmax attention (hybrid model): no residual after an attention"
     if mlp_first is None:
@@ -686,9 +730,9 @@ def _resid_plan(plan, arch, i, layer_module, attn, mlp, mlp_first, found_mlp, ca
     y = calls["outputs"].get(id(layer_module))
     if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
         return "the MLP branch's input or the layer's output was not seen in the probe forward"
-    mlp_last = layer_module.get_submodule(arch.layers[i].mlp_out)
+    mlp_last = layer_module.get_submodule(layer.parts.mlp_out)
     inner_attn = {id(m) for m in attn.modules()}
-    candidates = [mlp_last] + [m for _, m in norms if id(m) not in inner_attn and m is not site]
+    candidates = [mlp_last] + [m for _, m in layer.norms if id(m) not in inner_attn and m is not site]
     # the module called last is the one nearest the residual add (a post-MLP norm before the MLP itself)
     called = {id(m): k for k, m in enumerate(calls["order"])}
     candidates.sort(key=lambda m: -called.get(id(m), -1))
@@ -882,7 +926,7 @@ def _register_attention(plan: AttentionPlan, setup: HookPointSetup) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class HookPointAccessor:
+class HookPointAccessor(LayerIndexed):
     """``model.<point>[i]``: read (``.save()``) or assign one hook point of layer ``i`` inside a trace.
 
     Example:
@@ -899,12 +943,8 @@ class HookPointAccessor:
     """
 
     def __init__(self, model: Any, point: str):
-        self.model, self.point = model, point
-
-    def _index(self, i: int) -> int:
-        from ..core.tensors import layer_index
-
-        return layer_index(self.point, i, self.model.num_layers)
+        super().__init__(model, point)
+        self.point = point
 
     def _envoy(self, i: int | None):
         setup: HookPointSetup | None = self.model.__dict__.get("_hook_point_setup")
@@ -915,34 +955,21 @@ class HookPointAccessor:
         path = setup.check(self.point, i)
         interleaver = getattr(self.model, "interleaver", None)
         if interleaver is not None and not interleaver.interleaving:
-            where = self.point if i is None else f"{self.point}[{i}]"
-            raise ValueError(f"{where} can only be read or set inside `with model.trace(...)` or "
+            raise ValueError(f"{self._label(i)} can only be read or set inside `with model.trace(...)` or "
                              "`with model.generate(...)`: outside one there is no forward to take it from.")
         setup.request(self.point, i)
         self.model._note_read(self.point, i)
         return self.model._envoy_at(path)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return self._envoy(self._index(i)).output
+    def _get(self, i: int) -> torch.Tensor:
+        return self._envoy(i).output
 
-    def __setitem__(self, i: int, value: torch.Tensor) -> None:
-        from ..core.tensors import _check_shape
-
-        i = self._index(i)
-        envoy = self._envoy(i)
-        _check_shape(f"{self.point}[{i}]", value, envoy.output)
-        envoy.output = value
-
-    def __len__(self) -> int:
-        return self.model.num_layers
+    def _set(self, i: int, value: torch.Tensor) -> None:
+        self._assign(self._envoy(i), self._label(i), value)
 
     def get(self) -> torch.Tensor:
         """The whole-model point (``final_norm_*``)."""
         return self._envoy(None).output
 
     def set(self, value: torch.Tensor) -> None:
-        from ..core.tensors import _check_shape
-
-        envoy = self._envoy(None)
-        _check_shape(self.point, value, envoy.output)
-        envoy.output = value
+        self._assign(self._envoy(None), self._label(None), value)

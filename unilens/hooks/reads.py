@@ -8,9 +8,13 @@ import re
 from typing import Any, Callable, Sequence
 
 import torch
+from nnsight import save as _nnsight_save
+
+from ..arch.probe import Probe
 from ..core.names import ATTENTION, CATALOGUE, LAYER_NAMES, MODEL_NAMES, POINT, RemoteUnsupportedError, names_of_kind, remote_refusal
 from ..core.protocol import StandardizedModel
-from nnsight import save as _nnsight_save
+from ..core.tensors import _check_shape
+from .attention import HOOK_NAMES, request_materialize
 
 
 __all__ = ["LAYER_ACCESSORS", "MODEL_ACCESSORS", "Location", "forward_order", "parse_names", "read",
@@ -57,9 +61,6 @@ def _layer_sites(model: "StandardizedModel", i: int) -> dict[str, tuple[str, str
     return sites
 
 
-_UNSET = object()
-
-
 def _recording_forward(forward: Callable, inputs: list[Location], outputs: list[Location],
                        note: Callable[[Location], None]) -> Callable:
     """``forward`` noting ``inputs`` when it starts and ``outputs`` when it returns (where nnsight serves them)."""
@@ -89,11 +90,8 @@ def forward_order(model: "StandardizedModel") -> dict[Location, int]:
     cached = model.__dict__.get("_forward_order")
     if cached is not None:
         return cached
-    from .attention import HOOK_NAMES, request_materialize
-
     hf = model.module_accessor.model
     events: list[Location] = []
-    handles = []
 
     def note(loc: Location) -> None:
         if loc not in events:  # a module called twice per forward: nnsight's first visit is what a read gets
@@ -102,13 +100,6 @@ def forward_order(model: "StandardizedModel") -> dict[Location, int]:
     def record(loc: Location):
         return lambda *_args: note(loc)
 
-    # head results are computed in a forward hook of the output projection, after nnsight has seen its output
-    # (on Bloom that output is attentions_output itself, noted by the forward wrapper below, before any hook)
-    for i, module in enumerate(model._attention_modules):
-        name = getattr(getattr(module, "unilens_hooks", None), "output_projection_name", None)
-        if name is not None:
-            projection = module.get_submodule(name)
-            handles.append(projection.register_forward_hook(record(("_projection_output", i)), prepend=True))
     # module -> the locations nnsight serves from its input / its output
     sites: dict[int, tuple[torch.nn.Module, list[Location], list[Location]]] = {}
 
@@ -126,35 +117,33 @@ def forward_order(model: "StandardizedModel") -> dict[Location, int]:
             path = setup.path(point, None)
             if path is not None:
                 site(path, "output", (point, None))
-        setup.request_all()
     for i in range(model.num_layers):
         for accessor, where in _layer_sites(model, i).items():
             if where is not None and accessor != "attention_head_results":
                 site(where[0], where[1], (accessor, i))
-    # nnsight hands a module's input and output to the trace from the module's `forward` (its controller sits in the
-    # module's __dict__): AFTER every torch forward pre-hook (a hook point served from a pre-hook of that module, e.g.
-    # layers_resid_mid from the MLP's pre-hook on OLMo 2, comes first) and BEFORE every forward hook (unilens's head
-    # results and MLP-neuron points come after). The probe sits in the same place: it wraps `forward` itself.
-    wrapped: list[tuple[torch.nn.Module, Any]] = []
     points = [p for p in HOOK_NAMES if p != "head_results"]
-    for module in model._attention_modules:
-        if module is not None:
-            request_materialize(module, points=points)
-    ids = torch.arange(3, 7, device=model.input_device)[None]  # 4 tokens: every layer runs, masks are causal
     try:
-        for module, inputs, outputs in sites.values():
-            wrapped.append((module, module.__dict__.get("forward", _UNSET)))
-            module.__dict__["forward"] = _recording_forward(module.forward, inputs, outputs, note)
-        with torch.no_grad():
-            hf(input_ids=ids)
+        with Probe(hf) as probe:
+            # head results are computed in a forward hook of the output projection, after nnsight has seen its output
+            # (on Bloom that output is attentions_output itself, noted by the forward wrapper below, before any hook)
+            for i, module in enumerate(model._attention_modules):
+                name = getattr(getattr(module, "unilens_hooks", None), "output_projection_name", None)
+                if name is not None:
+                    probe.forward_hook(module.get_submodule(name), record(("_projection_output", i)), prepend=True)
+            if setup is not None:
+                setup.request_all()
+            # nnsight hands a module's input and output to the trace from the module's `forward` (its controller sits
+            # in the module's __dict__): AFTER every torch forward pre-hook (a hook point served from a pre-hook of that
+            # module, e.g. layers_resid_mid from the MLP's pre-hook on OLMo 2, comes first) and BEFORE every forward
+            # hook (unilens's head results and MLP-neuron points come after). The probe sits in the same place: it
+            # wraps `forward` itself.
+            for module in model._attention_modules:
+                if module is not None:
+                    request_materialize(module, points=points)
+            for module, inputs, outputs in sites.values():
+                probe.wrap_forward(module, lambda forward, i=inputs, o=outputs: _recording_forward(forward, i, o, note))
+            probe.run()  # probe_ids: 4 tokens, every layer runs, masks are causal
     finally:
-        for handle in handles:
-            handle.remove()
-        for module, previous in wrapped:
-            if previous is _UNSET:
-                del module.__dict__["forward"]
-            else:
-                module.__dict__["forward"] = previous
         for module in model._attention_modules:
             if module is not None:
                 module.unilens_hooks.clear_requests()
@@ -292,8 +281,6 @@ def read(model: "StandardizedModel", inputs: Any, names: str | Sequence[str],
 def _set(model: "StandardizedModel", loc: Location, value: Any) -> None:
     accessor, layer = loc
     if accessor == "token_embeddings":
-        from ..core.tensors import _check_shape
-
         envoy = model._envoy_at(model.architecture.embed_path)
         _check_shape(accessor, value, envoy.output)
         envoy.output = value

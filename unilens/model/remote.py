@@ -7,14 +7,18 @@ import ast
 import contextlib
 import copy
 import io
-import linecache
-import sys
 import types
 import warnings
 from typing import Any, Iterator
 
 import torch
 
+from .loopback import Loopback, _fresh_class_trackers
+from nnsight import LanguageModel
+from transformers import AutoTokenizer, PretrainedConfig, PreTrainedModel
+
+from ..arch.discovery import discover, get_rename_dict, probe_dataflow, probe_parallel
+from .build import Parts
 from ..core.names import CATALOGUE, NO_HOOK_POINTS, POINT, RemoteUnsupportedError, remote_refusal
 
 # The columns of remote mode's support table (docs/remote.md): every standardized name but the hook points, which
@@ -103,143 +107,6 @@ def check_block(model: Any, tracer: Any) -> None:
             name = sub.value.partition(".")[0]  # also model.read-style names, "attention_scores.3"
         if name is not None and refused_name(name):
             raise RemoteUnsupportedError(refusal(name) + f" (line {getattr(sub, 'lineno', '?')} of the traced block)")
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# The offline loopback server
-# ------------------------------------------------------------------------------------------------------------------
-
-# transformers' global registries where unilens installs its attention implementation; the loopback server runs
-# with unilens's entries taken out, as on a server where unilens is not installed
-def _attention_registries() -> list[dict]:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-
-    return [AttentionInterface._global_mapping, AttentionMaskInterface._global_mapping]
-
-
-class _BlockUnilens:
-    """A meta-path finder that makes ``import unilens...`` fail, as on a server without unilens installed."""
-
-    def find_spec(self, name: str, path: Any = None, target: Any = None):
-        if name == "unilens" or name.startswith("unilens."):
-            raise ModuleNotFoundError(f"No module named {name!r} (the loopback server runs without unilens)", name=name)
-        return None
-
-
-@contextlib.contextmanager
-def _fresh_class_trackers() -> Iterator[None]:
-    """cloudpickle rebuilds a by-value class ONTO the class it was pickled from when that class lives in the same
-    process (its class tracker), replacing the live class's methods with the shipped copies (whose globals lack
-    ``__name__``, so every relative import in them fails afterwards). An in-process server must get its own copies,
-    as a separate process would: while inside, the trackers are empty."""
-    import weakref
-
-    from cloudpickle import cloudpickle as cp
-
-    trackers = cp._DYNAMIC_CLASS_TRACKER_BY_CLASS, cp._DYNAMIC_CLASS_TRACKER_BY_ID
-    cp._DYNAMIC_CLASS_TRACKER_BY_CLASS = weakref.WeakKeyDictionary()
-    cp._DYNAMIC_CLASS_TRACKER_BY_ID = weakref.WeakValueDictionary()
-    try:
-        yield
-    finally:
-        cp._DYNAMIC_CLASS_TRACKER_BY_CLASS, cp._DYNAMIC_CLASS_TRACKER_BY_ID = trackers
-
-
-@contextlib.contextmanager
-def _without_unilens() -> Iterator[None]:
-    """While inside: no ``unilens`` module importable or imported, no unilens attention function registered, and
-    by-value classes rebuilt as the server's own copies."""
-    ours = [name for name in sys.modules if name == "unilens" or name.startswith("unilens.")]
-    hidden = {name: sys.modules.pop(name) for name in ours}
-    blocker = _BlockUnilens()
-    sys.meta_path.insert(0, blocker)
-    registries = _attention_registries()
-    removed = [(r, k, r.pop(k)) for r in registries for k in [k for k in r if k.startswith("unilens")]]
-    try:
-        with _fresh_class_trackers():
-            yield
-    finally:
-        sys.meta_path.remove(blocker)
-        sys.modules.update(hidden)
-        for registry, key, value in removed:
-            registry[key] = value
-
-
-class Loopback:
-    """An offline stand-in for an NDIF deployment: a plain ``nnsight.LanguageModel`` over its own copy of the weights.
-
-    Requests reach it the way they reach NDIF: the client serializes the traced block
-    (``RequestModel.serialize``), the server deserializes it against its own model's persistent objects and runs
-    it with no ``unilens`` module importable and no unilens attention function registered, and the saved values
-    come back serialized (``torch.save`` / ``torch.load``). ``source``: a loaded ``PreTrainedModel`` (deep-copied:
-    the server never shares modules with the client) or anything ``unilens.loading.load_hf_model`` reads.
-    ``attn_implementation`` sets the deployment's attention (e.g. ``"eager"``).
-
-    Example:
-        >>> from unilens import StandardizedTransformer
-        >>> from unilens.testing import tiny_model
-        >>> hf, tok = tiny_model("llama")
-        >>> server = Loopback(hf, tok)
-        >>> model = StandardizedTransformer(hf, tokenizer=tok, remote=server)
-        >>> with model.trace("The cat sat"):
-        ...     h = model.layers_output[1].save()
-        >>> h.shape[-1] == model.hidden_size
-        True
-    """
-
-    def __init__(self, source: Any, tokenizer: Any = None, attn_implementation: str | None = None, **kwargs: Any):
-        from nnsight import LanguageModel
-        from transformers import PreTrainedModel
-
-        if isinstance(source, PreTrainedModel):
-            installed = [n for n, _ in source.named_modules() if n.endswith("unilens_hooks")]
-            if installed or getattr(source.config, "_attn_implementation", None) == "unilens":
-                raise ValueError("this model has unilens's hook points installed (a local StandardizedTransformer "
-                                 "wraps it), which an NDIF server's model never has: give the loopback a fresh copy "
-                                 "of the weights (load it again, or a folder).")
-            hf = copy.deepcopy(source)
-            hf.eval()
-        else:
-            from ..arch.loading import load_hf_model
-
-            hf, loaded_tok = load_hf_model(source, tokenizer, **kwargs)
-            tokenizer = tokenizer if tokenizer is not None else loaded_tok
-        if attn_implementation is not None:
-            hf.set_attn_implementation(attn_implementation)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # LanguageModel's deprecation notice: the alias NDIF keys models by
-            self.server = LanguageModel(hf, tokenizer=tokenizer)
-        self.requests = 0  # requests served
-        self.last_payload_bytes = 0
-
-    def __repr__(self) -> str:
-        return f"Loopback({type(self.server._module).__name__}, {self.requests} requests served)"
-
-    def run(self, blob: bytes) -> bytes:
-        """Serve one serialized request: deserialize, execute against the plain model, return the serialized saves."""
-        from nnsight.schema.request import RequestModel
-        from nnsight.tracing.tracer import _saves, dec, inc
-
-        self.requests += 1
-        self.last_payload_bytes = len(blob)
-        filename_cache = dict(linecache.cache)  # deserialize registers the block under the client's file name
-        try:
-            with _without_unilens():
-                tracer = RequestModel.deserialize(blob, self.server._remoteable_persistent_objects())
-                inc()  # one outermost trace: only .save()d values come back, as on the server
-                try:
-                    tracer.execute(tracer.info.code)
-                    marked = set(_saves())
-                    saves = {k: v for k, v in tracer.info.frame.f_locals.items() if id(v) in marked}
-                finally:
-                    dec()
-                buffer = io.BytesIO()
-                torch.save(saves, buffer)
-        finally:
-            linecache.cache.clear()
-            linecache.cache.update(filename_cache)
-        return buffer.getvalue()
 
 
 _SOURCES: dict = {}  # function -> inspect.getsourcelines of it
@@ -551,28 +418,29 @@ def remote_support(model: Any) -> dict[str, str]:
     return out
 
 
-def build_remote(
-    self: Any,
+def remote_parts(
     source: Any,
     tokenizer: Any,
     target: Any,
     *,
-    check: bool = True,
     trust_remote_code: bool = False,
     tokenizer_kwargs: dict | None = None,
     rename_config: dict[str, str] | None = None,
     **kwargs: Any,
-) -> None:
-    """``StandardizedTransformer.__init__`` in remote mode: the structure without weights (meta device) for a hub id,
-    folder or config, or the given model object; the standardized names discovered from it (data-flow probes on a
-    random-weight copy); no hook point or attention function installed (the server has none); then the load check
-    as one remote trace, or a warning when ``check=False``."""
-    from nnsight import LanguageModel
-    from transformers import AutoTokenizer, PretrainedConfig, PreTrainedModel
+) -> tuple[Parts, str]:
+    """The parts of a remote-mode model (``unilens.model.build``) and its repo id: the structure without weights
+    (meta device) for a hub id, folder or config, or the given model object; the standardized names discovered from
+    it (data-flow probes on a random-weight copy); no hook point or attention function installed (the server has
+    none).
 
-    from ..arch.discovery import ModuleAccessor, discover, get_rename_dict, probe_dataflow, probe_parallel
-
-    if not (target is True or isinstance(target, (str, Loopback))):
+    Example:
+        >>> from unilens.testing import tiny_model
+        >>> hf, tok = tiny_model("llama")
+        >>> parts, repo_id = remote_parts(hf, tok, "local")
+        >>> parts.architecture.layers_path, parts.attention_setup is None
+        ('model.layers', True)
+    """
+    if not (target is True or isinstance(target, str) or isinstance(target, Loopback)):
         raise TypeError(f"remote= takes True (NDIF), a host URL, 'local' (nnsight's dry run against this process's "
                         f"model) or a unilens.remote.Loopback server; got {type(target).__name__}.")
     unknown = set(kwargs) - {"attn_implementation", "revision"}
@@ -602,36 +470,12 @@ def build_remote(
         probe_dataflow(probe_model, arch)
     else:
         arch = remote_architecture(structure)
-    object.__setattr__(self, "_last_batch", {})
-    object.__setattr__(self, "_trace_reads", [])
     rename = get_rename_dict(structure, rename_config, architecture=arch)
     meta = next(structure.parameters()).device.type == "meta"
     if meta and getattr(structure, "hf_device_map", None) is None:
         structure.hf_device_map = {"": "meta"}  # placed already: transformers' pipeline must not move (copy) it
-    LanguageModel.__init__(self, structure, tokenizer=tokenizer, rename=rename)
-    padding_side = (tokenizer_kwargs or {}).get("padding_side")
-    if padding_side is not None:
-        self.tokenizer.padding_side = padding_side
-    object.__setattr__(self, "architecture", arch)
-    object.__setattr__(self, "module_accessor", ModuleAccessor(structure, arch))
-    object.__setattr__(self, "_attention_modules", [None] * arch.num_layers)  # no hook points remotely
-    object.__setattr__(self, "_attention_setup", None)
-    object.__setattr__(self, "_remote_mode", True)
-    object.__setattr__(self, "_remote_target", target)
-    object.__setattr__(self, "repo_id", repo_id)
-    if kwargs.get("revision"):
-        object.__setattr__(self, "revision", kwargs["revision"])
-    self._build_accessors()
-    object.__setattr__(self, "generate", RefusedAccessor("generate"))  # shadows the method: refused, not pickled
-    for name, entry in CATALOGUE.items():
-        # per-layer names are instance attributes; whole-model ones (final_norm_*) are properties refused by the class
-        if entry.remote is not None and (entry.per_layer or name in self.__dict__):
-            object.__setattr__(self, name, RefusedAccessor(name))
-    if check:
-        validate_remote(self)
-    else:
-        warnings.warn("remote mode with check=False: the standardized view was not checked against the server "
-                      "model's own hidden states.", stacklevel=3)
+    no_hooks = [None] * arch.num_layers  # no hook points remotely
+    return Parts(structure, tokenizer, arch, rename, no_hooks, rename_config=rename_config), repo_id
 
 
 def remote_logit_lens(model: Any, batch: dict[str, torch.Tensor], all_positions: bool = False) -> torch.Tensor:
@@ -647,3 +491,78 @@ def remote_logit_lens(model: Any, batch: dict[str, torch.Tensor], all_positions:
             stacked = stacked[torch.arange(stacked.shape[0], device=stacked.device), :, last]  # (batch, layers, hidden)
         logits = model.project_on_vocab(stacked).float().save()
     return logits
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The remote-mode capability of the model class
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _remote_options(kwargs: dict) -> dict:
+    """Take nnsight's per-call remote options out of trace / session kwargs (the model's server is fixed at load)."""
+    kwargs.pop("remote", None)
+    return {k: kwargs.pop(k) for k in ("blocking", "job_id", "verbose") if k in kwargs}
+
+
+class RemoteMode:
+    """Remote mode (NDIF, nnsight's ``"local"`` dry run, or a ``Loopback`` server) for ``StandardizedTransformer``:
+    every trace / session goes to the model's server, what its plain model cannot serve is refused before a request
+    is sent, and the class ships by value (the server has no unilens: nothing here imports unilens at run time, and
+    no zero-argument ``super()``)."""
+
+    def _enter_remote_mode(self, target: Any, repo_id: str, revision: str | None, check: bool) -> None:
+        """After ``unilens.model.build.attach``: remember the server, refuse what it cannot serve, and check the view
+        with one remote trace (or warn when ``check=False``)."""
+        object.__setattr__(self, "_remote_mode", True)
+        object.__setattr__(self, "_remote_target", target)
+        object.__setattr__(self, "repo_id", repo_id)
+        if revision:
+            object.__setattr__(self, "revision", revision)
+        object.__setattr__(self, "generate", RefusedAccessor("generate"))  # shadows the method: refused, not pickled
+        for name, entry in CATALOGUE.items():
+            # per-layer names are instance attributes; whole-model ones (final_norm_*) are properties, refused there
+            if entry.remote is not None and (entry.per_layer or name in self.__dict__):
+                object.__setattr__(self, name, RefusedAccessor(name))
+        if check:
+            validate_remote(self)
+        else:
+            warnings.warn("remote mode with check=False: the standardized view was not checked against the server "
+                          "model's own hidden states.", stacklevel=4)
+
+    def _interleave_remote(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """The remote-mode run of one trace, on the server's plain model (or a local dry run): the batch's input ids
+        and mask are remembered by a pre-hook that lives for this run only, and no attention request exists. Runs
+        where unilens is not installed (shipped by value): no imports, no zero-argument ``super()``."""
+        self._trace_reads.clear()
+        handle = self._module.register_forward_pre_hook(self._remember_batch, with_kwargs=True)
+        try:
+            return LanguageModel.interleave(self, fn, *args, **kwargs)
+        finally:
+            handle.remove()
+
+    def trace(self, *inputs: Any, **kwargs: Any) -> Any:
+        """nnsight's ``trace``; in remote mode every trace goes to the model's server (``remote=`` at load)."""
+        target = self.__dict__.get("_remote_target")
+        if target is not None and kwargs.get("backend") is None:
+            kwargs["backend"] = remote_backend(self, target, **_remote_options(kwargs))
+        elif kwargs.get("remote") and not self.__dict__.get("_remote_mode"):
+            raise ValueError(f"trace(remote={kwargs['remote']!r}) on a model loaded locally: load it in remote mode "
+                             "instead, StandardizedTransformer(repo_id, remote=True) (or remote='local' with a loaded "
+                             "model object), so unilens builds the view a server's plain model can serve.")
+        return LanguageModel.trace(self, *inputs, **kwargs)
+
+    def session(self, *args: Any, **kwargs: Any) -> Any:
+        """nnsight's ``session``; in remote mode the whole session is one request to the model's server."""
+        target = self.__dict__.get("_remote_target")
+        if target is not None and kwargs.get("backend") is None:
+            kwargs["backend"] = remote_backend(self, target, **_remote_options(kwargs))
+        return LanguageModel.session(self, *args, **kwargs)
+
+    def _remoteable_class(self) -> type:
+        """NDIF serves plain nnsight deployments: the model key names nnsight's class (unilens ships by value)."""
+        return LanguageModel._remoteable_class(self)
+
+    def __getstate__(self) -> dict:
+        state = LanguageModel.__getstate__(self)
+        state.pop("_remote_target", None)  # the client's connection (a loopback server holds a whole model)
+        return state

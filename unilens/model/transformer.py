@@ -9,17 +9,28 @@ import torch
 from nnsight import LanguageModel
 from transformers import PreTrainedModel
 
-from ..arch.discovery import ArchitectureError, ModuleAccessor, apply_logit_postprocessing, discover, get_rename_dict, probe_dataflow, probe_parallel
-from ..arch.loading import default_model_path, load_hf_model
-from ..core.accessors import LayerAccessor, ModuleList
+from ..arch.discovery import NO_POSITION_EMBEDDING, ArchitectureError, apply_logit_postprocessing
+from ..arch.loading import default_model_path
+from ..core.accessors import LayerModules, LayerTensors
 from ..core.config import context_length
-from ..core.tensors import _check_inputs, _check_shape, _has_negative, last_real_positions, rows_position
-from ..hooks.reads import ReadOrderError, _OutOfOrderError
+from ..core.tensors import _check_inputs, _check_shape, last_real_positions
+from ..arch.offload import module_device
+from ..arch.weights import WeightViews
+from ..compat.nnterp import get_num_attention_heads
+from ..compat.nnterp_methods import NnterpMethods
+from ..compat.tl import TLMethods
+from ..core.names import ATTENTION, CATALOGUE, LAYER_NAMES, MODULE
+from ..hooks.attention import AttentionHookAccessor
+from ..hooks.points import HookPointAccessor, UnsupportedHookPoint
+from ..hooks.steering import add_to_residual, position_mask
+from ..hooks.reads import ReadOrderError, _OutOfOrderError, explain_out_of_order, read
+from .build import attach, finish_local, local_parts
+from .remote import RemoteMode, RemoteUnsupportedError, refusal, remote_parts
 
 __all__ = ["ReadOrderError", "StandardizedTransformer", "load_default"]
 
 
-class StandardizedTransformer(LanguageModel):
+class StandardizedTransformer(RemoteMode, TLMethods, NnterpMethods, LanguageModel):
     """Any HuggingFace causal LM under one set of names, wrapped by nnsight (the model's own code runs).
 
     ``model`` is a hub id (read from the local cache), a local folder, a ``.gguf`` file, or a loaded
@@ -65,77 +76,19 @@ class StandardizedTransformer(LanguageModel):
         # RenameConfig), rename= and attn_rename= / mlp_rename= ... steer discovery; allow_dispatch /
         # allow_multimodal are accepted (the model is loaded before any check; mixed layer stacks are served)
         check = check and check_renaming
-        if remote:  # NDIF (True / a host URL), nnsight's "local" dry run, or a unilens.remote.Loopback server
-            from .remote import build_remote
-
-            build_remote(self, model, tokenizer, remote, check=check, trust_remote_code=trust_remote_code,
-                         tokenizer_kwargs=tokenizer_kwargs, rename_config=rename_config, **kwargs)
-            return
-        from ..compat.nnterp import apply_rename_config, nnsight_aliases, resolve_rename_options
-
-        rename_config, user_rename = resolve_rename_options(rename_config, rename, kwargs)
-        hf_model, tok = load_hf_model(
-            model, tokenizer, tokenizer_kwargs=tokenizer_kwargs, trust_remote_code=trust_remote_code, **kwargs
-        )
-        arch = apply_rename_config(hf_model, discover(hf_model), rename_config)
-        accessor = ModuleAccessor(hf_model, arch)
-        attention_modules = [
-            accessor.get_attention(i) if parts.attention else None for i, parts in enumerate(arch.layers)
-        ]
-        from ..hooks.attention import install_attention_hooks
-
-        arch.parallel = probe_parallel(hf_model, arch)
-        probe_dataflow(hf_model, arch)
-        apply_rename_config(hf_model, arch, rename_config, after_probe=True)
-        # enable_attention_probs (always take the hookable path) is switched on after the load-time check, whose HF
-        # oracle forward runs the model's original attention, where no hook point can be served
-        attention_setup = install_attention_hooks(hf_model, attention_modules, always_materialize=False)
-        from ..hooks.points import install_hook_points
-
-        hook_point_setup = install_hook_points(hf_model, arch, attention_modules, self._unflatten_tokens)
-        # side channel for the batch's attention mask: next_token_probs needs each row's last real token,
-        # whatever the padding side (a root pre-hook runs in the model thread before any layer).
-        object.__setattr__(self, "_last_batch", {})
-        object.__setattr__(self, "_trace_reads", [])  # (accessor, layer) read by the running trace, in order
-        hf_model.register_forward_pre_hook(self._remember_batch, with_kwargs=True)
-        rename = get_rename_dict(hf_model, nnsight_aliases(rename_config, user_rename), architecture=arch)
         padding_side = (tokenizer_kwargs or {}).get("padding_side")
-        from ..arch.offload import prepare_dispatched
-
-        prepare_dispatched(hf_model)
-        super().__init__(hf_model, tokenizer=tok, rename=rename)
-        if padding_side is not None:  # nnsight sets left padding on causal models; honour the user's choice
-            self.tokenizer.padding_side = padding_side
-        # set after nnsight's __init__: envoys route unknown attributes to the module tree
-        object.__setattr__(self, "architecture", arch)
-        object.__setattr__(self, "module_accessor", accessor)
-        object.__setattr__(self, "_attention_modules", attention_modules)
-        object.__setattr__(self, "_attention_setup", attention_setup)
-        object.__setattr__(self, "_hook_point_setup", hook_point_setup)
-        self._build_accessors()
-        from ..compat.nnterp import AttentionProbabilitiesAccessor, check_config_sizes
-
-        object.__setattr__(self, "rename_config", rename_config)
-        object.__setattr__(self, "attention_probabilities", AttentionProbabilitiesAccessor(
-            self, rename_config, enable_attention_probs, general=self.attention_probabilities))
-        check_config_sizes(self, rename_config)
-        if check:
-            from .validation import validate_model
-
-            validate_model(self)
-        for module in attention_modules if enable_attention_probs else ():
-            if module is not None and hasattr(module, "unilens_hooks"):
-                module.unilens_hooks.always_materialize = True
-        if check and rename_config is not None:  # nnterp's renaming check on the overridden parts (shapes)
-            from ..compat.nnterp import check_model_renaming, get_ignores
-
-            check_model_renaming(self, arch.model_type, get_ignores(self, rename_config), allow_dispatch,
-                                 allow_multimodal)
-        if check:
-            custom = getattr(rename_config, "attn_prob_source", None) is not None
-            if (enable_attention_probs or custom) and arch.attention_layers:  # nnterp's probability check
-                self.attention_probabilities.check_source(allow_dispatch=allow_dispatch,
-                                                          use_trace=check_attn_probs_with_trace)
+        if remote:  # NDIF (True / a host URL), nnsight's "local" dry run, or a unilens.remote.Loopback server
+            parts, repo_id = remote_parts(model, tokenizer, remote, trust_remote_code=trust_remote_code,
+                                          tokenizer_kwargs=tokenizer_kwargs, rename_config=rename_config, **kwargs)
+            attach(self, parts, padding_side)
+            self._enter_remote_mode(remote, repo_id, kwargs.get("revision"), check)
+            return
+        parts = local_parts(model, tokenizer, self._unflatten_tokens, self._remember_batch, rename_config=rename_config,
+                            rename=rename, tokenizer_kwargs=tokenizer_kwargs, trust_remote_code=trust_remote_code,
+                            **kwargs)
+        attach(self, parts, padding_side)
+        finish_local(self, check=check, enable_attention_probs=enable_attention_probs, allow_dispatch=allow_dispatch,
+                     allow_multimodal=allow_multimodal, check_attn_probs_with_trace=check_attn_probs_with_trace)
 
     # --- plumbing ---------------------------------------------------------------------------------
     def interleave(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -143,9 +96,7 @@ class StandardizedTransformer(LanguageModel):
         names (which read to move above which), and afterwards no attention request outlives the run (a loop body
         that asked for a generation step that never came, or a forward that raised)."""
         if self.__dict__.get("_remote_mode"):  # also runs on the server, where unilens is not installed: no imports
-            return _interleave_remote(self, fn, *args, **kwargs)
-        from ..hooks.reads import explain_out_of_order
-
+            return self._interleave_remote(fn, *args, **kwargs)
         self._trace_reads.clear()
         try:
             return super().interleave(fn, *args, **kwargs)
@@ -162,38 +113,6 @@ class StandardizedTransformer(LanguageModel):
             hook_point_setup = self.__dict__.get("_hook_point_setup")
             if hook_point_setup is not None:  # the torch hooks of requested hook points live for one trace
                 hook_point_setup.clear()
-
-    # --- remote mode (unilens.remote) ------------------------------------------------------------------
-    def trace(self, *inputs: Any, **kwargs: Any) -> Any:
-        """nnsight's ``trace``; in remote mode every trace goes to the model's server (``remote=`` at load)."""
-        target = self.__dict__.get("_remote_target")
-        if target is not None and kwargs.get("backend") is None:
-            from .remote import remote_backend
-
-            kwargs["backend"] = remote_backend(self, target, **_remote_options(kwargs))
-        elif kwargs.get("remote") and not self.__dict__.get("_remote_mode"):
-            raise ValueError(f"trace(remote={kwargs['remote']!r}) on a model loaded locally: load it in remote mode "
-                             "instead, StandardizedTransformer(repo_id, remote=True) (or remote='local' with a loaded "
-                             "model object), so unilens builds the view a server's plain model can serve.")
-        return LanguageModel.trace(self, *inputs, **kwargs)
-
-    def session(self, *args: Any, **kwargs: Any) -> Any:
-        """nnsight's ``session``; in remote mode the whole session is one request to the model's server."""
-        target = self.__dict__.get("_remote_target")
-        if target is not None and kwargs.get("backend") is None:
-            from .remote import remote_backend
-
-            kwargs["backend"] = remote_backend(self, target, **_remote_options(kwargs))
-        return LanguageModel.session(self, *args, **kwargs)
-
-    def _remoteable_class(self) -> type:
-        """NDIF serves plain nnsight deployments: the model key names nnsight's class (unilens ships by value)."""
-        return LanguageModel._remoteable_class(self)
-
-    def __getstate__(self) -> dict:
-        state = LanguageModel.__getstate__(self)
-        state.pop("_remote_target", None)  # the client's connection (a loopback server holds a whole model)
-        return state
 
     def _note_read(self, accessor: str, layer: int | None) -> None:
         """Remember what a trace reads, in its order, to explain an out-of-order read in standardized names."""
@@ -221,47 +140,7 @@ class StandardizedTransformer(LanguageModel):
             >>> acts["layers_output.1"].shape[-1] == model.hidden_size
             True
         """
-        from ..hooks.reads import read
-
         return read(self, inputs, names, **trace_kwargs)
-
-    # --- TransformerLens-style surface (unilens.tl) ---------------------------------------------------------
-    def run_with_cache(self, input: Any, names_filter: Any = None, **kwargs: Any):
-        """TL's ``run_with_cache`` (``unilens.tl.run_with_cache``): ``(logits, cache)`` from one forward."""
-        from ..compat.tl import run_with_cache
-
-        return run_with_cache(self, input, names_filter, **kwargs)
-
-    def run_with_hooks(self, input: Any, fwd_hooks: Any = (), *args: Any, **kwargs: Any):
-        """TL's ``run_with_hooks`` (``unilens.tl.run_with_hooks``): ``fwd_hooks=[(name, fn(tensor, hook))]``."""
-        from ..compat.tl import run_with_hooks
-
-        return run_with_hooks(self, input, fwd_hooks, *args, **kwargs)
-
-    def to_tokens(self, input: Any, prepend_bos: bool | None = None, padding_side: str | None = None,
-                  move_to_device: bool = True, truncate: bool = True) -> torch.Tensor:
-        """TL's ``to_tokens`` (``unilens.tl.to_tokens``): BOS prepended by default, right padding."""
-        from ..compat.tl import to_tokens
-
-        return to_tokens(self, input, prepend_bos, padding_side, move_to_device, truncate)
-
-    def to_str_tokens(self, input: Any, prepend_bos: bool | None = None, padding_side: str | None = None):
-        """TL's ``to_str_tokens`` (``unilens.tl.to_str_tokens``)."""
-        from ..compat.tl import to_str_tokens
-
-        return to_str_tokens(self, input, prepend_bos, padding_side)
-
-    def to_string(self, tokens: Any):
-        """TL's ``to_string`` (``unilens.tl.to_string``)."""
-        from ..compat.tl import to_string
-
-        return to_string(self, tokens)
-
-    def to_single_token(self, string: str) -> int:
-        """TL's ``to_single_token`` (``unilens.tl.to_single_token``)."""
-        from ..compat.tl import to_single_token
-
-        return to_single_token(self, string)
 
     def _keep_last_logits_kwargs(self, n: int = 1) -> dict[str, Any]:
         """Forward kwargs for a trace that reads the logits of the last ``n`` positions only: the unembedding
@@ -358,45 +237,37 @@ class StandardizedTransformer(LanguageModel):
         return self._envoy_at(f"{self.architecture.layers_path}.{i}.{path}")
 
     def _build_accessors(self) -> None:
+        """The per-layer accessors, one per per-layer name of the catalogue (``unilens.core.names``), and the module
+        lists ``attentions`` / ``mlps``. Whole-model names (embeddings, final norm points, logits) are properties."""
         arch = self.architecture
-        attn = lambda i: self._sub_envoy(i, arch.layers[i].attention, "attention")  # noqa: E731
-        attn_out = lambda i: self._sub_envoy(i, arch.layers[i].attention_out, "attention")  # noqa: E731
-        mlp_in = lambda i: self._sub_envoy(i, arch.layers[i].mlp_in, "MLP")  # noqa: E731
-        mlp_out = lambda i: self._sub_envoy(i, arch.layers[i].mlp_out, "MLP")  # noqa: E731
 
-        def mlp_module(i):
+        def part(name: str, what: str):  # envoy of one standardized part of layer i
+            return lambda i: self._sub_envoy(i, getattr(arch.layers[i], name), what)
+
+        def mlp_module(i: int):
             if arch.layers[i].mlp is None:
                 self.module_accessor.get_mlp(i)  # raises the explanatory error
             return self._sub_envoy(i, arch.layers[i].mlp, "MLP")
 
-        setters = {
-            "layers_input": LayerAccessor(self, "layers_input", self._layer_envoy, "input"),
-            "layers_output": LayerAccessor(self, "layers_output", self._layer_envoy, "output", "layer"),
-            "attentions_input": LayerAccessor(self, "attentions_input", attn, "input"),
-            "attentions_output": LayerAccessor(self, "attentions_output", attn_out, "output", "attention"),
-            "mlps_input": LayerAccessor(self, "mlps_input", mlp_in, "input"),
-            "mlps_output": LayerAccessor(self, "mlps_output", mlp_out, "output", "mlp"),
-            "attentions": ModuleList(self, "attentions", attn),
-            "mlps": ModuleList(self, "mlps", mlp_module),
-        }
-        from ..hooks.attention import AttentionHookAccessor
-
-        for name, hook in (
-            ("attention_probabilities", "probabilities"),
-            ("attention_scores", "scores"),
-            ("attention_queries", "queries"),
-            ("attention_keys", "keys"),
-            ("attention_values", "values"),
-            ("attention_heads", "heads"),
-            ("attention_head_results", "head_results"),
-        ):
-            setters[name] = AttentionHookAccessor(self, hook)
-        from ..hooks.points import LAYER_POINTS, HookPointAccessor
-
-        for name in LAYER_POINTS:  # pre-rotary q/k, per-head attention inputs, MLP neurons, resid_mid, norms
-            setters[name] = HookPointAccessor(self, name)
-        for name, value in setters.items():
-            object.__setattr__(self, name, value)
+        envoys = {"layer": self._layer_envoy, "attention": part("attention", "attention"),
+                  "attention_out": part("attention_out", "attention"), "mlp_in": part("mlp_in", "MLP"),
+                  "mlp_out": part("mlp_out", "MLP")}
+        # outputs some models modify in place after returning them: read as copies (Architecture.mutated_in_place)
+        in_place_kind = {"layer": "layer", "attention_out": "attention", "mlp_out": "mlp"}
+        accessors: dict[str, Any] = {"attentions": LayerModules(self, "attentions", envoys["attention"]),
+                                     "mlps": LayerModules(self, "mlps", mlp_module)}
+        for name in LAYER_NAMES:
+            entry = CATALOGUE[name]
+            if entry.kind == MODULE:
+                where, io = entry.site
+                kind = in_place_kind.get(where, "") if io == "output" else ""
+                accessors[name] = LayerTensors(self, name, envoys[where], io, kind)
+            elif entry.kind == ATTENTION:  # unilens.hooks.attention
+                accessors[name] = AttentionHookAccessor(self, entry.site)
+            else:  # POINT: unilens.hooks.points (pre-rotary q/k, per-head inputs, MLP neurons, resid_mid, norms)
+                accessors[name] = HookPointAccessor(self, name)
+        for name, accessor in accessors.items():
+            object.__setattr__(self, name, accessor)
 
     # --- facts --------------------------------------------------------------------------------------
     @property
@@ -424,8 +295,6 @@ class StandardizedTransformer(LanguageModel):
     def num_heads(self) -> int:
         config = self.__dict__.get("rename_config")
         if getattr(config, "attn_head_config_key", None) is not None:  # RenameConfig names the key / the number
-            from ..compat.nnterp import get_num_attention_heads
-
             return int(get_num_attention_heads(self.module_accessor.model, rename_config=config))
         return int(self._config_value("num_attention_heads", "n_head", "num_heads", "n_heads"))
 
@@ -445,20 +314,12 @@ class StandardizedTransformer(LanguageModel):
     def weights(self):
         """Per-layer weight views in TransformerLens shapes: ``model.weights[i].W_Q``, ``model.weights.W_U``."""
         if self.__dict__.get("_remote_mode"):
-            from .remote import RemoteUnsupportedError, refusal
-
             raise RemoteUnsupportedError(refusal("weights"))
-        from ..arch.weights import WeightViews
-
         views = self.__dict__.get("_weight_views")
         if views is None:
             views = WeightViews(self)
             object.__setattr__(self, "_weight_views", views)
         return views
-
-    @property
-    def attn_probs_available(self) -> bool:
-        return bool(self.architecture.attention_layers)
 
     # --- standardized modules ------------------------------------------------------------------------
     # embed_tokens, layers, ln_final and lm_head are nnsight renames (get_rename_dict); unilens itself reaches
@@ -478,9 +339,6 @@ class StandardizedTransformer(LanguageModel):
     def _position_envoy(self):
         path = self.architecture.position_embed_path
         if path is None:
-            from ..arch.discovery import NO_POSITION_EMBEDDING
-            from ..hooks.points import UnsupportedHookPoint
-
             raise UnsupportedHookPoint("position_embeddings", self.architecture.model_type, NO_POSITION_EMBEDDING)
         return self._envoy_at(path)
 
@@ -520,28 +378,20 @@ class StandardizedTransformer(LanguageModel):
     @property
     def final_norm_scale(self) -> torch.Tensor:
         """The final norm's ``sqrt(var + eps)`` ``(batch, seq, 1)`` (TL ``ln_final.hook_scale``); settable."""
-        from ..hooks.points import HookPointAccessor
-
         return HookPointAccessor(self, "final_norm_scale").get()
 
     @final_norm_scale.setter
     def final_norm_scale(self, value: torch.Tensor) -> None:
-        from ..hooks.points import HookPointAccessor
-
         HookPointAccessor(self, "final_norm_scale").set(value)
 
     @property
     def final_norm_normalized(self) -> torch.Tensor:
         """The final norm's input normalized, before weight / bias ``(batch, seq, hidden)`` (TL
         ``ln_final.hook_normalized``); settable (the norm's output is recomputed from it)."""
-        from ..hooks.points import HookPointAccessor
-
         return HookPointAccessor(self, "final_norm_normalized").get()
 
     @final_norm_normalized.setter
     def final_norm_normalized(self, value: torch.Tensor) -> None:
-        from ..hooks.points import HookPointAccessor
-
         HookPointAccessor(self, "final_norm_normalized").set(value)
 
     @property
@@ -569,8 +419,6 @@ class StandardizedTransformer(LanguageModel):
         execution device when the embedding is offloaded to CPU / disk; the CPU in remote mode)."""
         if self.__dict__.get("_remote_mode"):
             return torch.device("cpu")  # inputs travel with the request; the server moves them to its device
-        from ..arch.offload import module_device
-
         return module_device(self.module_accessor.get_embed_tokens())
 
     @property
@@ -599,33 +447,6 @@ class StandardizedTransformer(LanguageModel):
             raise ValueError("input_size: no forward has run yet; read it inside or after a trace.")
         return ids.shape
 
-    def detect_layer_output_type(self) -> None:
-        """nnterp's probe of whether layers return tuples; unilens's ``layers_output`` is always the plain tensor,
-        so there is nothing to detect (kept so nnterp scripts run)."""
-        return None
-
-    @property
-    def add_prefix_false_tokenizer(self):
-        """The tokenizer, loaded with ``add_prefix_space=False`` where it has that option (``get_first_tokens``
-        reads ``"word"`` and ``" word"`` with it); the model's own tokenizer when it adds no prefix space."""
-        cached = self.__dict__.get("_add_prefix_false_tokenizer")
-        if cached is not None:
-            return cached
-        tok = self.tokenizer
-        if getattr(tok, "add_prefix_space", False):
-            from transformers import AutoTokenizer
-
-            source = getattr(tok, "name_or_path", None)
-            try:
-                tok = AutoTokenizer.from_pretrained(source, add_prefix_space=False)
-            except Exception as err:  # a tokenizer built in memory has no files to reload
-                raise ValueError(
-                    f"add_prefix_false_tokenizer: the tokenizer adds a prefix space and cannot be reloaded from "
-                    f"{source!r} without it ({err}); pass a tokenizer loaded with add_prefix_space=False."
-                ) from err
-        object.__setattr__(self, "_add_prefix_false_tokenizer", tok)
-        return tok
-
     # --- helpers ------------------------------------------------------------------------------------
     def project_on_vocab(self, hidden_state: torch.Tensor) -> torch.Tensor:
         """Final norm + unembedding (+ the model's logit scaling / softcap): hidden ``(..., hidden)`` -> logits.
@@ -647,34 +468,6 @@ class StandardizedTransformer(LanguageModel):
         for path in arch.head_chain:  # usually just the final norm
             h = self._envoy_at(path)(h)
         return apply_logit_postprocessing(self._envoy_at(arch.lm_head_path)(h), arch.logit_postprocessing)
-
-    def probs_to_dict(self, tokens: torch.Tensor, probs: torch.Tensor) -> dict[str, float]:
-        """``{token string: probability}`` for token ids ``tokens`` ``(k,)`` and their probabilities ``(k,)``."""
-        names = self.tokenizer.convert_ids_to_tokens([int(t) for t in tokens])
-        return {name: float(p) for name, p in zip(names, torch.as_tensor(probs).detach().tolist())}
-
-    def get_topk_closest_tokens(self, hidden_state: torch.Tensor, k: int = 5) -> dict[str, float] | list[dict[str, float]]:
-        """The ``k`` most likely tokens when ``hidden_state`` ``(hidden,)`` or ``(batch, hidden)`` is projected on the
-        vocabulary (final norm + unembedding + softmax): ``{token: probability}``, or a list of them (nnterp's result).
-
-        Example:
-            >>> from unilens.testing import tiny_model
-            >>> model = StandardizedTransformer(*tiny_model("llama"))
-            >>> len(model.get_topk_closest_tokens(torch.randn(model.hidden_size), k=3))
-            3
-        """
-        if hidden_state.shape[-1] != self.hidden_size:
-            raise ValueError(f"hidden state shape {tuple(hidden_state.shape)} does not match the model's hidden size "
-                             f"{self.hidden_size}.")
-        if hidden_state.ndim not in (1, 2):
-            raise ValueError(f"hidden state must be (hidden,) or (batch, hidden), got {tuple(hidden_state.shape)}.")
-        unembed = self.module_accessor.get_unembed().weight
-        with torch.no_grad():
-            logits = self.module_accessor.project_on_vocab(hidden_state.to(unembed.device, unembed.dtype))
-        top = logits.float().softmax(-1).topk(k, dim=-1)
-        if hidden_state.ndim == 1:
-            return self.probs_to_dict(top.indices, top.values)
-        return [self.probs_to_dict(i, v) for i, v in zip(top.indices, top.values)]
 
     def skip_layer(self, layer: int, skip_with: torch.Tensor | None = None) -> None:
         """Inside a trace: make layer ``layer`` output its input (or ``skip_with``)."""
@@ -723,31 +516,12 @@ class StandardizedTransformer(LanguageModel):
                 f"steering_vector has size {steering_vector.shape[-1]} in its last dimension; the model's hidden "
                 f"size is {self.hidden_size}."
             )
-        rows = slice(None) if batch_index is None else batch_index
-        cols = slice(None) if positions is None else positions
+
+        def where(model: Any, out: torch.Tensor) -> torch.Tensor:  # this forward's rows and positions
+            return position_mask(model, out, positions, batch_index)
+
         for layer in sorted(self.layers_output._index(i) for i in layer_list):
-            out = self.layers_output[layer]  # (batch, seq, hidden)
-            delta = torch.zeros_like(out)
-            vector = factor * steering_vector.to(out.dtype).to(out.device)
-            mask = self.attention_mask  # read after the wait above: this forward's mask
-            right_padded = isinstance(mask, torch.Tensor) and mask.dim() == 2 and not bool(mask[:, -1].all())
-            index = rows_position(mask, positions) if isinstance(positions, int) else None
-            if index is not None:
-                # counted from each row's last real token, not from the padded end (left padding: the same thing)
-                chosen = torch.zeros(out.shape[:2], dtype=torch.bool, device=out.device)
-                chosen[torch.arange(out.shape[0], device=out.device), index.to(out.device)] = True
-                keep = torch.zeros(out.shape[0], dtype=torch.bool, device=out.device)
-                keep[rows] = True
-                delta = (chosen & keep[:, None])[..., None].to(out.dtype) * vector
-            elif right_padded and _has_negative(positions):
-                raise ValueError(
-                    "steer: negative positions in a list or slice are ambiguous on a right-padded batch (the rows "
-                    "end at different places); pass one negative int (counted from each row's last real token), "
-                    "non-negative positions, or pad on the left."
-                )
-            else:
-                delta[rows, cols] = vector
-            self.layers_output[layer] = out + delta
+            add_to_residual(self, layer, [(factor, steering_vector)], where)
 
     def __repr__(self) -> str:
         arch = self.architecture
@@ -755,24 +529,6 @@ class StandardizedTransformer(LanguageModel):
             f"StandardizedTransformer({arch.model_type}: {self.num_layers} layers, hidden {self.hidden_size}, "
             f"{self.num_heads} heads, vocab {self.vocab_size}; layers at {arch.layers_path})"
         )
-
-
-def _remote_options(kwargs: dict) -> dict:
-    """Take nnsight's per-call remote options out of trace / session kwargs (the model's server is fixed at load)."""
-    kwargs.pop("remote", None)
-    return {k: kwargs.pop(k) for k in ("blocking", "job_id", "verbose") if k in kwargs}
-
-
-def _interleave_remote(model: StandardizedTransformer, fn: Any, *args: Any, **kwargs: Any) -> Any:
-    """The remote-mode run of one trace, on the server's plain model (or a local dry run): the batch's input ids and
-    mask are remembered by a pre-hook that lives for this run only, and no attention request exists. Runs where
-    unilens is not installed (shipped by value): no imports, no zero-argument ``super()``."""
-    model._trace_reads.clear()
-    handle = model._module.register_forward_pre_hook(model._remember_batch, with_kwargs=True)
-    try:
-        return LanguageModel.interleave(model, fn, *args, **kwargs)
-    finally:
-        handle.remove()
 
 
 def load_default(**kwargs: Any) -> StandardizedTransformer:

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
-
 import torch
 
-if TYPE_CHECKING:
-    from .transformer import StandardizedTransformer
+from ..core.protocol import StandardizedModel
+from ..hooks.attention import original_attention
 
 __all__ = ["ValidationError", "ValidationReport", "validate_model", "hf_reference_forward", "PROBE_TEXT"]
 
@@ -73,7 +71,7 @@ def _scaled(err: float, ref: torch.Tensor, tol: float) -> float:
 
 
 @torch.no_grad()
-def validate_model(model: "StandardizedTransformer", text: str = PROBE_TEXT, raise_on_error: bool = True) -> ValidationReport:
+def validate_model(model: StandardizedModel, text: str = PROBE_TEXT, raise_on_error: bool = True) -> ValidationReport:
     """Compare the standardized residual stream and logits with HF ``output_hidden_states`` on ``text``.
 
     Checks: ``layers_input[0] == hidden_states[0]``, ``layers_output[i] == hidden_states[i+1]`` (every layer but
@@ -95,8 +93,6 @@ def validate_model(model: "StandardizedTransformer", text: str = PROBE_TEXT, rai
     ids = enc["input_ids"][:, :12].to(device)
     # the oracle runs the model's own attention implementation, not unilens's: a model whose code branches on the
     # implementation's name (sparse-attention masks applied only for "eager" / "sdpa") must compute the same
-    from ..hooks.attention import original_attention
-
     with original_attention(hf):
         reference = hf(input_ids=ids, output_hidden_states=True)
     hidden_states = reference.hidden_states

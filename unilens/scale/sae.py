@@ -38,10 +38,9 @@ import numpy as np
 import torch
 
 from .store import ActivationStore
+from .store_format import _META_NAMES as _META
 
 __all__ = ["ActivationBatches", "export_to_datasets", "TRANSFORMER_LENS_HOOKS", "transformer_lens_hook_name"]
-
-_META = ("token_ids", "text_index", "position")
 
 # unilens name -> TransformerLens hook name (SAELens's column names); only where the two are the same tensor.
 TRANSFORMER_LENS_HOOKS: dict[str, str] = {
