@@ -45,9 +45,14 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     import unilens
-    from unilens.scale import plan as cache_mod
-    from unilens.core.distributed import all_gather_objects, barrier, init_from_env, rank_world
     from unilens.arch.loading import default_model_path, load_hf_model
+    from unilens.core.distributed import (
+        all_gather_objects,
+        barrier,
+        init_from_env,
+        rank_world,
+    )
+    from unilens.scale import plan as cache_mod
 
     started = init_from_env()
     rank, world = rank_world()

@@ -133,8 +133,9 @@ def describe(module_name: str) -> dict:
 
 
 def main() -> None:
-    import nnterp  # noqa: F401  (the anchors virtualenv)
     from importlib.metadata import version
+
+    import nnterp  # noqa: F401  (the anchors virtualenv)
 
     api = {
         "nnterp_version": version("nnterp"),

@@ -14,8 +14,8 @@ import json
 import os
 import platform
 import statistics
-import tempfile
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field

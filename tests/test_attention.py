@@ -14,11 +14,17 @@ import pytest
 import torch
 from torch import nn
 
-from unilens.hooks.attention import AttentionHookAccessor, AttentionHooks, find_output_projection, install_attention_hooks, request_materialize
 from unilens.arch.discovery import ModuleMap, discover
+from unilens.arch.weights import LayerWeights
+from unilens.hooks.attention import (
+    AttentionHookAccessor,
+    AttentionHooks,
+    find_output_projection,
+    install_attention_hooks,
+    request_materialize,
+)
 from unilens.model.transformer import StandardizedTransformer
 from unilens.testing import tiny_model
-from unilens.arch.weights import LayerWeights
 
 # Add a model type here to cover it by the probability / logit / fast-path checks.
 VERIFIED_TYPES = [
@@ -494,6 +500,7 @@ def test_sparse_selection_binds_and_load_check_sees_it(model_type, monkeypatch):
     """The zoo's sparse-attention configs select fewer keys than the prompt has, so the selection changes the output;
     dropping it (what an implementation name other than eager / sdpa did before) fails the load-time check."""
     import unilens.attention as attention
+
     from unilens.model.validation import ValidationError, validate_model
 
     hf, tok = tiny_model(model_type)

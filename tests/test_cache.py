@@ -21,7 +21,15 @@ import xxhash
 from unilens import StandardizedTransformer
 from unilens.core.names import MODULE, names_of_kind
 from unilens.scale import capture, plan, shard_file, store_format
-from unilens.scale.store import ActivationStore, CacheCorruptError, CacheDiskFullError, CacheError, cache_activations, main_cache, read_texts
+from unilens.scale.store import (
+    ActivationStore,
+    CacheCorruptError,
+    CacheDiskFullError,
+    CacheError,
+    cache_activations,
+    main_cache,
+    read_texts,
+)
 from unilens.testing import ZOO_REQUIRED, tiny_model
 
 REPO = Path(__file__).resolve().parents[1]

@@ -12,7 +12,14 @@ import torch
 
 from unilens import StandardizedTransformer
 from unilens.compat.tl import PRE_NORM, resolve
-from unilens.core.names import CATALOGUE, LAYER_NAMES, MODEL_NAMES, POINT, RemoteUnsupportedError, remote_refusal
+from unilens.core.names import (
+    CATALOGUE,
+    LAYER_NAMES,
+    MODEL_NAMES,
+    POINT,
+    RemoteUnsupportedError,
+    remote_refusal,
+)
 from unilens.hooks.points import UnsupportedHookPoint
 from unilens.model.loopback import Loopback
 from unilens.model.remote import REMOTE_TABLE_NAMES, remote_support

@@ -8,7 +8,16 @@ import pytest
 import torch
 from torch import nn
 
-from unilens.conformance import AttentionCase, check_attention, diff_model_implementations, diff_models, reference_as_attention_fn, reference_attention, run_attn_check, visibility_mask
+from unilens.conformance import (
+    AttentionCase,
+    check_attention,
+    diff_model_implementations,
+    diff_models,
+    reference_as_attention_fn,
+    reference_attention,
+    run_attn_check,
+    visibility_mask,
+)
 from unilens.conformance.faults import FAULTS, correct
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -83,7 +92,11 @@ def test_reference_gqa_blocked_mapping():
 @pytest.mark.parametrize("window", [None, 3])
 @pytest.mark.parametrize("q_len,kv_len", [(7, 7), (3, 7), (1, 7)])
 def test_visibility_mask_matches_transformers_sdpa_mask(window, q_len, kv_len):
-    from transformers.masking_utils import causal_mask_function, sdpa_mask, sliding_window_causal_mask_function
+    from transformers.masking_utils import (
+        causal_mask_function,
+        sdpa_mask,
+        sliding_window_causal_mask_function,
+    )
 
     pad = torch.ones(3, kv_len, dtype=torch.bool)
     pad[1, :2] = False  # left padding
@@ -105,7 +118,11 @@ def _fake_module(groups, sinks=None):
 
 
 def _hf_eager_mask(batch, q_len, kv_len, pad, window=None):
-    from transformers.masking_utils import causal_mask_function, eager_mask, sliding_window_causal_mask_function
+    from transformers.masking_utils import (
+        causal_mask_function,
+        eager_mask,
+        sliding_window_causal_mask_function,
+    )
 
     fn = causal_mask_function if window is None else sliding_window_causal_mask_function(window)
     return eager_mask(batch_size=batch, q_length=q_len, kv_length=kv_len, q_offset=kv_len - q_len,
@@ -513,8 +530,8 @@ def test_diff_models_localizes_faults_in_smollm2_half_precision(dtype):
     """SmolLM2 in bf16 / fp16: eager vs sdpa has no fault (the propagated rows alone would call rounding growth a
     divergence), and four planted attention faults in layer 17 (one only on the decode path) are each localized to
     layer 17's attention."""
-    from unilens.arch.loading import default_model_path, load_hf_model
     from unilens.analysis.sweep import cache_keyword, output_cache
+    from unilens.arch.loading import default_model_path, load_hf_model
 
     def load(implementation):
         return load_hf_model(default_model_path(), dtype=dtype, attn_implementation=implementation)

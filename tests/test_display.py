@@ -19,8 +19,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from unilens.ui.display import attention_viewer_html, plot_logit_lens_heatmap, plot_patching_heatmap, plot_topk_tokens, token_label
 from unilens.testing import make_tokenizer
+from unilens.ui.display import (
+    attention_viewer_html,
+    plot_logit_lens_heatmap,
+    plot_patching_heatmap,
+    plot_topk_tokens,
+    token_label,
+)
 
 CHROMIUM = os.environ.get("UNILENS_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [

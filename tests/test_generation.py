@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from unilens import StandardizedTransformer
-from unilens.hooks.attention import find_output_projection, install_attention_hooks
-from unilens.arch.discovery import ModuleMap, discover
 from unilens.analysis.generation import Steering, generate
-from unilens.testing import ZOO_REQUIRED, tiny_model
+from unilens.arch.discovery import ModuleMap, discover
+from unilens.hooks.attention import find_output_projection, install_attention_hooks
 from unilens.model.validation import hf_reference_forward
+from unilens.testing import ZOO_REQUIRED, tiny_model
 
 PROMPTS = ["The capital of France is", "A cat sat"]  # left-padded batch: the second row is shorter
 STEPS = 5

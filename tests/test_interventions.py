@@ -6,9 +6,14 @@ import pytest
 import torch
 
 from unilens import StandardizedTransformer, load_default
-from unilens.analysis.lens import TargetPrompt, logit_lens, patchscope_lens, repeat_prompt
-from unilens.analysis.patching import activation_patching, attribution_patching
 from unilens.analysis.attribution import direct_logit_attribution
+from unilens.analysis.lens import (
+    TargetPrompt,
+    logit_lens,
+    patchscope_lens,
+    repeat_prompt,
+)
+from unilens.analysis.patching import activation_patching, attribution_patching
 from unilens.analysis.steering import mean_difference_vector, steer_all
 from unilens.testing import tiny_model
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from unilens import StandardizedTransformer
-from unilens.testing import ZOO_REQUIRED, tiny_model
 from unilens.model.validation import hf_reference_forward
+from unilens.testing import ZOO_REQUIRED, tiny_model
 
 PROMPTS = ["The capital of France is", "A cat sat on"]
 

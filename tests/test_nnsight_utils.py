@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from unilens import StandardizedTransformer
-from unilens.compat import nnsight_utils as nu
 from unilens.arch.discovery import ModuleMap
-from unilens.testing import tiny_model
+from unilens.compat import nnsight_utils as nu
 from unilens.model.validation import hf_reference_forward
+from unilens.testing import tiny_model
 
 PROMPTS = ["The capital of France is", "A cat", "When Mary and John went to the store"]
 

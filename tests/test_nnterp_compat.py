@@ -13,12 +13,64 @@ import torch
 from torch import nn
 
 import unilens as nnterp
-from unilens.testing import ZOO_REQUIRED, tiny_model
-from unilens.analysis.lens import TargetPrompt, TargetPromptBatch, it_repeat_prompt, logit_lens, patch_object_attn_lens, patchscope_generate, patchscope_lens, repeat_prompt
-from unilens.compat.nnsight_utils import ModuleAccessor, collect_last_token_activations_session, collect_token_activations_batched, compute_next_token_probs, get_attention, get_attention_output, get_embed_tokens, get_layer, get_layer_input, get_layer_output, get_layers, get_logits, get_mlp, get_mlp_output, get_next_token_probs, get_num_layers, get_token_activations, get_unembed, get_unembed_norm, project_on_vocab, set_layer_output
-from unilens.analysis.prompts import Prompt, TokenizationError, get_first_tokens, next_token_probs_unsqueeze, run_prompts
-from unilens.compat.nnterp import AttnProbFunction, IOType, LayerAccessor, RenameConfig, RenamingError, check_io, check_model_renaming, expand_path_with_model, get_hidden_size, get_ignores, get_num_attention_heads, get_rename_dict, get_vocab_size, text_config
+from unilens.analysis.lens import (
+    TargetPrompt,
+    TargetPromptBatch,
+    it_repeat_prompt,
+    logit_lens,
+    patch_object_attn_lens,
+    patchscope_generate,
+    patchscope_lens,
+    repeat_prompt,
+)
+from unilens.analysis.prompts import (
+    Prompt,
+    TokenizationError,
+    get_first_tokens,
+    next_token_probs_unsqueeze,
+    run_prompts,
+)
+from unilens.compat.nnsight_utils import (
+    ModuleAccessor,
+    collect_last_token_activations_session,
+    collect_token_activations_batched,
+    compute_next_token_probs,
+    get_attention,
+    get_attention_output,
+    get_embed_tokens,
+    get_layer,
+    get_layer_input,
+    get_layer_output,
+    get_layers,
+    get_logits,
+    get_mlp,
+    get_mlp_output,
+    get_next_token_probs,
+    get_num_layers,
+    get_token_activations,
+    get_unembed,
+    get_unembed_norm,
+    project_on_vocab,
+    set_layer_output,
+)
+from unilens.compat.nnterp import (
+    AttnProbFunction,
+    IOType,
+    LayerAccessor,
+    RenameConfig,
+    RenamingError,
+    check_io,
+    check_model_renaming,
+    expand_path_with_model,
+    get_hidden_size,
+    get_ignores,
+    get_num_attention_heads,
+    get_rename_dict,
+    get_vocab_size,
+    text_config,
+)
 from unilens.model.transformer import StandardizedTransformer
+from unilens.testing import ZOO_REQUIRED, tiny_model
 
 PROMPT = "The capital of France is"
 OTHER = "One, two, three,"

@@ -16,7 +16,12 @@ from torch import nn
 
 from unilens import StandardizedTransformer
 from unilens.arch.discovery import Architecture
-from unilens.arch.offload import OffloadError, detached_copy, offloaded_parameter_names, parameter
+from unilens.arch.offload import (
+    OffloadError,
+    detached_copy,
+    offloaded_parameter_names,
+    parameter,
+)
 from unilens.testing import tiny_model
 
 # Every standardized tensor of the README's list, read through `model.read` (names in any order).
@@ -83,9 +88,9 @@ def _assert_same(a, b, what: str) -> None:
 
 
 def _check_everything(ref: StandardizedTransformer, off: StandardizedTransformer) -> None:
-    from unilens.analysis.patching import activation_patching, attribution_patching
     from unilens.analysis.attribution import direct_logit_attribution
     from unilens.analysis.lens import logit_lens
+    from unilens.analysis.patching import activation_patching, attribution_patching
 
     hf_off = off.module_accessor.model
     offloaded = offloaded_parameter_names(hf_off)
@@ -121,7 +126,10 @@ def _check_everything(ref: StandardizedTransformer, off: StandardizedTransformer
         return out
 
     _assert_same(traced(ref), traced(off), "trace")
-    from unilens.compat.nnsight_utils import compute_next_token_probs, get_token_activations
+    from unilens.compat.nnsight_utils import (
+        compute_next_token_probs,
+        get_token_activations,
+    )
 
     _assert_same(get_token_activations(ref, TEXTS), get_token_activations(off, TEXTS), "get_token_activations")
     _assert_same(compute_next_token_probs(ref, TEXTS), compute_next_token_probs(off, TEXTS), "next_token_probs")
@@ -196,8 +204,8 @@ def test_offloaded_tiny_equals_in_memory(model_type, disk_layers, disk_parts, tm
 @pytest.mark.slow
 def test_offloaded_smollm2_equals_in_memory(tmp_path):
     from unilens import load_default
-    from unilens.analysis.patching import activation_patching
     from unilens.analysis.lens import logit_lens
+    from unilens.analysis.patching import activation_patching
     from unilens.arch.loading import default_model_path
 
     ref = load_default()

@@ -9,10 +9,17 @@ import torch
 
 from unilens import StandardizedTransformer
 from unilens.arch.discovery import NO_POSITION_EMBEDDING, discover, probe_dataflow
+from unilens.compat.tl import (
+    TLNameError,
+    hook_names,
+    resolve,
+    run_with_cache,
+    run_with_hooks,
+    to_tokens,
+)
 from unilens.hooks.points import UnsupportedHookPoint
 from unilens.hooks.reads import forward_order
 from unilens.testing import ZOO_REQUIRED, tiny_model
-from unilens.compat.tl import TLNameError, hook_names, resolve, run_with_cache, run_with_hooks, to_tokens
 
 PROMPTS = ["The capital of France is", "Hi there"]  # two lengths: a padded batch (OPT's positions follow the mask)
 # From the transformers source: GPT-2 adds ``wpe(position_ids)``, OPT ``embed_positions(attention_mask)``; every

@@ -11,7 +11,12 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from unilens.analysis.prompts import Prompt, get_first_tokens, prompts_to_df, run_prompts
+from unilens.analysis.prompts import (
+    Prompt,
+    get_first_tokens,
+    prompts_to_df,
+    run_prompts,
+)
 from unilens.testing import tiny_model
 
 PROMPTS = [

@@ -13,10 +13,21 @@ import nnsight
 import pytest
 import torch
 
-from unilens import StandardizedTransformer, activation_patching, cache_activations, logit_lens
+from unilens import (
+    StandardizedTransformer,
+    activation_patching,
+    cache_activations,
+    logit_lens,
+)
 from unilens.core.names import CATALOGUE
-from unilens.model.remote import REMOTE_TABLE_NAMES, Loopback, RemoteUnsupportedError, check_block, meta_structure
 from unilens.hooks.reads import forward_order
+from unilens.model.remote import (
+    REMOTE_TABLE_NAMES,
+    Loopback,
+    RemoteUnsupportedError,
+    check_block,
+    meta_structure,
+)
 from unilens.testing import ZOO_REQUIRED, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,8 +13,12 @@ import pytest
 import torch
 
 from unilens import StandardizedTransformer
+from unilens.scale.sae import (
+    ActivationBatches,
+    export_to_datasets,
+    transformer_lens_hook_name,
+)
 from unilens.scale.store import cache_activations
-from unilens.scale.sae import ActivationBatches, export_to_datasets, transformer_lens_hook_name
 from unilens.testing import tiny_model
 
 TEXTS = [

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from unilens import StandardizedTransformer, load_default
-from unilens.compat import tl
 from unilens.arch.loading import default_model_path, load_hf_model
+from unilens.compat import tl
 from unilens.testing import tiny_model
 
 PROMPT = "The capital of France is"

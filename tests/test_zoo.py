@@ -10,7 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from unilens.testing import ZOO_REQUIRED, all_causal_model_types, make_tokenizer, tiny_config, tiny_model, try_build
+from unilens.testing import (
+    ZOO_REQUIRED,
+    all_causal_model_types,
+    make_tokenizer,
+    tiny_config,
+    tiny_model,
+    try_build,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["The capital of France is", "When Mary and John went to the store, John gave a drink to"]

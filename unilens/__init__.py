@@ -18,15 +18,22 @@ The package is layered (docs/architecture.md); each tier imports only from the t
 import importlib
 import sys
 
-from .analysis import activation_patching, attribution_patching, logit_lens, patchscope_lens, TargetPrompt
+from .analysis import (
+    TargetPrompt,
+    activation_patching,
+    attribution_patching,
+    logit_lens,
+    patchscope_lens,
+)
 from .analysis.prompts import Prompt, run_prompts
 from .arch.discovery import Architecture, ArchitectureError
 from .arch.loading import default_model_path
-from .model import StandardizedTransformer, load_default
-from .scale.store import ActivationStore, cache_activations
+
 # nnterp's top-level names, with nnterp's signatures (RenameConfig first; a RenameConfig / rename= steer discovery)
 from .compat.nnsight_utils import ModuleAccessor
 from .compat.nnterp import get_rename_dict
+from .model import StandardizedTransformer, load_default
+from .scale.store import ActivationStore, cache_activations
 
 __version__ = "0.1.0"
 

@@ -8,6 +8,7 @@ from typing import Sequence
 import torch
 
 from ..arch.offload import module_device
+from ..core.protocol import StandardizedModel
 from ..core.tensors import last_real_positions
 from .arguments import Prompts, _encode, _layer_list
 
@@ -28,6 +29,19 @@ def _unembed(model, hidden: torch.Tensor) -> torch.Tensor:
     device = module_device(model.module_accessor.get_unembed())  # accelerate's execution device when dispatched
     with torch.no_grad():
         return model.module_accessor.project_on_vocab(hidden.to(device))
+
+
+def remote_logit_lens(model: StandardizedModel, batch: dict[str, torch.Tensor], all_positions: bool = False) -> torch.Tensor:
+    """``logit_lens``'s logits computed on the server (one request): every layer's residual stream, stacked
+    ``(batch, layers, [seq,] hidden)``, through the final norm and unembedding there; float32."""
+    n = model.num_layers
+    with torch.no_grad(), model.trace(batch, **model._keep_last_logits_kwargs()):
+        stacked = torch.stack([model.layers_output[i] for i in range(n)], dim=1)  # (batch, layers, seq, hidden)
+        if not all_positions:
+            last = last_real_positions(batch["attention_mask"]).to(stacked.device)
+            stacked = stacked[torch.arange(stacked.shape[0], device=stacked.device), :, last]  # (batch, layers, hidden)
+        logits = model.project_on_vocab(stacked).float().save()
+    return logits
 
 
 def logit_lens(
@@ -57,8 +71,6 @@ def logit_lens(
     model = nn_model  # nnterp's argument name
     batch = _encode(model, prompts)
     if model.__dict__.get("_remote_mode"):  # the unembedding's weights are on the server: it runs there
-        from ..model.remote import remote_logit_lens
-
         logits = remote_logit_lens(model, batch, all_positions)
         probs = torch.softmax(logits, dim=-1)
         return (probs, torch.softmax(-logits, dim=-1)) if return_inv_logits else probs

@@ -6,8 +6,7 @@ from typing import Sequence
 
 import torch
 
-from .arguments import _encode
-from .arguments import Prompts, _layer_list
+from .arguments import Prompts, _encode, _layer_list
 
 
 def steer_all(

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from .offload import check_offload_map, is_dispatched

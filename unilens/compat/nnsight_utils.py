@@ -21,9 +21,10 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ..arch.discovery import ModuleMap, discover, probe_dataflow
 from ..core.protocol import StandardizedModel
-from ..arch.discovery import ModuleMap
 from ..core.tensors import rows_position
+from .nnterp import apply_rename_config, resolve_rename_options
 
 __all__ = [
     "GetModuleOutput",
@@ -70,9 +71,6 @@ class ModuleAccessor(ModuleMap):
     def __init__(self, model: Any, rename_config: Any = None, rename: dict[str, str] | None = None,
                  architecture: Any = None):
         if architecture is None:
-            from ..arch.discovery import discover, probe_dataflow
-            from .nnterp import apply_rename_config, resolve_rename_options
-
             config, _ = resolve_rename_options(rename_config, rename, {})
             architecture = apply_rename_config(model, discover(model), config)
             probe_dataflow(model, architecture)  # the final norm, settled by data flow

@@ -35,10 +35,20 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from ..arch.discovery import (
+    _NORM_CLASS,
+    Architecture,
+    ArchitectureError,
+    LayerParts,
+    _find_attention,
+    _find_mlp,
+    discover,
+)
+from ..arch.discovery import get_rename_dict as _discovery_rename
+from ..arch.structure import computes_softmax_attention, owns_projection
 from ..core import config as _config
 from ..core.protocol import StandardizedModel
-from ..arch.discovery import Architecture, ArchitectureError, LayerParts, _find_attention, _find_mlp
-
+from ..hooks.attention import AttentionHookAccessor
 
 __all__ = [
     "ATTENTION_NAMES",
@@ -157,7 +167,6 @@ def expand_path_with_model(paths: list[str]) -> list[str]:
 
 
 def _generic_names(alias: str) -> list[str]:
-    from ..arch.discovery import get_rename_dict as _discovery_rename
 
     return [path for path, target in _discovery_rename().items() if target == alias]
 
@@ -439,9 +448,6 @@ def _check_named_parts(stack: nn.ModuleList, arch: Architecture, cfg: RenameConf
     """A named attention must compute softmax attention and own a projection; a named MLP must own a projection and
     be no norm (the load-time check compares the residual stream with HF's, not the branches, so this is checked
     here): a wrong name is a RenamingError, never a silently wrong tensor."""
-    from ..arch.structure import computes_softmax_attention, owns_projection
-    from ..arch.discovery import _NORM_CLASS
-
     for i, parts in enumerate(arch.layers):
         layer = stack[i]
         if cfg.attn_name is not None and parts.attention is not None:
@@ -536,9 +542,6 @@ def get_rename_dict(
         >>> get_rename_dict(model=hf)["transformer.h"]
         'layers'
     """
-    from ..arch.discovery import discover
-    from ..arch.discovery import get_rename_dict as _discovery_rename
-
     if isinstance(rename_config, nn.Module):  # unilens's earlier positional form get_rename_dict(model, ...)
         model, rename_config = rename_config, None
     config, aliases = resolve_rename_options(rename_config, None, {})
@@ -571,8 +574,6 @@ def get_ignores(model: Any, rename_config: RenameConfig | None = None) -> list[s
         >>> get_ignores(hf), get_ignores(hf, RenameConfig(ignore_mlp=True))
         ([], ['mlp'])
     """
-    from ..arch.discovery import discover
-
     arch = getattr(model, "architecture", None)
     if not isinstance(arch, Architecture):
         arch = apply_rename_config(model, discover(model), rename_config)
@@ -692,7 +693,6 @@ class AttentionProbabilitiesAccessor:
         object.__setattr__(self, "source_attr", source or _unilens_probabilities)
         object.__setattr__(self, "custom", source is not None and source is not _unilens_probabilities)
         if general is None:
-            from ..hooks.attention import AttentionHookAccessor
 
             general = AttentionHookAccessor(model, "probabilities")
         object.__setattr__(self, "general", general)

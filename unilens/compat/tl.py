@@ -26,8 +26,20 @@ import torch
 from ..core.protocol import StandardizedModel
 from ..hooks.reads import Location, read
 from .tl_cache import ActivationCache, CacheAnalysis, final_norm_affine
-from .tl_names import (BLOCK_ALIASES, HEADS_FIRST, MODEL_ALIASES, PRE_NORM, REFUSED, RESID_DIFF, SAME, HookPointInfo,
-                       TLNameError, get_act_name, hook_names, resolve)  # fmt: skip
+from .tl_names import (
+    BLOCK_ALIASES,
+    HEADS_FIRST,
+    MODEL_ALIASES,
+    PRE_NORM,
+    REFUSED,
+    RESID_DIFF,
+    SAME,
+    HookPointInfo,
+    TLNameError,  # fmt: skip
+    get_act_name,
+    hook_names,
+    resolve,
+)
 from .tl_tokens import _inputs, to_single_token, to_str_tokens, to_string, to_tokens
 
 __all__ = ["ActivationCache", "BLOCK_ALIASES", "CacheAnalysis", "HEADS_FIRST", "HookPointInfo", "MODEL_ALIASES",

@@ -19,8 +19,8 @@ from ..arch.discovery import NO_POSITION_EMBEDDING
 from ..core.names import CATALOGUE, PRE_NORM, SAME
 from ..core.names import TL_HEADS_FIRST as HEADS_FIRST
 from ..core.protocol import StandardizedModel
-from ..hooks.reads import Location, _layer_sites, read
 from ..hooks.points import LAYER_POINTS, MODEL_POINTS
+from ..hooks.reads import Location, _layer_sites, read
 
 __all__ = ["BLOCK_ALIASES", "HEADS_FIRST", "MODEL_ALIASES", "PRE_NORM", "REFUSED", "RESID_DIFF", "SAME",
            "HookPointInfo", "TLNameError", "get_act_name", "hook_names", "resolve"]  # fmt: skip

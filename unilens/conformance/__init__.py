@@ -2,7 +2,12 @@
 diverge (``diff``), planted faults to test both with (``faults``), and the support report over the model zoo
 (``support``)."""
 
-from .diff import DivergenceReport, DivergenceRow, diff_model_implementations, diff_models
+from .diff import (
+    DivergenceReport,
+    DivergenceRow,
+    diff_model_implementations,
+    diff_models,
+)
 from .kernels import (
     AttentionCase,
     AttentionImplementation,

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-
+from ..arch.discovery import ModuleMap
 from .kernels import _as_dtype
 
 __all__ = ["DivergenceReport", "DivergenceRow", "diff_model_implementations", "diff_models"]
@@ -120,8 +120,6 @@ def _first_tensor(output: Any) -> torch.Tensor | None:
 
 
 def _capture(model: nn.Module, inputs: dict[str, Any]) -> dict[tuple[int, str], torch.Tensor]:
-    from ..arch.discovery import ModuleMap
-
     accessor = ModuleMap(model)
     captured: dict[tuple[int, str], torch.Tensor] = {}
     handles = []
@@ -201,8 +199,6 @@ def _to_dtype(value: Any, dtype: torch.dtype | None) -> Any:
 
 def _sites(model: nn.Module) -> list[tuple[tuple[int, str], nn.Module]]:
     """((layer, component), module) in forward order: attention, MLP, then the whole layer ("residual")."""
-    from ..arch.discovery import ModuleMap
-
     accessor = ModuleMap(model)
     sites = []
     for i, layer in enumerate(accessor.get_layers()):

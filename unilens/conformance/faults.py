@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..arch.discovery import ModuleMap
 from .kernels import AttentionImplementation
 
 FAULT_NAMES = (
@@ -280,8 +281,6 @@ def plant_attention_fault(model: nn.Module, layer: int, fault: str) -> nn.Module
     import copy
 
     from transformers import AttentionInterface
-
-    from ..arch.discovery import ModuleMap
 
     if fault not in MODEL_FAULTS:
         raise ValueError(f"unknown fault {fault!r}; choose one of {sorted(MODEL_FAULTS)}")

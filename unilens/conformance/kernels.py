@@ -432,9 +432,15 @@ class AttentionImplementation:
 
 def _eager_dispatch(module, query, key, value, attention_mask, **kwargs):
     """transformers' own eager functions: GPT-OSS's when the module has sinks, Gemma 2's for softcap, else Llama's."""
-    from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward as gemma2_eager
-    from transformers.models.gpt_oss.modeling_gpt_oss import eager_attention_forward as gpt_oss_eager
-    from transformers.models.llama.modeling_llama import eager_attention_forward as llama_eager
+    from transformers.models.gemma2.modeling_gemma2 import (
+        eager_attention_forward as gemma2_eager,
+    )
+    from transformers.models.gpt_oss.modeling_gpt_oss import (
+        eager_attention_forward as gpt_oss_eager,
+    )
+    from transformers.models.llama.modeling_llama import (
+        eager_attention_forward as llama_eager,
+    )
 
     has_sinks = getattr(module, "sinks", None) is not None
     softcap = kwargs.get("softcap")

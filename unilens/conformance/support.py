@@ -11,6 +11,12 @@ from typing import Sequence
 
 import torch
 
+from ..arch.discovery import discover, probe_position_embedding
+from ..model.remote import REMOTE_TABLE_NAMES, remote_support
+from ..model.transformer import StandardizedTransformer
+from ..model.validation import hf_reference_forward, validate_model
+from ..testing import all_causal_model_types, tiny_model
+
 __all__ = ["SupportRow", "check_model_type", "support_report", "write_support_report"]
 
 PROMPTS = ["The capital of France is", "A cat sat on the mat and"]
@@ -34,9 +40,6 @@ class SupportRow:
 
 
 def _hf_attentions(model_type: str, enc) -> tuple | None:
-    from ..testing import tiny_model
-    from ..model.validation import hf_reference_forward
-
     try:
         eager, _ = tiny_model(model_type, attn_implementation="eager")
         out = hf_reference_forward(eager, dict(enc), output_attentions=True)
@@ -56,10 +59,6 @@ def check_model_type(model_type: str) -> SupportRow:
         >>> row.residual_matches, row.attention_probs
         (True, 'match')
     """
-    from ..model.transformer import StandardizedTransformer
-    from ..testing import tiny_model
-    from ..model.validation import validate_model
-
     try:
         hf, tok = tiny_model(model_type)
     except Exception as err:
@@ -129,8 +128,6 @@ def support_report(model_types: list[str] | None = None, progress: bool = True) 
         >>> [r.residual_matches for r in rows]
         [True, True]
     """
-    from ..testing import all_causal_model_types
-
     types = model_types or all_causal_model_types()
     rows = []
     iterator = types
@@ -223,10 +220,6 @@ def support_table(model_types: Sequence[str]) -> str:
         True
     """
     from types import SimpleNamespace
-
-    from ..arch.discovery import discover, probe_position_embedding
-    from ..model.remote import REMOTE_TABLE_NAMES, remote_support
-    from ..testing import tiny_model
 
     names = [*REMOTE_TABLE_NAMES, "hook_points"]
     lines = ["| model type | " + " | ".join(f"`{n}`" for n in names) + " |", "|---" * (len(names) + 1) + "|"]

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+
 def _first(value: Any) -> torch.Tensor:
     """Module outputs are a tensor or a tuple whose first element is the tensor we standardize."""
     return value[0] if isinstance(value, (tuple, list)) else value

@@ -16,7 +16,12 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
 from ..arch.offload import parameter
-from ..arch.structure import find_output_projection, is_projection, is_quantized, uses_attention_interface
+from ..arch.structure import (
+    find_output_projection,
+    is_projection,
+    is_quantized,
+    uses_attention_interface,
+)
 from ..core.accessors import LayerIndexed
 from ..core.config import heads_attribute
 from ..core.memo import ProcessLock, memoize

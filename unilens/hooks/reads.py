@@ -11,11 +11,19 @@ import torch
 from nnsight import save as _nnsight_save
 
 from ..arch.probe import Probe
-from ..core.names import ATTENTION, CATALOGUE, LAYER_NAMES, MODEL_NAMES, POINT, RemoteUnsupportedError, names_of_kind, remote_refusal
+from ..core.names import (
+    ATTENTION,
+    CATALOGUE,
+    LAYER_NAMES,
+    MODEL_NAMES,
+    POINT,
+    RemoteUnsupportedError,
+    names_of_kind,
+    remote_refusal,
+)
 from ..core.protocol import StandardizedModel
 from ..core.tensors import _check_shape
 from .attention import HOOK_NAMES, request_materialize
-
 
 __all__ = ["LAYER_ACCESSORS", "MODEL_ACCESSORS", "Location", "forward_order", "parse_names", "read",
            "explain_out_of_order"]  # fmt: skip

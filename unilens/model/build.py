@@ -15,7 +15,14 @@ from typing import Any, Callable
 from nnsight import LanguageModel
 from torch import nn
 
-from ..arch.discovery import Architecture, ModuleMap, discover, get_rename_dict, probe_dataflow, probe_parallel
+from ..arch.discovery import (
+    Architecture,
+    ModuleMap,
+    discover,
+    get_rename_dict,
+    probe_dataflow,
+    probe_parallel,
+)
 from ..arch.loading import load_hf_model
 from ..arch.offload import prepare_dispatched
 from ..compat.nnterp import (

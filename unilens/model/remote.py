@@ -12,14 +12,20 @@ import warnings
 from typing import Any, Iterator
 
 import torch
-
-from .loopback import Loopback, _fresh_class_trackers
 from nnsight import LanguageModel
 from transformers import AutoTokenizer, PretrainedConfig, PreTrainedModel
 
 from ..arch.discovery import discover, get_rename_dict, probe_dataflow, probe_parallel
+from ..core.names import (
+    CATALOGUE,
+    NO_HOOK_POINTS,
+    POINT,
+    RemoteUnsupportedError,
+    remote_refusal,
+)
 from .build import Parts
-from ..core.names import CATALOGUE, NO_HOOK_POINTS, POINT, RemoteUnsupportedError, remote_refusal
+from .loopback import Loopback, _fresh_class_trackers
+from .validation import ValidationError, _tol
 
 # The columns of remote mode's support table (docs/remote.md): every standardized name but the hook points, which
 # are one column ("hook_points").
@@ -291,8 +297,6 @@ def probe_copy(structure: Any, arch: Any) -> tuple[Any, int]:
                 setattr(text, name, None)
     try:
         small = _build_random(config)
-        from ..arch.discovery import discover
-
         if discover(small).layers != arch.layers[:keep] or (keep < n and discover(small).num_layers != keep):
             raise ValueError("the reduced config builds other layers")
         return small, keep
@@ -312,8 +316,6 @@ def remote_architecture(structure: Any) -> Any:
         >>> remote_architecture(meta_structure(hf.config)) == local
         True
     """
-    from ..arch.discovery import discover, probe_dataflow, probe_parallel
-
     arch = discover(structure)
     small, kept = probe_copy(structure, arch)
     found = discover(small)
@@ -347,8 +349,6 @@ def validate_remote(model: Any, text: str = "The quick brown fox jumps over the 
         >>> max(validate_remote(model).values()) < 1e-5
         True
     """
-    from .validation import ValidationError, _tol
-
     ids = model.tokenizer(text, return_tensors="pt")["input_ids"][:, :12]
     n = model.num_layers
     with torch.no_grad(), model.trace(ids, output_hidden_states=True):
@@ -476,21 +476,6 @@ def remote_parts(
         structure.hf_device_map = {"": "meta"}  # placed already: transformers' pipeline must not move (copy) it
     no_hooks = [None] * arch.num_layers  # no hook points remotely
     return Parts(structure, tokenizer, arch, rename, no_hooks, rename_config=rename_config), repo_id
-
-
-def remote_logit_lens(model: Any, batch: dict[str, torch.Tensor], all_positions: bool = False) -> torch.Tensor:
-    """``logit_lens``'s logits computed on the server (one request): every layer's residual stream, stacked
-    ``(batch, layers, [seq,] hidden)``, through the final norm and unembedding there; float32."""
-    from ..core.tensors import last_real_positions
-
-    n = model.num_layers
-    with torch.no_grad(), model.trace(batch, **model._keep_last_logits_kwargs()):
-        stacked = torch.stack([model.layers_output[i] for i in range(n)], dim=1)  # (batch, layers, seq, hidden)
-        if not all_positions:
-            last = last_real_positions(batch["attention_mask"]).to(stacked.device)
-            stacked = stacked[torch.arange(stacked.shape[0], device=stacked.device), :, last]  # (batch, layers, hidden)
-        logits = model.project_on_vocab(stacked).float().save()
-    return logits
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -9,21 +9,26 @@ import torch
 from nnsight import LanguageModel
 from transformers import PreTrainedModel
 
-from ..arch.discovery import NO_POSITION_EMBEDDING, ArchitectureError, apply_logit_postprocessing
+from ..arch.discovery import (
+    NO_POSITION_EMBEDDING,
+    ArchitectureError,
+    apply_logit_postprocessing,
+)
 from ..arch.loading import default_model_path
-from ..core.accessors import LayerModules, LayerTensors
-from ..core.config import context_length
-from ..core.tensors import _check_inputs, _check_shape, last_real_positions
 from ..arch.offload import module_device
 from ..arch.weights import WeightViews
 from ..compat.nnterp import get_num_attention_heads
 from ..compat.nnterp_methods import NnterpMethods
 from ..compat.tl import TLMethods
+from ..core.accessors import LayerModules, LayerTensors
+from ..core import config as hf_config
+from ..core.config import context_length
 from ..core.names import ATTENTION, CATALOGUE, LAYER_NAMES, MODULE
+from ..core.tensors import _check_inputs, _check_shape, last_real_positions
 from ..hooks.attention import AttentionHookAccessor
 from ..hooks.points import HookPointAccessor, UnsupportedHookPoint
-from ..hooks.steering import add_to_residual, position_mask
 from ..hooks.reads import ReadOrderError, _OutOfOrderError, explain_out_of_order, read
+from ..hooks.steering import add_to_residual, position_mask
 from .build import attach, finish_local, local_parts
 from .remote import RemoteMode, RemoteUnsupportedError, refusal, remote_parts
 
@@ -274,15 +279,6 @@ class StandardizedTransformer(RemoteMode, TLMethods, NnterpMethods, LanguageMode
     def num_layers(self) -> int:
         return self.architecture.num_layers
 
-    def _config_value(self, *keys: str):
-        config = self.module_accessor.model.config
-        text_config = getattr(config, "get_text_config", lambda: config)()
-        for key in keys:
-            value = getattr(text_config, key, None)
-            if value is not None:
-                return value
-        return None
-
     @property
     def hidden_size(self) -> int:
         return int(self.module_accessor.get_embed_tokens().weight.shape[-1])
@@ -296,19 +292,17 @@ class StandardizedTransformer(RemoteMode, TLMethods, NnterpMethods, LanguageMode
         config = self.__dict__.get("rename_config")
         if getattr(config, "attn_head_config_key", None) is not None:  # RenameConfig names the key / the number
             return int(get_num_attention_heads(self.module_accessor.model, rename_config=config))
-        return int(self._config_value("num_attention_heads", "n_head", "num_heads", "n_heads"))
+        return int(hf_config.num_attention_heads(self.module_accessor.model.config))
 
     @property
     def num_kv_heads(self) -> int:
-        value = self._config_value("num_key_value_heads", "num_kv_heads", "n_head_kv", "multi_query_group_num")
-        if value is None and self._config_value("multi_query"):
-            return 1
-        return int(value) if value is not None else self.num_heads
+        value = hf_config.num_kv_heads(self.module_accessor.model.config)  # None: one kv head per query head
+        return value if value is not None else self.num_heads
 
     @property
     def head_dim(self) -> int:
-        value = self._config_value("head_dim")
-        return int(value) if value else self.hidden_size // self.num_heads
+        value = hf_config.head_dim(self.module_accessor.model.config)  # None: the config states none
+        return value if value is not None else self.hidden_size // self.num_heads
 
     @property
     def weights(self):

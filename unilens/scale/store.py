@@ -67,7 +67,12 @@ import sys
 
 from .cli_cache import main, main_cache, read_texts
 from .reader import ActivationDataset, ActivationStore
-from .store_format import CACHEABLE_NAMES, CacheCorruptError, CacheDiskFullError, CacheError
+from .store_format import (
+    CACHEABLE_NAMES,
+    CacheCorruptError,
+    CacheDiskFullError,
+    CacheError,
+)
 from .writer import cache_activations
 
 __all__ = [

@@ -19,12 +19,24 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 import torch
 
-from ..core.distributed import RankProgress, all_gather_objects, barrier, broadcast_object, rank_world
+from ..core.distributed import (
+    RankProgress,
+    all_gather_objects,
+    barrier,
+    broadcast_object,
+    rank_world,
+)
 from ..core.names import HEADS_FIRST, PROBS
 from .capture import _generate_steps, _per_token, _probe_rows, _run_batch
 from .plan import _batches, _pad_id, _plan_shards, _tokenize, _Tokens
 from .reader import ActivationStore
-from .shard_file import _atomic_write, _commit, _ShardFile, _write_manifest, _write_shard
+from .shard_file import (
+    _atomic_write,
+    _commit,
+    _ShardFile,
+    _write_manifest,
+    _write_shard,
+)
 from .store_format import (
     _CHECKSUM,
     _DISK_FULL,

@@ -7,6 +7,22 @@ import sys
 import textwrap
 from typing import Sequence
 
+from ..analysis.lens import logit_lens
+from ..analysis.patching import activation_patching
+from ..arch.loading import default_model_path, gguf_cache_dir, load_hf_model
+from ..conformance.diff import diff_model_implementations
+from ..conformance.kernels import ImplementationUnavailable, run_attn_check
+from ..conformance.support import write_support_report
+from ..model.transformer import StandardizedTransformer, load_default
+from ..scale.store import CacheDiskFullError, CacheError, main_cache
+from ..testing import all_causal_model_types, tiny_model
+from .display import (
+    attention_viewer_html,
+    plot_logit_lens_heatmap,
+    plot_patching_heatmap,
+    token_label,
+)
+
 EXAMPLES = """\
 examples:
   unilens demo                                       # logit lens of the embedded SmolLM2 on a fixed prompt
@@ -29,20 +45,12 @@ DEMO_PROMPT = "The capital of France is"
 def _load(source: str | None, **kwargs):
     import torch
 
-    from ..model.transformer import StandardizedTransformer, load_default
-
     if source is None:
-        from ..arch.loading import default_model_path, gguf_cache_dir
-
         if not (gguf_cache_dir(default_model_path()) / "config.json").exists():  # only when it will convert
             print("converting the embedded SmolLM2-135M-Instruct GGUF file once (about a minute; cached after)...",
                   file=sys.stderr)
         return load_default(**kwargs)
-    from ..testing import all_causal_model_types
-
     if source in all_causal_model_types():  # a bare model type: its tiny random zoo model (for quick checks)
-        from ..testing import tiny_model
-
         hf, tok = tiny_model(source)
         return StandardizedTransformer(hf, tokenizer=tok, **kwargs)
     kwargs.setdefault("dtype", torch.float32)
@@ -55,8 +63,6 @@ def _token(tokenizer, token_id: int) -> str:
 
 def lens_table(model, prompt: str, k: int = 3) -> str:
     """The logit lens of ``prompt`` as a text table: one row per layer, the top-``k`` next tokens with probabilities."""
-    from ..analysis.lens import logit_lens
-
     probs = logit_lens(model, [prompt])[0]  # (layers, vocab)
     top = probs.topk(k, dim=-1)
     width = 26
@@ -86,9 +92,6 @@ def cmd_lens(args) -> int:
     model = _load(args.model)
     print(lens_table(model, args.prompt, k=args.k))
     if args.html:
-        from .display import plot_logit_lens_heatmap
-        from ..analysis.lens import logit_lens
-
         probs = logit_lens(model, [args.prompt], all_positions=True)[0]  # (layers, seq, vocab)
         ids = model.tokenizer(args.prompt)["input_ids"]
         plot_logit_lens_heatmap(probs, model.tokenizer, ids, k=args.k, title=args.prompt, file=args.html)
@@ -98,8 +101,6 @@ def cmd_lens(args) -> int:
 
 def cmd_attention(args) -> int:
     import torch
-
-    from .display import attention_viewer_html, token_label
 
     model = _load(args.model)
     layers = model.architecture.attention_layers if args.layer is None else [args.layer]
@@ -120,8 +121,6 @@ def cmd_attention(args) -> int:
 
 
 def cmd_patch(args) -> int:
-    from ..analysis.patching import activation_patching
-
     model = _load(args.model)
     target = model.tokenizer(args.target, add_special_tokens=False)["input_ids"]
     against = model.tokenizer(args.against, add_special_tokens=False)["input_ids"] if args.against else None
@@ -145,8 +144,6 @@ def cmd_patch(args) -> int:
     for layer, row in zip(layer_list, result):
         print(f"{layer:>5} " + "".join(f"{float(v):>12.3f}" for v in row))
     if args.html:
-        from .display import plot_patching_heatmap
-
         plot_patching_heatmap(result, x_labels=tokens if args.component != "head" else None, title="activation patching").write_html(
             args.html, include_plotlyjs=True
         )
@@ -155,8 +152,6 @@ def cmd_patch(args) -> int:
 
 
 def cmd_support(args) -> int:
-    from ..conformance.support import write_support_report
-
     types = args.types.split(",") if args.types else None
     summary = write_support_report(args.out, types)
     print(textwrap.indent("\n".join(f"{k}: {v}" for k, v in summary.items()), "  "))
@@ -165,8 +160,6 @@ def cmd_support(args) -> int:
 
 
 def cmd_attn_check(args) -> int:
-    from ..conformance.kernels import ImplementationUnavailable, run_attn_check
-
     try:
         report = run_attn_check(args.kernel or args.impl, dtypes=args.dtype or ("float32", "bfloat16", "float16"),
                                 cases=args.case, seed=args.seed, level=args.level, padded_queries=args.padded_queries)
@@ -182,15 +175,9 @@ def cmd_attn_check(args) -> int:
 def cmd_diff(args) -> int:
     import torch
 
-    from ..conformance.kernels import diff_model_implementations
-
     def factory():
-        from ..testing import all_causal_model_types, tiny_model
-
         if args.source in all_causal_model_types():
             return tiny_model(args.source)[0]
-        from ..arch.loading import load_hf_model
-
         return load_hf_model(args.source, dtype=torch.float32)[0]
 
     report = diff_model_implementations(factory, a=args.a, b=args.b, dtype=args.dtype)
@@ -202,8 +189,6 @@ def cmd_diff(args) -> int:
 
 def cmd_cache(args) -> int:
     import os
-
-    from ..scale.store import CacheDiskFullError, CacheError, main_cache
 
     try:  # under `torchrun --nproc-per-node N -m unilens cache ...` every rank runs this; main_cache joins the group
         store = main_cache(args.texts, args.names, args.out, args.model, args.batch_size, args.max_length,
