@@ -357,3 +357,118 @@ def test_attention_viewer_dict_of_layers(browser, tmp_path):
     assert page.eval_on_selector_all("[data-head]", "els => els.map(e => e.dataset.head)") == ["5.0", "5.1", "5.2", "5.3"]
     assert problems == []
     page.close()
+
+
+# ------------------------------------------------------------------------------------------
+# Readable sizes, axis labels and colour scale, image export (issue 27)
+# ------------------------------------------------------------------------------------------
+
+
+def test_plot_topk_tokens_default_size_grows_with_layers(tok):
+    fig = plot_topk_tokens(random_probs(30, 512), tok, k=5)  # a 30-layer model's logit lens
+    plot_height = fig.layout.height - fig.layout.margin.t - fig.layout.margin.b if fig.layout.margin.t else \
+        fig.layout.height - 180  # plotly's default margins: 100 top, 80 bottom
+    assert plot_height / 30 >= 24  # px a layer row: room for 12 px cell text (nnterp's 300 px gave 4)
+    assert fig.layout.yaxis.dtick == 1  # every layer labelled
+    assert fig.layout.width >= 110 * 5  # px a rank column
+    small = plot_topk_tokens(random_probs(3, 512), tok, k=2)
+    assert small.layout.height < fig.layout.height
+    batched = plot_topk_tokens(random_probs(2, 30, 512), tok, k=5)
+    assert batched.layout.height == 2 * fig.layout.height  # per prompt's subplot
+    assert plot_topk_tokens(random_probs(30, 512), tok, height=300, width=400).layout.height == 300  # as asked
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def test_png_export(tmp_path):
+    """kaleido (the display extra, the lock) writes PNGs through Debian's Chromium (`make browser`)."""
+    if os.environ.get("UNILENS_NO_BROWSER") == "1":
+        pytest.skip("UNILENS_NO_BROWSER=1")
+    stub = StubTokenizer()
+    probs = torch.tensor([[0.5, 0.3, 0.1, 0.05, 0.03, 0.02], [0.02, 0.03, 0.05, 0.1, 0.3, 0.5]])
+    file = tmp_path / "topk.png"
+    fig = plot_topk_tokens(probs, stub, k=3, file=file)
+    assert _png_size(file) == (fig.layout.width, fig.layout.height)
+    assert (tmp_path / "topk.html").is_file()  # save_html: the interactive page beside it
+
+
+def test_image_export_errors_are_one_line(monkeypatch, tok, tmp_path):
+    import plotly.basedatatypes
+
+    def no_kaleido(self, *args, **kwargs):  # what plotly 7 raises where kaleido is not installed
+        raise RuntimeError('\nImage export requires the Kaleido package, v1.0.0 or greater,\nwhich can be installed '
+                           'using pip:\n\n    $ pip install --upgrade "kaleido>=1"\n')
+
+    monkeypatch.setattr(plotly.basedatatypes.BaseFigure, "write_image", no_kaleido)
+    monkeypatch.setitem(sys.modules, "kaleido", None)  # not installed
+    with pytest.raises(ImportError, match=r"needs kaleido .*pip install 'unilens\[display\]'") as err:
+        plot_topk_tokens(random_probs(2, 512), tok, file=tmp_path / "a.png")
+    assert "\n" not in str(err.value)
+    monkeypatch.delitem(sys.modules, "kaleido")
+
+    def no_chrome(self, *args, **kwargs):  # what plotly + kaleido raise where no Chrome / Chromium is found
+        raise RuntimeError("\n\nKaleido requires Google Chrome to be installed.\n\nEither download and install ...")
+
+    monkeypatch.setattr(plotly.basedatatypes.BaseFigure, "write_image", no_chrome)
+    from unilens.ui.display import ImageExportError
+
+    with pytest.raises(ImageExportError, match="needs Chrome or Chromium.*make browser") as err:
+        plot_topk_tokens(random_probs(2, 512), tok, file=tmp_path / "a.png")
+    assert "\n" not in str(err.value) and isinstance(err.value, RuntimeError)
+
+
+def _label_geometry(page, head: str, axis: str) -> list[dict]:
+    """Each axis label's index, text and centre, and the head's canvas box (page pixels)."""
+    return page.evaluate(
+        """([head, axis]) => {
+            const box = document.querySelector(`[data-head="${head}"]`);
+            const c = box.querySelector("canvas").getBoundingClientRect();
+            return Array.from(box.querySelectorAll(`.${axis} div`)).map(e => {
+                const r = e.getBoundingClientRect();
+                return {index: Number(e.dataset.index), text: e.textContent, x: r.left + r.width / 2,
+                        y: r.top + r.height / 2, left: r.left, right: r.right, top: r.top, bottom: r.bottom,
+                        c_left: c.left + 1, c_top: c.top + 1, cell: (c.width - 2) / %d};
+            });
+        }"""
+        % page.evaluate("JSON.parse(document.getElementById('unilens-attention-data').textContent).tokens.length"),
+        [head, axis],
+    )
+
+
+@pytest.mark.parametrize("n_tokens", [6, 90])
+def test_attention_viewer_axes_and_colour_scale(browser, tmp_path, n_tokens):
+    tokens = TOKENS if n_tokens == 6 else [f"t{i}" for i in range(n_tokens)]
+    file = tmp_path / "axes.html"
+    attention_viewer_html(attention_tensor(layers=1, heads=2, n=n_tokens), tokens, path=file)
+    page, problems = open_page(browser, file)
+    page.wait_for_selector("body[data-ready='1']")
+    shown = [t.replace("\n", "\\n") for t in tokens]
+    for head in ("0.0", "0.1"):
+        keys, queries = _label_geometry(page, head, "klabels"), _label_geometry(page, head, "qlabels")
+        step = keys[1]["index"] - keys[0]["index"]
+        assert [k["index"] for k in keys] == list(range(0, n_tokens, step)) == [q["index"] for q in queries]
+        assert step == 1 if n_tokens == 6 else step > 1  # every token, or every step-th where cells are small
+        assert [k["text"] for k in keys] == [shown[k["index"]] for k in keys] == [q["text"] for q in queries]
+        for k in keys:  # centred on its column of cells, above the canvas
+            assert abs(k["x"] - (k["c_left"] + (k["index"] + 0.5) * k["cell"])) <= 1, k
+            assert k["bottom"] <= k["c_top"]
+        for q in queries:  # centred on its row, left of the canvas
+            assert abs(q["y"] - (q["c_top"] + (q["index"] + 0.5) * q["cell"])) <= 1, q
+            assert q["right"] <= q["c_left"]
+        for a, b in zip(queries, queries[1:]):  # no two labels overlap
+            assert a["bottom"] <= b["top"] + 0.5
+    scale = page.evaluate("""() => {
+        const bar = document.querySelector("#scale .bar");
+        const ends = Array.from(document.querySelectorAll("#scale > span:not(.bar)"));
+        return {image: getComputedStyle(bar).backgroundImage, ends: ends.map(e => e.textContent),
+                left: ends[0].getBoundingClientRect().right <= bar.getBoundingClientRect().left,
+                width: bar.getBoundingClientRect().width};
+    }""")
+    assert "rgb(255, 255, 255)" in scale["image"] and "rgb(8, 48, 107)" in scale["image"]  # white (0) to BASE (1)
+    assert scale["ends"] == ["0", "1"] and scale["left"] and scale["width"] >= 100
+    assert problems == []
+    page.close()

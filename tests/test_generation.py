@@ -15,6 +15,7 @@ from unilens import StandardizedTransformer
 from unilens.analysis.generation import Steering, generate
 from unilens.arch.discovery import ModuleMap, discover
 from unilens.hooks.attention import find_output_projection, install_attention_hooks
+from unilens.hooks.steering import NonFiniteSteeringError
 from unilens.model.validation import hf_reference_forward
 from unilens.testing import ZOO_REQUIRED, tiny_model
 
@@ -249,3 +250,64 @@ def test_every_accessor_on_every_step_equals_a_recomputed_read(model_type):
             if name.startswith("attention_scores"):  # masked keys hold the dtype's minimum: compare the rest
                 ours, theirs = ours.clamp(min=-1e4), theirs.clamp(min=-1e4)
             _close(ours, theirs, f"{model_type} step {k} {name}")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Right-padded batches (issue 27): generate re-pads them on the left; each row = its prompt alone
+# ------------------------------------------------------------------------------------------------------------
+
+RAGGED = ["The capital of France is", "Hi"]  # "Hi": the row a right-padded batch continued after its padding
+
+
+def _right_padded(model_type: str) -> StandardizedTransformer:
+    hf, tok = tiny_model(model_type)
+    return StandardizedTransformer(hf, tokenizer=tok, check=False, tokenizer_kwargs={"padding_side": "right"})
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_generate_right_padded_batch_equals_each_prompt_alone(model_type):
+    model = _right_padded(model_type)
+    assert model.tokenizer.padding_side == "right"
+    steer = Steering(layers=1, vector=torch.randn(model.hidden_size, generator=torch.Generator().manual_seed(0)),
+                     factor=2.0)
+    for kwargs in ({}, {"steer": steer}):
+        out = generate(model, RAGGED, max_new_tokens=STEPS, min_new_tokens=STEPS, logit_lens=True,
+                       capture=["layers_output.1"], **kwargs)
+        assert model.tokenizer.padding_side == "right"  # the user's setting comes back
+        for b, prompt in enumerate(RAGGED):
+            alone = generate(model, prompt, max_new_tokens=STEPS, min_new_tokens=STEPS, logit_lens=True,
+                             capture=["layers_output.1"], **kwargs)
+            assert out.new_tokens[b].tolist() == alone.new_tokens[0].tolist(), (model_type, kwargs, prompt)
+            _close(out.lens[b], alone.lens[0], f"lens of row {b}")
+            for k in range(1, STEPS):  # each generated token's step
+                _close(out.steps["layers_output.1"][k][b], alone.steps["layers_output.1"][k][0], f"step {k} row {b}")
+        # the prompts are left-padded in what comes back: each row's prompt ends where its new tokens start
+        prompt_len = out.tokens.shape[1] - STEPS
+        assert out.tokens[1, :prompt_len].tolist()[-2:] == model.tokenizer("Hi").input_ids
+
+
+def test_generate_left_padded_tokenizer_unchanged():
+    """The re-padding is a no-op for a left-padding tokenizer: same tokens as HF's generate on the same batch."""
+    model, _, tok = _models("llama")
+    assert tok.padding_side == "left"
+    out = generate(model, RAGGED, max_new_tokens=3, min_new_tokens=3)
+    prompt = tok(RAGGED, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hf_tokens = model.module_accessor.model.generate(**prompt, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert torch.equal(out.tokens, hf_tokens)
+
+
+def test_generate_refuses_nonfinite_steering_unless_allowed():
+    model, _, _ = _models("llama")
+    vector = torch.zeros(model.hidden_size)
+    vector[7] = float("nan")
+    with pytest.raises(NonFiniteSteeringError, match=r"steer\[0\] \(layers 1\).*the first nan at index 7"):
+        generate(model, RAGGED, max_new_tokens=2, steer=Steering(layers=1, vector=vector))
+    with pytest.raises(NonFiniteSteeringError, match="factor is inf"):
+        generate(model, RAGGED, max_new_tokens=2, steer=Steering(layers=1, vector=torch.ones(model.hidden_size),
+                                                                factor=float("inf")))
+    out = generate(model, "Hi", max_new_tokens=1, steer=Steering(layers=1, vector=vector, allow_nonfinite=True),
+                   capture=["layers_output.1"])
+    assert torch.isnan(out.steps["layers_output.1"][0]).any()  # added on purpose: it is there
+    fine = generate(model, "Hi", max_new_tokens=1, steer=Steering(layers=1, vector=torch.ones(model.hidden_size)))
+    assert fine.new_tokens.shape == (1, 1)

@@ -15,6 +15,7 @@ from unilens.analysis.lens import (
 )
 from unilens.analysis.patching import activation_patching, attribution_patching
 from unilens.analysis.steering import mean_difference_vector, steer_all
+from unilens.hooks.steering import NonFiniteSteeringError, SteeringPositionError
 from unilens.testing import tiny_model
 
 CLEAN, CORRUPTED = "The capital of France is", "The capital of Italy is"
@@ -450,3 +451,136 @@ def test_bad_inputs_raise_clear_errors(llama):
         patchscope_lens(llama, [CLEAN, "Hi"], [repeat_prompt()] * 3, layers=[0])
     with pytest.raises(ValueError, match="one token"):
         direct_logit_attribution(llama, CLEAN, " Paris is")
+
+
+# ------------------------------------------------------------------------------------------------
+# steering positions and vectors (issue 27): refused per row, never clamped or steered at padding
+# ------------------------------------------------------------------------------------------------
+
+RAGGED = ["The capital of France is", "Hi"]  # 5 and 2 tokens
+
+
+def _padded(side: str) -> StandardizedTransformer:
+    hf, tok = tiny_model("llama", seed=0)
+    return StandardizedTransformer(hf, tokenizer=tok, check=False, tokenizer_kwargs={"padding_side": side})
+
+
+def _steered_cells(model, prompts, **steer) -> list[list[int]]:
+    """Per row: the columns where model.steer changed layers_output[1] (a plain trace beside it)."""
+    vector = torch.randn(model.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), model.trace(prompts):
+        model.steer(layers=1, steering_vector=vector, factor=5.0, **steer)
+        steered = model.layers_output[1].save()
+    with torch.no_grad(), model.trace(prompts):
+        plain = model.layers_output[1].save()
+    delta = (steered - plain).norm(dim=-1)
+    return [(row > 1e-4).nonzero().flatten().tolist() for row in delta]
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_steer_positions_beyond_a_rows_start_or_end_are_refused_per_row(side):
+    model = _padded(side)
+    short_first = 3 if side == "left" else 0  # the first column of "Hi" in the padded batch
+    for positions in (-3, 0 if side == "left" else 4, [short_first, 1 if side == "left" else 2]):
+        with pytest.raises(SteeringPositionError, match=r"is not a token of row 1, which has 2 tokens \(columns "
+                           rf"{short_first}\.\.{short_first + 1} of 5, {side}-padded") as err:
+            with model.trace(RAGGED):
+                model.steer(layers=1, steering_vector=torch.ones(model.hidden_size), positions=positions)
+        assert isinstance(err.value, ValueError) and isinstance(err.value, IndexError)  # IndexError: as before
+        assert "\n" not in str(err.value)
+    for positions in (-99, 5):  # beyond every row: the first row is named
+        with pytest.raises(SteeringPositionError, match=rf"position {positions} is not a token of row 0, which has 5 "
+                           r"tokens \(positions -5\.\.4\)"):
+            with model.trace(RAGGED):
+                model.steer(layers=1, steering_vector=torch.ones(model.hidden_size), positions=positions)
+    # correct use: the same token of each row, counted from its last real token; columns every row has
+    assert _steered_cells(model, RAGGED, positions=-2) == [[3], [short_first]]
+    assert _steered_cells(model, RAGGED, positions=-6 + 5, batch_index=0) == [[4], []]
+    assert _steered_cells(model, RAGGED, positions=-5, batch_index=[0]) == [[0], []]  # row 1 not steered: fine
+    assert _steered_cells(model, RAGGED, positions=short_first + 1) == [[short_first + 1], [short_first + 1]]
+    assert _steered_cells(model, RAGGED, positions=slice(3, 5) if side == "left" else slice(0, 2)) == [
+        [3, 4] if side == "left" else [0, 1], [3, 4] if side == "left" else [0, 1]]
+    # a list of rows pairs up with a list of positions, as plain indexing does (unchanged)
+    assert _steered_cells(model, RAGGED, positions=[0, short_first], batch_index=[0, 1]) == [[0], [short_first]]
+    with pytest.raises(SteeringPositionError, match=r"slice 0:2 selects no token of row 1" if side == "left"
+                       else r"slice 3:5 selects no token of row 1"):
+        with model.trace(RAGGED):
+            model.steer(layers=1, steering_vector=torch.ones(model.hidden_size),
+                        positions=slice(0, 2) if side == "left" else slice(3, 5))
+
+
+def test_steer_positions_out_of_range_alone_are_refused():
+    """The prompt alone: -99 / 5 raised a raw IndexError; now a SteeringPositionError naming the row's length."""
+    model = _padded("left")
+    for positions in (-99, 5, [0, 7]):
+        with pytest.raises(SteeringPositionError, match=r"position (-99|5|7) is not a token of row 0, which has 2 "
+                           r"tokens \(positions -2\.\.1\)"):
+            with model.trace("Hi"):
+                model.steer(layers=0, steering_vector=torch.ones(model.hidden_size), positions=positions)
+    with pytest.raises(SteeringPositionError, match=r"batch_index 2 is out of range: this forward has 2 rows"):
+        with model.trace(RAGGED):
+            model.steer(layers=0, steering_vector=torch.ones(model.hidden_size), batch_index=2)
+    assert _steered_cells(model, "Hi", positions=-2) == [[0]]
+    assert _steered_cells(model, "Hi", positions=[0, 1]) == [[0, 1]]
+
+
+def _forwards(model) -> list[int]:
+    """A counter of forwards of the model's HF module (a plain torch hook)."""
+    calls = [0]
+    model.module_accessor.model.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_steer_all_checks_positions_before_the_forward(side):
+    model = _padded(side)
+    calls = _forwards(model)
+    v = torch.ones(model.hidden_size)
+    with pytest.raises(SteeringPositionError, match=r"steer_all: position 99 is not a token of row 0"):
+        steer_all(model, RAGGED, {0: v}, positions=99)
+    with pytest.raises(SteeringPositionError, match=r"steer_all: position -3 is not a token of row 1, which has 2"):
+        steer_all(model, RAGGED, {0: v}, positions=-3)
+    with pytest.raises(SteeringPositionError, match=r"steer_all: batch_rows 5 is out of range"):
+        steer_all(model, RAGGED, {0: v}, batch_rows=5)
+    assert calls[0] == 0  # refused before any forward
+    steered = steer_all(model, RAGGED, {0: v}, positions=-1)  # each row's last real token
+    assert calls[0] == 1 and steered.shape[:2] == (2, 5)
+
+
+def test_nonfinite_steering_vectors_are_refused_with_their_location(llama):
+    calls = _forwards(llama)
+    v = torch.ones(llama.hidden_size)
+    bad = v.clone()
+    bad[[5, 9]] = torch.tensor([float("inf"), float("nan")])
+    with pytest.raises(NonFiniteSteeringError, match=r"steer_all: vectors\[1\]: the steering vector has 2 NaN / inf "
+                       r"values \(of 64\), the first inf at index 5.*allow_nonfinite=True"):
+        steer_all(llama, CLEAN, {0: v, 1: bad})
+    with pytest.raises(NonFiniteSteeringError, match=r"steer_all: vectors\[0\]: factor is nan"):
+        steer_all(llama, CLEAN, {0: v}, factor=float("nan"))
+    assert calls[0] == 0
+    with pytest.raises(NonFiniteSteeringError, match=r"steer: the steering vector has 2 NaN"):
+        with llama.trace(CLEAN):
+            llama.steer(layers=1, steering_vector=bad)
+    # deliberate: allowed, and the values are really added
+    logits = steer_all(llama, CLEAN, {1: bad}, allow_nonfinite=True)
+    assert not torch.isfinite(logits).all()
+    assert torch.isfinite(steer_all(llama, CLEAN, {1: v})).all()
+
+
+def test_steer_in_a_generation_step_counts_this_steps_positions(llama):
+    """Inside model.generate, a cached step computes one position: -1 steers it in every row, -2 is refused (a raw
+    IndexError before) with a message saying why."""
+    v = torch.ones(llama.hidden_size)
+    with torch.no_grad(), llama.generate(max_new_tokens=3, min_new_tokens=3) as tracer:
+        with tracer.invoke(RAGGED):
+            for _ in tracer.iter[:3]:
+                llama.steer(layers=0, steering_vector=v, positions=-1)
+        with tracer.invoke():
+            tokens = tracer.result.save()
+    assert tokens.shape == (2, 8)
+    with pytest.raises(SteeringPositionError, match=r"position -2 is not a token of row 0, which has 1 token .*this "
+                       r"generation step computes 1 of the 6 positions"):
+        with torch.no_grad(), llama.generate(max_new_tokens=3) as tracer:
+            with tracer.invoke(RAGGED):
+                for _ in tracer.iter[:3]:
+                    llama.steer(layers=0, steering_vector=v, positions=-2)

@@ -312,10 +312,10 @@ def test_constructor_options(model_type, monkeypatch):
     assert model.architecture.attention_layers == []
 
     # check_renaming=False: no load-time check runs; legacy attn_rename= is a RenameConfig field
-    import unilens.validation
+    import unilens.model.build  # the assembly step that runs the load-time check
 
     calls = []
-    monkeypatch.setattr(unilens.validation, "validate_model", lambda m, *a, **k: calls.append(m))
+    monkeypatch.setattr(unilens.model.build, "validate_model", lambda m, *a, **k: calls.append(m))
     StandardizedTransformer(*tiny_model(model_type), check_renaming=False, attn_rename=attn_name)
     assert calls == []
     StandardizedTransformer(*tiny_model(model_type), attn_rename=attn_name)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -219,3 +220,34 @@ def test_cache_keyword_read_from_the_signature():
         assert output_cache(out) is not None
         with torch.no_grad():
             hf(torch.tensor([[8]]), use_cache=True, **{cache_keyword(hf): output_cache(out)})
+
+
+def test_arguments_checked_before_any_forward(llama):
+    """A wrong batch_size / metric / layer list is one line before the clean run (it failed after it, or raw);
+    the same call with right values (a numpy integer batch size included) gives the plain result."""
+    calls = [0]
+    handle = llama.module_accessor.model.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    paris = _tid(llama, " Paris")
+
+    def metric(logits):
+        return logits[:, -1, paris]
+
+    try:
+        for kwargs, error, pattern in [
+            (dict(batch_size="4"), TypeError, r"^batch_size must be an int >= 1, got str '4'; e.g. batch_size=4\.$"),
+            (dict(batch_size=2.5), TypeError, r"^batch_size must be an int >= 1, got float 2.5\.$"),
+            (dict(batch_size=0), ValueError, r"^batch_size must be an int >= 1, got 0\.$"),
+            (dict(layers=[]), ValueError, r"^layers is empty"),
+            (dict(layers=[True]), TypeError, r"^layer must be an int, got bool True\.$"),
+            (dict(positions=["-1"]), TypeError, r"^position must be an int, got str '-1'\.$"),
+        ]:
+            with pytest.raises(error, match=pattern):
+                activation_patching(llama, CLEANS, CORRUPTEDS, metric, progress=False, **kwargs)
+        with pytest.raises(TypeError, match=r"^metric must be a function"):
+            activation_patching(llama, CLEANS, CORRUPTEDS, "logit diff", progress=False)
+        assert calls[0] == 0
+    finally:
+        handle.remove()
+    got = activation_patching(llama, CLEAN, CORRUPTED, metric, batch_size=np.int64(3), layers=[np.int64(1)],
+                              progress=False)
+    torch.testing.assert_close(got, _plain(llama, metric, layers=[1]), atol=1e-5, rtol=0)

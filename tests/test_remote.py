@@ -382,3 +382,242 @@ def test_containers_filled_inside_a_trace_come_back():
     assert torch.equal(nu.compute_next_token_probs(remote, PROMPTS, remote=True),
                        nu.compute_next_token_probs(local, PROMPTS))
     assert torch.equal(nu.get_token_activations(remote, PROMPTS), nu.get_token_activations(local, PROMPTS))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Request timeout and safe replies (issue 27)
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _remote_llama(**kwargs):
+    hf, tok = tiny_model("llama")
+    server = Loopback(tiny_model("llama")[0], tok)
+    return StandardizedTransformer(tiny_model("llama")[0], tokenizer=tok, remote=server, check=False, **kwargs), server
+
+
+def test_request_timeout_cancels_a_looping_block():
+    import time
+
+    from unilens.model.remote import RemoteTimeoutError
+
+    local = StandardizedTransformer(*tiny_model("llama"))
+    with pytest.warns(UserWarning, match="check=False"):
+        remote, server = _remote_llama(remote_timeout=1)
+    start = time.monotonic()
+    with pytest.raises(RemoteTimeoutError) as err:
+        with remote.trace("Hi"):
+            remote.layers_output[0].save()
+            until = time.time() + 60  # without a timeout the request returns after 60 s, not after 1 s
+            while time.time() < until:
+                pass
+    assert time.monotonic() - start < 20  # cancelled, not run to its end
+    assert isinstance(err.value, TimeoutError) and "\n" not in str(err.value)
+    assert "remote_timeout=1 s" in str(err.value) and "remote_timeout=None" in str(err.value)
+    # the server is usable at once, and right
+    with torch.no_grad(), remote.trace(PROMPTS):
+        got = remote.logits.save()
+    with torch.no_grad(), local.trace(PROMPTS):
+        want = local.logits.save()
+    assert torch.equal(got, want)
+    # per trace: a shorter limit on a model whose own limit is the default
+    with pytest.warns(UserWarning, match="check=False"):
+        patient, _ = _remote_llama()
+    with pytest.raises(RemoteTimeoutError, match="remote_timeout=0.5 s"):
+        with patient.trace("Hi", remote_timeout=0.5):
+            patient.layers_output[0].save()
+            until = time.time() + 60
+            while time.time() < until:
+                pass
+    with patient.trace("Hi", remote_timeout=None):  # no limit, and a normal block
+        h = patient.layers_output[0].save()
+    assert h.shape[-1] == patient.hidden_size
+
+
+def test_remote_timeout_is_checked():
+    hf, tok = tiny_model("llama")
+    with pytest.raises(TypeError, match="remote_timeout= applies to remote mode only"):
+        StandardizedTransformer(hf, tokenizer=tok, remote_timeout=5)
+    with pytest.raises(ValueError, match="positive number"):
+        StandardizedTransformer(hf, tokenizer=tok, remote=Loopback(tiny_model("llama")[0], tok), remote_timeout=-1)
+    with pytest.raises(TypeError, match="positive number"):
+        StandardizedTransformer(hf, tokenizer=tok, remote=Loopback(tiny_model("llama")[0], tok),
+                                remote_timeout="10")
+    with pytest.warns(UserWarning, match="check=False"):
+        remote, server = _remote_llama()
+    with pytest.raises(ValueError, match="positive number"):
+        with remote.trace("Hi", remote_timeout=0):
+            remote.logits.save()
+    assert server.requests == 0
+
+
+def test_ndif_requests_carry_the_timeout(monkeypatch):
+    """remote=True: the model's remote_timeout (or the trace's) reaches the NDIF backend, which unilens builds as
+    nnsight's RemoteBackend with a deadline and safe reply reading (nothing is sent: the backend is stubbed)."""
+    from unilens.model import remote as remote_module
+
+    seen = []
+    monkeypatch.setattr(remote_module._NdifBackend, "__call__", lambda self, tracer: seen.append(self.timeout) or {})
+    monkeypatch.setattr(StandardizedTransformer, "to_model_key", lambda self: "tiny-llama")  # a folder has no hub key
+    hf, tok = tiny_model("llama")
+    with tempfile.TemporaryDirectory() as folder:
+        hf.save_pretrained(folder)
+        tok.save_pretrained(folder)
+        with pytest.warns(UserWarning, match="check=False"):
+            model = StandardizedTransformer(folder, remote=True, check=False, remote_timeout=42)
+        with model.trace("Hi"):
+            model.logits.save()
+        with model.trace("Hi", remote_timeout=7):
+            model.logits.save()
+        with pytest.warns(UserWarning, match="check=False"):
+            default = StandardizedTransformer(folder, remote=True, check=False)
+        with default.trace("Hi"):
+            default.logits.save()
+    assert seen == [42.0, 7.0, remote_module.DEFAULT_REMOTE_TIMEOUT]
+
+
+class _FakeSocket:
+    """A /subscribe websocket: the session id, then nothing for ``silent`` seconds, then ``frames``."""
+
+    def __init__(self, frames: list, silent: float):
+        import time
+
+        self.frames, self.timeout, self.until = list(frames), None, time.monotonic() + silent
+        self.sent_session = False
+
+    def settimeout(self, value):
+        self.timeout = value
+
+    def recv(self):
+        import json
+        import time
+
+        import websocket
+
+        if not self.sent_session:
+            self.sent_session = True
+            return json.dumps({"session_id": "s1"})
+        wait = self.until - time.monotonic()
+        if wait > 0:
+            if self.timeout is not None and self.timeout < wait:
+                time.sleep(self.timeout)
+                raise websocket.WebSocketTimeoutException("timed out")
+            time.sleep(wait)
+        return self.frames.pop(0)
+
+    def close(self):
+        pass
+
+
+def test_ndif_backend_deadline_and_safe_frames(monkeypatch):
+    import io
+    import time
+
+    import websocket
+    from nnsight.schema.request import RequestModel
+    from nnsight.schema.response import ResponseModel, Status
+
+    from unilens.model.remote import RemoteTimeoutError, _NdifBackend
+
+    import zstandard
+
+    result = io.BytesIO()
+    torch.save({"h": torch.arange(3.0)}, result)
+    data = zstandard.ZstdCompressor().compress(result.getvalue())  # requests are compressed (nnsight's default)
+    done = ResponseModel(id="job-7", status=Status.COMPLETED, data=data).pickle()  # a binary frame
+    monkeypatch.setattr(_NdifBackend, "_serialize", lambda self, tracer: b"request")
+    monkeypatch.setattr(_NdifBackend, "_post", lambda self, request, blob: ResponseModel(id="job-7",
+                                                                                          status=Status.RECEIVED))
+    socket = {}
+    monkeypatch.setattr(websocket, "create_connection", lambda url, **kw: socket["s"])
+
+    socket["s"] = _FakeSocket([done], silent=60)  # the job never completes in time
+    backend = _NdifBackend("key", host="http://ndif.invalid", timeout=0.5)
+    start = time.monotonic()
+    with pytest.raises(RemoteTimeoutError, match="NDIF job job-7 did not complete within remote_timeout=0.5 s"):
+        backend.request(RequestModel(model_key="key"), None)
+    assert time.monotonic() - start < 5
+
+    socket["s"] = _FakeSocket([done], silent=0.3)  # completes: the result is read from the binary frame
+    backend = _NdifBackend("key", host="http://ndif.invalid", timeout=30)
+    backend.compress = True
+    got = backend.request(RequestModel(model_key="key"), None)
+    assert torch.equal(got["h"], torch.arange(3.0))
+
+
+class _Payload:
+    """What a malicious server could put in a reply: unpickling it runs a command."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_reply_carrying_a_pickle_payload_is_refused(tmp_path, monkeypatch):
+    import io
+
+    import zstandard
+    from nnsight.schema.response import ResponseModel, Status
+
+    from unilens.model.remote import RemoteReplyError, _NdifBackend, load_reply
+
+    marker = tmp_path / "ran"
+    evil = io.BytesIO()
+    torch.save({"h": torch.ones(2), "x": _Payload(marker)}, evil)
+    with pytest.warns(UserWarning, match="check=False"):
+        remote, server = _remote_llama()
+    monkeypatch.setattr(server, "run", lambda blob, timeout=None: evil.getvalue())  # a compromised server
+    with pytest.raises(RemoteReplyError) as err:
+        with remote.trace("Hi"):
+            h = remote.logits.save()
+    assert "posix.system" in str(err.value) and "\n" not in str(err.value)
+    assert not marker.exists()
+    # NDIF's routes: the downloaded result (zstd-compressed), a binary status frame (pickle protocol 4)
+    backend = _NdifBackend("key", host="http://ndif.invalid")
+    backend.compress = True
+    with pytest.raises(RemoteReplyError, match="posix.system"):
+        backend.finalize(zstandard.ZstdCompressor().compress(evil.getvalue()))
+    with pytest.raises(RemoteReplyError, match="posix.system"):
+        _NdifBackend.parse(ResponseModel(id="j", status=Status.COMPLETED, data=_Payload(marker)).pickle())
+    evil4 = io.BytesIO()
+    torch.save([_Payload(marker)], evil4, pickle_protocol=4)
+    with pytest.raises(RemoteReplyError, match="posix.system"):
+        load_reply(evil4.getvalue())
+    with pytest.raises(RemoteReplyError, match="not a torch.save archive"):
+        load_reply(b"<html>502 Bad Gateway</html>")
+    assert not marker.exists()
+
+
+def test_saved_values_of_every_kind_come_back():
+    """Replies are read with weights_only=True: the values a block saves (tensors, numbers, strings, None,
+    containers, slices, model.output with its cache) come back as they are locally."""
+    import io
+
+    from transformers.cache_utils import DynamicCache
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    from unilens.model.remote import load_reply
+
+    local = StandardizedTransformer(*tiny_model("llama"))
+    with pytest.warns(UserWarning, match="check=False"):
+        remote, _ = _remote_llama()
+    values = {}
+    for name, model in (("local", local), ("remote", remote)):
+        with torch.no_grad(), model.trace(PROMPTS):
+            plain = nnsight.save([1, 2.5, "s", None, (3, True), {"k": slice(1, 4)}, range(3), frozenset({1})])
+            out = model.output.save()
+        values[name] = (plain, out)
+    (plain, out), (want_plain, want_out) = values["remote"], values["local"]
+    assert plain == want_plain
+    assert type(out) is CausalLMOutputWithPast and isinstance(out.cache, DynamicCache)
+    assert torch.equal(out.logits, want_out.logits)
+    assert all(torch.equal(a.keys, b.keys) for a, b in zip(out.cache.layers, want_out.cache.layers))
+    # a reply pickled with protocol 4 (torch's weights-only unpickler cannot parse it): the restricted reader
+    buffer = io.BytesIO()
+    torch.save({"o": want_out, "b": b"bytes", "v": want_plain}, buffer, pickle_protocol=4)
+    back = load_reply(buffer.getvalue())
+    assert type(back["o"]) is CausalLMOutputWithPast and torch.equal(back["o"].logits, want_out.logits)
+    assert back["b"] == b"bytes" and back["v"] == want_plain

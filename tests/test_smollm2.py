@@ -90,3 +90,33 @@ def test_direct_logit_attribution_in_bfloat16():
     # two units of bfloat16 rounding at the scale of the attention contributions (measured: 0.07 % of it)
     atol = 2 * torch.finfo(torch.bfloat16).eps * float(dla["attn"].abs().max())
     assert torch.allclose(heads, dla["attn"], rtol=0, atol=atol)
+
+
+def test_the_embedded_gguf_is_whole_and_complete(smollm2):
+    """The GGUF check (header walk, every tensor's extent) passes on the real file, quickly; its conversion holds
+    every weight of its config (load_default would raise MissingWeightsError otherwise: the tied lm_head is not
+    missing)."""
+    import time
+
+    from unilens.arch.loading import _gguf_problem
+
+    start = time.perf_counter()
+    assert _gguf_problem(default_model_path()) is None
+    assert time.perf_counter() - start < 5  # ~0.3 s: it reads the 1.8 MB header only
+    assert smollm2.num_layers == 30
+
+
+@pytest.mark.parametrize("keep_mb", [1, 3], ids=["in-the-header", "in-the-tensors"])
+def test_a_truncated_copy_of_the_embedded_gguf_names_the_file(tmp_path, monkeypatch, keep_mb):
+    from unilens.arch.loading import ModelFileError, load_hf_model
+
+    monkeypatch.setenv("UNILENS_CACHE", str(tmp_path / "cache"))
+    copy = tmp_path / "SmolLM2-cut.gguf"
+    with open(default_model_path(), "rb") as f:
+        copy.write_bytes(f.read(keep_mb * 1_000_000))
+    with pytest.raises(ModelFileError) as err:
+        load_hf_model(copy)  # refused before the conversion starts (today: struct.error / a numpy reshape error)
+    text = str(err.value)
+    assert "\n" not in text and str(copy) in text and "download or copy it again" in text
+    size = default_model_path().stat().st_size
+    assert ("header is cut short" in text) if keep_mb == 1 else (f"tensors need {size:,}" in text)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -10,7 +11,7 @@ from torch import nn
 
 from ..arch.discovery import LOGIT_POSTPROCESSING
 from ..arch.offload import detached_copy, module_device
-from .arguments import _encode, _position_list
+from .arguments import _as_index, _encode, _position_list
 
 __all__ = ["direct_logit_attribution"]
 
@@ -100,9 +101,12 @@ def direct_logit_attribution(
         >>> bool(torch.isclose(total, dla["logit"], atol=1e-4))
         True
     """
+    if not isinstance(prompt, str) and not (isinstance(prompt, (list, tuple)) and len(prompt) == 1):
+        raise TypeError(f"direct_logit_attribution takes one prompt string, got {type(prompt).__name__} "
+                        f"{prompt!r:.60}; call it once per prompt.")
     token = _token_id(model, token)
-    batch = _encode(model, prompt)
-    (position,) = _position_list(position, batch["input_ids"].shape[1])
+    batch = _encode(model, prompt, "prompt")
+    (position,) = _position_list(_as_index(position, "position"), batch["input_ids"].shape[1])
     n = model.num_layers
     parts, attn_out, z, final, logits = _read_parts(model, batch, position, heads)
     _check_residual_sum(model, parts, final)
@@ -123,12 +127,22 @@ def direct_logit_attribution(
 
 
 def _token_id(model, token: int | str):
-    """``token`` as a checked vocabulary id (a string must be one token)."""
+    """``token`` as a checked vocabulary id (a string must be one token); checked before any forward."""
     if isinstance(token, str):
         ids = model.tokenizer(token, add_special_tokens=False).input_ids
         if len(ids) != 1:
             raise ValueError(f"token {token!r} is {len(ids)} tokens {ids}; pass one token (its id or string).")
         token = ids[0]
+    elif isinstance(token, bool) or isinstance(token, float) or (
+            isinstance(token, torch.Tensor) and (token.numel() != 1 or token.is_floating_point())):
+        raise TypeError(f"token must be a token id (int) or a one-token string, got {type(token).__name__} "
+                        f"{token!r:.40}; e.g. token=model.tokenizer(' Paris').input_ids[0].")
+    else:
+        try:
+            token = operator.index(token.reshape(()) if isinstance(token, torch.Tensor) else token)
+        except TypeError:
+            raise TypeError(f"token must be a token id (int) or a one-token string, got {type(token).__name__} "
+                            f"{token!r:.40}; e.g. token=model.tokenizer(' Paris').input_ids[0].") from None
     if not 0 <= int(token) < model.vocab_size:
         raise IndexError(f"token id {token} out of range (vocab size {model.vocab_size}).")
     return token

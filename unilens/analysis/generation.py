@@ -4,13 +4,15 @@ and the logit lens of each generated token, on the model's own ``generate`` (KV 
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Literal, Sequence
 
 import torch
 
 from ..hooks.reads import _get, forward_order, parse_names
-from ..hooks.steering import add_to_residual, real_token_mask
+from ..hooks.steering import add_to_residual, check_steering_vector, real_token_mask
+from .arguments import _number, _prompt_list
 
 if TYPE_CHECKING:
     from ..model.transformer import StandardizedTransformer
@@ -26,7 +28,8 @@ class Steering:
 
     ``where``: ``"prompt"`` (the prompt's positions, computed once in the first step), ``"generated"`` (the position
     of each generated token, from the second step on: the token fed back in) or ``"all"`` (both). Padding positions
-    are never steered.
+    are never steered. A vector or factor with NaN / inf is refused before generating (``NonFiniteSteeringError``)
+    unless ``allow_nonfinite=True``.
 
     Example:
         >>> Steering(layers=[3, 4], vector=torch.zeros(8), factor=4.0, where="generated").where
@@ -37,17 +40,29 @@ class Steering:
     vector: torch.Tensor  # (hidden,)
     factor: float = 1.0
     where: Where = "all"
+    allow_nonfinite: bool = False
 
     def __post_init__(self):
         if self.where not in ("all", "prompt", "generated"):
             raise ValueError(f"Steering.where must be 'all', 'prompt' or 'generated', got {self.where!r}.")
+        layers = [self.layers] if isinstance(self.layers, int) else self.layers
+        ints = isinstance(layers, (list, tuple, range)) and all(isinstance(i, int) and not isinstance(i, bool)
+                                                                for i in layers)
+        if isinstance(self.layers, (str, bool)) or not ints or not layers:
+            raise TypeError(f"Steering.layers must be an int or a non-empty list of ints, got {self.layers!r:.60}.")
+        if not isinstance(self.vector, torch.Tensor):
+            raise TypeError(f"Steering.vector must be a torch.Tensor of shape (hidden,), got "
+                            f"{type(self.vector).__name__}; e.g. torch.tensor(values).")
+        _number(self.factor, "Steering.factor")
 
 
 @dataclass
 class Generation:
     """What ``generate`` returns.
 
-    - ``tokens``: ``(batch, prompt + new)`` ids, as ``model.generate`` returns them (left-padded prompts);
+    - ``tokens``: ``(batch, prompt + new)`` ids, as ``model.generate`` returns them, the prompts padded on the LEFT
+      whatever the tokenizer's ``padding_side`` (a decoder generates after each row's last token; step 0's captures
+      are in the same left-padded layout);
     - ``new_tokens``: ``(batch, new)``, the generated part;
     - ``steps[name]``: one tensor per forward step: step 0 is the prompt forward (every prompt position), step
       ``k > 0`` the forward of the ``k``-th generated token (one position, read against the KV cache; on a
@@ -66,6 +81,21 @@ class Generation:
         return tokenizer.batch_decode(self.new_tokens, skip_special_tokens=True)
 
 
+@contextmanager
+def _left_padded(tokenizer: Any) -> Iterator[None]:
+    """The tokenizer pads on the left while the block runs (nnsight pads a generation's prompts on its side); its
+    own side comes back afterwards."""
+    side = getattr(tokenizer, "padding_side", "left")
+    if side == "left":
+        yield
+        return
+    tokenizer.padding_side = "left"
+    try:
+        yield
+    finally:
+        tokenizer.padding_side = side
+
+
 def _layers(s: Steering, model: "StandardizedTransformer") -> list[int]:
     return sorted({model.layers_output._index(i) for i in ([s.layers] if isinstance(s.layers, int) else s.layers)})
 
@@ -76,8 +106,10 @@ def _steer(model: "StandardizedTransformer", steering: Sequence[Steering], layer
               and not ((step == 0 and s.where == "generated") or (step > 0 and s.where == "prompt"))]
     if not active:
         return
-    # the prompt's positions at step 0, the generated token later; padding positions are never steered
-    add_to_residual(model, layer, [(s.factor, s.vector) for s in active], real_token_mask)
+    # the prompt's positions at step 0, the generated token later; padding positions are never steered. The vectors
+    # were checked before generating (finite unless their spec allows otherwise).
+    add_to_residual(model, layer, [(s.factor, s.vector) for s in active], real_token_mask,
+                    allow_nonfinite=any(s.allow_nonfinite for s in active))
 
 
 def generate(
@@ -99,6 +131,10 @@ def generate(
     ``temperature``...); greedy by default. When the model stops early (end of sequence), the steps it made are
     returned.
 
+    The prompts are padded on the left for generation, whatever the tokenizer's ``padding_side``: a decoder
+    continues each row after its last column, so a right-padded row would continue after its padding (wrong tokens;
+    transformers only logs it). Each row generates what its prompt alone generates.
+
     Example:
         >>> from unilens import StandardizedTransformer
         >>> from unilens.testing import tiny_model
@@ -110,23 +146,26 @@ def generate(
         >>> tuple(out.lens.shape) == (1, 3, model.num_layers, model.vocab_size)
         True
     """
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    prompts = _prompt_list(prompts)
+    if not all(prompts):
+        raise ValueError(f"prompts[{prompts.index('')}] is an empty string: a generation needs at least one token "
+                         "of prompt.")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}.")
+    if not isinstance(steer, (Steering, list, tuple)) or not all(
+            isinstance(s, Steering) for s in ([steer] if isinstance(steer, Steering) else steer)):
+        raise TypeError(f"steer must be a Steering or a list of Steering, got {steer!r:.80}; e.g. "
+                        "steer=Steering(layers=3, vector=v, factor=4.0).")
     steering = [steer] if isinstance(steer, Steering) else list(steer)
-    for s in steering:
-        if s.vector.shape[-1:] != (model.hidden_size,):
-            raise ValueError(f"a steering vector must have shape ({model.hidden_size},) (the hidden size), got "
-                             f"{tuple(s.vector.shape)}.")
+    for k, s in enumerate(steering):
+        check_steering_vector(s.vector, model.hidden_size, f"generate: steer[{k}] (layers {s.layers})", s.factor,
+                              s.allow_nonfinite)
     locations = parse_names(model, capture) if capture else []
     order = forward_order(model)
     # Steering writes layers_output; a read of the same layer's output must come after the write, and reads of
     # earlier tensors before it: one ordered list of actions per step.
     steered_layers = sorted({layer for s in steering for layer in _layers(s, model)})
     n_layers = model.num_layers
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) and p for p in prompts):
-        raise TypeError("prompts must be a non-empty string or a list of non-empty strings.")
     prompt_len = model.tokenizer(list(prompts), padding=True, return_tensors="pt")["input_ids"].shape[1]
     # one ordered list of actions per step: reads in forward order, each layer's steering right at its output
     # (a read of that layer's output then sees the steered value)
@@ -138,7 +177,7 @@ def generate(
     steps: dict[Any, list[torch.Tensor]] = {loc: [] for loc in locations}  # built outside the trace (nnsight rule)
     lens_steps: list[torch.Tensor] = []
     result: dict[str, torch.Tensor] = {}
-    with warnings.catch_warnings():
+    with _left_padded(model.tokenizer), warnings.catch_warnings():
         # a generation that ends early (end of sequence) leaves the loop's last request unserved: nnsight warns,
         # the steps it made are what we return
         warnings.filterwarnings("ignore", message=".*was never reached.*")

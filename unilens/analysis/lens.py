@@ -10,7 +10,7 @@ import torch
 from ..arch.offload import module_device
 from ..core.protocol import StandardizedModel
 from ..core.tensors import last_real_positions
-from .arguments import Prompts, _encode, _layer_list
+from .arguments import Prompts, _as_index, _encode, _layer_list, _positive_int, _prompt_list
 
 __all__ = [
     "TargetPrompt",
@@ -346,8 +346,12 @@ def patchscope_lens(
     if latents is None:
         if source_prompts is None:
             raise ValueError("patchscope_lens needs source_prompts or latents.")
-        by_layer = _last_token_residuals(model, _encode(model, source_prompts), layer_list, trace_kwargs)
+        by_layer = _last_token_residuals(model, _encode(model, source_prompts, "source_prompts"), layer_list,
+                                         trace_kwargs)
         latents = torch.stack([by_layer[layer] for layer in layer_list], dim=1)  # (n_sources, layers, hidden)
+    if not isinstance(latents, torch.Tensor):
+        raise TypeError(f"latents must be a tensor (n_sources, {len(layer_list)} layers, {model.hidden_size}), got "
+                        f"{type(latents).__name__}.")
     if latents.dim() != 3 or latents.shape[1] != len(layer_list) or latents.shape[2] != model.hidden_size:
         raise ValueError(
             f"latents must have shape (n_sources, {len(layer_list)} layers, {model.hidden_size}), got "
@@ -408,13 +412,11 @@ def patchscope_generate(
     model = nn_model  # nnterp's argument name
     if remote:
         raise NotImplementedError("patchscope_generate(remote=True): run it on a local model (see the README).")
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    prompts = list(prompts)
+    prompts = _prompt_list(prompts)
     if not isinstance(target_patch_prompt, TargetPrompt):
         raise TypeError(f"target_patch_prompt must be a TargetPrompt, got {type(target_patch_prompt).__name__}.")
-    if max_batch_size < 1 or max_length < 1:
-        raise ValueError(f"max_batch_size and max_length must be >= 1, got {max_batch_size}, {max_length}.")
+    _positive_int(max_length, "max_length")
+    _positive_int(max_batch_size, "max_batch_size")
     layer_list = _layer_list(model, layers)
     saved = _last_token_residuals(model, _encode(model, prompts), layer_list, {})  # {layer: (n_prompts, hidden)}
     n = len(prompts)
@@ -473,10 +475,10 @@ def patch_object_attn_lens(
         True
     """
     model = nn_model  # nnterp's argument name
-    sources = [source_prompts] if isinstance(source_prompts, str) else list(source_prompts)
-    targets = [target_prompts] if isinstance(target_prompts, str) else list(target_prompts)
-    if num_patches < 1:
-        raise ValueError(f"num_patches must be >= 1, got {num_patches}.")
+    sources = _prompt_list(source_prompts, "source_prompts")
+    targets = _prompt_list(target_prompts, "target_prompts")
+    _positive_int(num_patches, "num_patches")
+    attn_idx_patch = _as_index(attn_idx_patch, "attn_idx_patch")
     if len(sources) not in (1, len(targets)):
         raise ValueError(f"patch_object_attn_lens: {len(sources)} source prompts for {len(targets)} targets; give one "
                          "source per target, or one for all.")

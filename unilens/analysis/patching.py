@@ -11,9 +11,11 @@ from ..core.distributed import distributed_pairs, is_distributed, rank_world
 from .arguments import (
     Metric,
     _checked_indices,
+    _check_callable,
     _encode,
     _layer_list,
     _position_list,
+    _positive_int,
     check_metric,
 )
 from .sweep import Row, Sweep, run_sweep
@@ -128,6 +130,9 @@ def activation_patching(
         >>> effect.shape[0] == model.num_layers
         True
     """
+    _check_callable(metric, "metric", "of the patched logits (n, positions, vocab) returning (n,)")
+    if batch_size is not None:
+        _positive_int(batch_size, "batch_size")
     if distribute and not isinstance(clean, str) and not isinstance(corrupted, str) and is_distributed():
         _encode_pairs(model, clean, corrupted)  # every rank checks every pair (same lengths) before the split
         return distributed_pairs(
@@ -142,8 +147,6 @@ def activation_patching(
     position_list = _position_list(positions, seq)
     if metric_positions is not None:
         metric_positions = _checked_indices(metric_positions, seq, "metric position", "the prompts have {n} tokens")
-    if batch_size is not None and batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
 
     if model.__dict__.get("_remote_mode"):  # one request per forward: no key/value cache or layer outputs travel
         reuse_prefix = stagger = False  # between requests, so every patched run is a plain batched row
@@ -196,6 +199,7 @@ def attribution_patching(
         raise ValueError("attribution_patching supports component 'resid', 'attn' or 'mlp'; use activation_patching "
                          "for heads.")
     accessor = _accessor(model, component)
+    _check_callable(metric, "metric", "of the logits (1, seq, vocab) returning (1,)")
     if not isinstance(clean, str) or not isinstance(corrupted, str):
         raise TypeError("attribution_patching takes one clean and one corrupted prompt string.")
     clean_batch, corrupted_batch = _encode_pairs(model, clean, corrupted)

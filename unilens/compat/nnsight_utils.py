@@ -23,7 +23,7 @@ import torch
 
 from ..arch.discovery import ModuleMap, discover, probe_dataflow
 from ..core.protocol import StandardizedModel
-from ..core.tensors import rows_position
+from ..core.tensors import last_real_positions, rows_position
 from .nnterp import apply_rename_config, resolve_rename_options
 
 __all__ = [
@@ -188,8 +188,31 @@ def set_layer_output(nn_model: "StandardizedModel", layer: int, tensor: torch.Te
 
 
 def _select(model: "StandardizedModel", value: torch.Tensor, idx: int) -> torch.Tensor:
-    """``value[:, idx]`` where a negative ``idx`` counts from each row's last real token (either padding side)."""
-    index = rows_position(model.attention_mask, idx)  # (batch,), or None: plain indexing is right
+    """``value[:, idx]`` where a negative ``idx`` counts from each row's last real token (either padding side). An
+    ``idx`` that is not a real token of every row (beyond a short row's start, or a padding column) is refused
+    (``ValueError`` naming the row), not clamped to token 0 or read from padding."""
+    mask = model.attention_mask  # this forward's (read after the value: the forward is running)
+    batch, seq = value.shape[:2]
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == batch and mask.shape[1] >= seq:
+        real = mask[:, mask.shape[1] - seq:].bool().cpu()
+    else:  # no padding in this forward
+        real = torch.ones(batch, seq, dtype=torch.bool)
+    right_padded = bool(seq) and not bool(real[:, -1].all())
+    if idx < 0 and right_padded:
+        columns = last_real_positions(real.long()) + 1 + idx
+    else:
+        columns = torch.full((batch,), idx if idx >= 0 else seq + idx)
+    for row in range(batch):
+        column = int(columns[row])
+        if not (0 <= column < seq and bool(real[row, column])):
+            count = int(real[row].sum())
+            padding = f" ({'right' if right_padded else 'left'}-padded to {seq})" if count < seq else ""
+            raise ValueError(
+                f"get_token_activations: idx={idx} is not a token of prompt {row}, which has {count} token"
+                f"{'s' if count != 1 else ''}{padding}; pass an idx every prompt has (negative counts from each "
+                f"prompt's last token: -1 is the last)."
+            )
+    index = rows_position(mask, idx)  # (batch,), or None: plain indexing is right
     if index is None:
         return value[:, idx]
     return value[torch.arange(value.shape[0], device=value.device), index.to(value.device)]

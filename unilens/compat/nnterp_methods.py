@@ -58,11 +58,20 @@ class NnterpMethods:
             >>> len(model.get_topk_closest_tokens(torch.randn(model.hidden_size), k=3))
             3
         """
-        if hidden_state.shape[-1] != self.hidden_size:
-            raise ValueError(f"hidden state shape {tuple(hidden_state.shape)} does not match the model's hidden size "
-                             f"{self.hidden_size}.")
+        if not isinstance(hidden_state, torch.Tensor):
+            raise TypeError(f"get_topk_closest_tokens takes a hidden-state tensor (hidden,) or (batch, hidden), got "
+                            f"{type(hidden_state).__name__}.")
+        if hidden_state.ndim == 0 or hidden_state.shape[-1] != self.hidden_size:
+            raise ValueError(f"get_topk_closest_tokens: the hidden state has shape {tuple(hidden_state.shape)}, but "
+                             f"this model's hidden size is {self.hidden_size}: pass ({self.hidden_size},) or (batch, "
+                             f"{self.hidden_size}).")
         if hidden_state.ndim not in (1, 2):
             raise ValueError(f"hidden state must be (hidden,) or (batch, hidden), got {tuple(hidden_state.shape)}.")
+        if isinstance(k, bool) or not isinstance(k, int):
+            raise TypeError(f"get_topk_closest_tokens: k must be an int, got {type(k).__name__} {k!r}.")
+        if not 1 <= k <= self.vocab_size:
+            raise ValueError(f"get_topk_closest_tokens: k={k} is outside 1..{self.vocab_size} (the vocabulary size); "
+                             "pass a k in that range.")
         unembed = self.module_accessor.get_unembed().weight
         with torch.no_grad():
             logits = self.module_accessor.project_on_vocab(hidden_state.to(unembed.device, unembed.dtype))

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..arch.discovery import ModuleMap
+from .diff import _implementation_function
 from .kernels import AttentionImplementation
 
 FAULT_NAMES = (
@@ -106,6 +107,9 @@ TILED_FAULT_NAMES = (
     "decode_gqa_interleaved",  # ... maps query head h to kv head h % kv_heads
     "low_precision_accumulation",  # running sum and output accumulated in the input dtype (bf16 / fp16)
     "dropout_from_module",  # applies module.attention_dropout whatever the dropout argument and the mode say
+    # key tiles wholly left of every query's sliding window are skipped (a correct optimization), but the sink is
+    # folded into the running softmax when key tile 0 is processed: lost once the window starts past the first tile
+    "tile_window_skip_sinks_lost",
 )
 
 
@@ -118,6 +122,7 @@ def _tiled_attention(
     *,
     fault: str | None,
     tile: int = 64,
+    skip_masked_tiles: bool = False,
     scaling: float | None = None,
     dropout: float = 0.0,
     sliding_window: int | None = None,
@@ -126,7 +131,8 @@ def _tiled_attention(
     **_: Any,
 ) -> tuple[torch.Tensor, None]:
     """Flash-style attention: keys in tiles of ``tile``, an online softmax (running max ``m``, running sum ``l``,
-    running output ``acc``) accumulated in float32, one optional planted fault. Returns (output, None)."""
+    running output ``acc``) accumulated in float32, one optional planted fault. ``skip_masked_tiles``: key tiles
+    wholly before the first query's sliding window are not visited (as flash kernels do). Returns (output, None)."""
     batch, heads, q_len, head_dim = query.shape
     kv_heads, k_len = key.shape[1], key.shape[2]
     groups = heads // kv_heads
@@ -148,11 +154,18 @@ def _tiled_attention(
     l = torch.zeros((batch, heads, q_len, 1), dtype=acc_dtype)  # running sum of exp
     acc = torch.zeros((batch, heads, q_len, value.shape[-1]), dtype=acc_dtype)
     sink_mass = None
-    if sinks is not None and fault != "tile_sinks_first_only":
+    sink_in_loop = fault == "tile_window_skip_sinks_lost"
+    if sinks is not None and fault != "tile_sinks_first_only" and not sink_in_loop:
         m = sinks.float().reshape(1, -1, 1, 1).expand(batch, heads, q_len, 1).clone()  # the sink as a pseudo-key
         l = torch.ones_like(l)
     end = k_len - (k_len % tile) if fault == "tile_drop_partial" and k_len > tile and k_len % tile else k_len
-    for start in range(0, end, tile):
+    first = 0
+    if skip_masked_tiles and window is not None and getattr(module, "is_causal", True):
+        first = max(0, (k_len - q_len) - window + 1) // tile * tile  # the tile of the first query's first key
+    for start in range(first, end, tile):
+        if sink_in_loop and start == 0 and sinks is not None:  # equivalent to the above, unless tile 0 is skipped
+            m = sinks.float().reshape(1, -1, 1, 1).expand(batch, heads, q_len, 1).clone()
+            l = torch.ones_like(l)
         stop = min(start + tile, end)
         k_t, v_t = key[:, :, start:stop].float(), value[:, :, start:stop].float()
         s = torch.matmul(q, k_t.transpose(-1, -2)) * scaling  # (batch, heads, q, tile)
@@ -187,11 +200,34 @@ def _tiled_attention(
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
 
 
-def _make_tiled(fault: str | None, tile: int = 64) -> AttentionImplementation:
-    def fn(module, query, key, value, attention_mask, **kwargs):
-        return _tiled_attention(module, query, key, value, attention_mask, fault=fault, tile=tile, **kwargs)
+def _query_blocked_attention(module, query, key, value, attention_mask, *, block: int, **kwargs: Any):
+    """`_tiled_attention` over blocks of ``block`` queries, each against the keys up to its last query (causal), so
+    that with ``skip_masked_tiles`` a later block skips the key tiles left of its own window, as flash kernels do."""
+    q_len, k_len = query.shape[2], key.shape[2]
+    if q_len <= block or not getattr(module, "is_causal", True):
+        return _tiled_attention(module, query, key, value, attention_mask, **kwargs)
+    outputs = []
+    for a in range(0, q_len, block):
+        b = min(a + block, q_len)
+        stop = k_len - q_len + b  # keys 0 .. the block's last query position
+        mask = None if attention_mask is None else attention_mask[:, :stop]
+        out, _ = _tiled_attention(module, query[:, :, a:b], key[:, :, :stop], value[:, :, :stop], mask, **kwargs)
+        outputs.append(out)
+    return torch.cat(outputs, dim=1), None
 
-    fn.__name__ = f"tiled_{fault}" if fault else "tiled_correct"
+
+def _make_tiled(fault: str | None, tile: int = 64, query_block: int | None = None, skip_masked_tiles: bool = False,
+                name: str | None = None) -> AttentionImplementation:
+    """``skip_masked_tiles``: key tiles left of the sliding window are not visited, per block of ``query_block``
+    queries (None: all queries at once)."""
+    def fn(module, query, key, value, attention_mask, **kwargs):
+        if query_block is None:
+            return _tiled_attention(module, query, key, value, attention_mask, fault=fault, tile=tile,
+                                    skip_masked_tiles=skip_masked_tiles, **kwargs)
+        return _query_blocked_attention(module, query, key, value, attention_mask, block=query_block, fault=fault,
+                                        tile=tile, skip_masked_tiles=skip_masked_tiles, **kwargs)
+
+    fn.__name__ = name or (f"tiled_{fault}" if fault else "tiled_correct")
     return AttentionImplementation(fn.__name__, fn, mask_format="flash")
 
 
@@ -205,16 +241,21 @@ def _make(fault: str | None) -> AttentionImplementation:
 
 correct = _make(None)
 tiled_correct = _make_tiled(None)  # a correct flash-style kernel: tiles of 64 keys, float32 online softmax
+# the same, in blocks of 64 queries that skip the key tiles left of their sliding window
+tiled_skip_correct = _make_tiled(None, query_block=64, skip_masked_tiles=True, name="tiled_skip_correct")
 FAULTS: dict[str, AttentionImplementation] = {name: _make(name) for name in FAULT_NAMES}
 # tiles of 16 keys for the low-precision fault, so its accumulation error grows over many tiles
 FAULTS.update({name: _make_tiled(name, 16 if name == "low_precision_accumulation" else 64)
                for name in TILED_FAULT_NAMES})
+FAULTS["tile_window_skip_sinks_lost"] = _make_tiled("tile_window_skip_sinks_lost", 64, query_block=64,
+                                                    skip_masked_tiles=True)
 globals().update(FAULTS)  # usable as "unilens.conformance_faults:wrong_scale"
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Faults planted in one layer of a real model (for diff_models): that layer's attention gets its own config whose
-# implementation name points at a faulty wrapper around transformers' sdpa function.
+# implementation name points at a faulty wrapper around the function the layer ran before (sdpa, or the model's own
+# eager function: GPT-OSS's with its sinks), so that the planted fault is the only difference.
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -224,17 +265,32 @@ def _visible(attention_mask: torch.Tensor | None, query: torch.Tensor, key: torc
     if attention_mask is None:
         q_pos = torch.arange(q_len)[:, None] + (k_len - q_len)
         return (torch.arange(k_len)[None, :] <= q_pos)[None, None].expand(batch, 1, q_len, k_len)
-    return attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+    mask = attention_mask[..., :k_len]
+    return mask if mask.dtype == torch.bool else mask == 0
 
 
-def _sdpa(*args, **kwargs):
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+_BASE_ATTRIBUTE = "_unilens_fault_base"  # on the faulty layer's config: the implementation it ran before
 
-    return sdpa_attention_forward(*args, **kwargs)
+
+def _base_name(module: nn.Module) -> str:
+    return getattr(getattr(module, "config", None), _BASE_ATTRIBUTE, "sdpa")
+
+
+def _base(module, query, key, value, attention_mask, **kwargs):
+    """The attention function this layer ran before the fault was planted."""
+    return _implementation_function(module, _base_name(module))(module, query, key, value, attention_mask, **kwargs)
+
+
+def _as_mask(allowed: torch.Tensor, module: nn.Module, attention_mask: torch.Tensor | None, dtype: torch.dtype):
+    """A bool visibility in the format the base function takes: additive for eager (or a float mask), else bool."""
+    if _base_name(module) == "eager" or (attention_mask is not None and attention_mask.is_floating_point()):
+        dtype = attention_mask.dtype if attention_mask is not None and attention_mask.is_floating_point() else dtype
+        return torch.where(allowed, torch.zeros((), dtype=dtype), torch.finfo(dtype).min)
+    return allowed
 
 
 def _scale(module, query, key, value, attention_mask, scaling=None, **kwargs):
-    return _sdpa(module, query, key, value, attention_mask, scaling=(scaling or query.shape[-1] ** -0.5) * 1.25,
+    return _base(module, query, key, value, attention_mask, scaling=(scaling or query.shape[-1] ** -0.5) * 1.25,
                  **kwargs)
 
 
@@ -245,12 +301,15 @@ def _no_self(module, query, key, value, attention_mask, **kwargs):
     rows = torch.arange(q_len)
     allowed[:, :, rows, rows + (k_len - q_len)] = False
     allowed[:, :, :, 0] = True
-    return _sdpa(module, query, key, value, allowed, **kwargs)
+    return _base(module, query, key, value, _as_mask(allowed, module, attention_mask, query.dtype), **kwargs)
 
 
 def _padding_ignored(module, query, key, value, attention_mask, **kwargs):
     kwargs.pop("is_causal", None)
-    return _sdpa(module, query, key, value, None, is_causal=query.shape[2] > 1, **kwargs)
+    if _base_name(module) == "eager":  # eager has no is_causal: a plain causal mask, padding (and window) dropped
+        causal = _as_mask(_visible(None, query, key), module, None, query.dtype)
+        return _base(module, query, key, value, causal, **kwargs)
+    return _base(module, query, key, value, None, is_causal=query.shape[2] > 1, **kwargs)
 
 
 def _decode_kv_heads_rolled(module, query, key, value, attention_mask, **kwargs):
@@ -258,7 +317,7 @@ def _decode_kv_heads_rolled(module, query, key, value, attention_mask, **kwargs)
     if query.shape[2] == 1:
         perm = torch.arange(key.shape[1]).roll(1)
         key, value = key[:, perm], value[:, perm]
-    return _sdpa(module, query, key, value, attention_mask, **kwargs)
+    return _base(module, query, key, value, attention_mask, **kwargs)
 
 
 MODEL_FAULTS = {"scale": _scale, "no_self": _no_self, "padding_ignored": _padding_ignored,
@@ -268,8 +327,9 @@ MODEL_FAULTS = {"scale": _scale, "no_self": _no_self, "padding_ignored": _paddin
 def plant_attention_fault(model: nn.Module, layer: int, fault: str) -> nn.Module:
     """Make layer ``layer``'s attention of an HF model run fault ``fault`` (`MODEL_FAULTS`); returns the model.
 
-    Only that attention module gets a config of its own whose implementation is the faulty function; models whose
-    attention calls transformers' attention interface (Llama, Mistral, Qwen, ...) honour it.
+    Only that attention module gets a config of its own whose implementation is the faulty function, wrapped
+    around the implementation it ran before (sdpa, or the model's own eager function, e.g. GPT-OSS's with sinks);
+    models whose attention calls transformers' attention interface (Llama, Mistral, Qwen, GPT-OSS, ...) honour it.
 
     Example:
         >>> from unilens.testing import tiny_model
@@ -288,6 +348,7 @@ def plant_attention_fault(model: nn.Module, layer: int, fault: str) -> nn.Module
     AttentionInterface.register(name, MODEL_FAULTS[fault])
     attention = ModuleMap(model).get_attention(layer)
     config = copy.copy(attention.config)
+    setattr(config, _BASE_ATTRIBUTE, getattr(attention.config, _BASE_ATTRIBUTE, attention.config._attn_implementation))
     config._attn_implementation = name
     attention.config = config
     return model

@@ -32,9 +32,9 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def _as_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
+    if isinstance(dtype, torch.dtype) and dtype in _DTYPES.values():
         return dtype
-    if dtype not in _DTYPES:
+    if not isinstance(dtype, str) or dtype not in _DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}")
     return _DTYPES[dtype]
 
@@ -309,7 +309,8 @@ def default_cases(level: str = "default") -> list[AttentionCase]:
 
     ``level="default"`` (seconds on CPU) adds, to the feature cases, sequences across 64- and 128-key tiles, chunked
     prefill (queries against a cache offset) and decode steps (one query against a cache) crossed with every
-    feature; ``"thorough"`` adds lengths 127 / 128 / 129 / 257 / 1031 keys, prefill, chunked prefill and decode at
+    feature, and sinks with a sliding window that starts past the first 64- and 128-key tile (chunked prefill and
+    decode); ``"thorough"`` adds lengths 127 / 128 / 129 / 257 / 1031 keys, prefill, chunked prefill and decode at
     those lengths with every feature, and the layouts real models use (gpt-oss, gemma 2/3, mistral, qwen2).
 
     Example:
@@ -343,6 +344,12 @@ def _long_and_decode_cases(C) -> list[AttentionCase]:
         C("decode_padding_right", padding="right", pad_count=20, **decode, adds=("padding",)),
         C("decode_gpt_oss_like", batch=3, heads=8, kv_heads=2, q_len=1, k_len=150, padding="left", pad_count=20,
           sliding_window=128, sinks=True, base="decode_long", adds=("padding", "sliding_window", "sinks", "gqa")),
+        # Sinks x a sliding window that starts past the first key tile (of 64 and of 128 keys): a kernel that skips
+        # the key tiles left of the window must still count the sink. Decode: the window is keys 130 .. 149.
+        C("decode_window_sinks_past_tile", sliding_window=20, sinks=True, **decode, adds=("sliding_window", "sinks")),
+        # Chunked prefill, queries at 128 .. 199: the first sees keys from 65, a 64-query block at 192 from 129.
+        C("chunked_window_sinks_past_tile", heads=2, kv_heads=2, q_len=72, k_len=200, sliding_window=64, sinks=True,
+          base="cross_length", adds=("length", "sliding_window", "sinks")),
     ]
 
 
@@ -757,7 +764,10 @@ class CaseResult:
     masked_rows: str = "none"  # behaviour on rows with no visible key: none | zeros | nan | finite (e.g. uniform)
     rel_rms: float | None = None  # relative RMS error of the output over valid rows
     yardstick_rel_rms: float | None = None  # the same for a correct kernel of this dtype (float32 accumulation)
-    rule: str = ""  # the pass rule that failed: absolute | relative | non-finite | weights | probe | padded queries
+    # the rule that failed: absolute | relative | non-finite | weights | probe | padded queries; what the call
+    # returned or did: return type | output type | output shape | output dtype | output device | inputs modified;
+    # raised (the kernel raised: status "error") | checker (a unilens bug reading the output: status "error")
+    rule: str = ""
     message: str = ""
     diagnosis: str = ""
     heat: list[list[float]] | None = None  # (heads, query)
@@ -841,23 +851,6 @@ class ConformanceReport:
         return fig
 
 
-def _run_impl(impl: AttentionImplementation, case: AttentionCase, dtype: torch.dtype, q, k, v, sinks):
-    module = _FakeAttentionModule(case, None if sinks is None else sinks.to(dtype))
-    mask = _build_mask(case, impl.mask_format, dtype)
-    kwargs: dict[str, Any] = {"scaling": case.scale, "dropout": 0.0}
-    if case.sliding_window is not None:
-        kwargs["sliding_window"] = case.sliding_window
-    if case.softcap is not None:
-        kwargs["softcap"] = case.softcap
-    if sinks is not None:
-        kwargs["s_aux"] = module.sinks
-    with torch.no_grad():
-        result = impl.fn(module, q.to(dtype), k.to(dtype), v.to(dtype), mask, **kwargs)
-    if not isinstance(result, tuple) or len(result) != 2:
-        raise TypeError(f"expected (attn_output, attn_weights), got {type(result).__name__}")
-    return result
-
-
 def _case_features(case: AttentionCase) -> set[str]:
     feats = set()
     if case.causal:
@@ -876,7 +869,98 @@ def _case_features(case: AttentionCase) -> set[str]:
 PADDED_QUERIES = ("any", "zeros")
 
 
+class _BadOutput(Exception):
+    """What a kernel returned breaks the interface: `rule` names what was wrong (a failing result, not an error)."""
+
+    def __init__(self, rule: str, message: str):
+        super().__init__(message)
+        self.rule = rule
+
+
+def _run_impl(impl: AttentionImplementation, case: AttentionCase, dtype: torch.dtype, q, k, v, sinks) -> Any:
+    """Call the kernel as transformers would; returns whatever it returned (checked by `_validated_output`).
+
+    The kernel gets copies of the inputs, so one that writes into its arguments cannot change the checker's own;
+    such a write raises `_BadOutput` ("inputs modified": transformers passes the KV cache itself as key / value)."""
+    module = _FakeAttentionModule(case, None if sinks is None else sinks.to(dtype).clone())
+    mask = _build_mask(case, impl.mask_format, dtype)
+    kwargs: dict[str, Any] = {"scaling": case.scale, "dropout": 0.0}
+    if case.sliding_window is not None:
+        kwargs["sliding_window"] = case.sliding_window
+    if case.softcap is not None:
+        kwargs["softcap"] = case.softcap
+    if sinks is not None:
+        kwargs["s_aux"] = module.sinks
+    given = {"query": q.to(dtype).clone(), "key": k.to(dtype).clone(), "value": v.to(dtype).clone()}
+    with torch.no_grad():
+        result = impl.fn(module, given["query"], given["key"], given["value"], mask, **kwargs)
+    originals = {"query": q, "key": k, "value": v, "sinks": sinks}
+    given["sinks"] = module.sinks
+    modified = [n for n, t in given.items() if t is not None and not torch.equal(t, originals[n].to(dtype))]
+    if modified:
+        raise _BadOutput("inputs modified", f"the kernel wrote into its {' / '.join(modified)} argument(s); "
+                                            "transformers passes the KV cache itself as key / value")
+    return result
+
+
+# Rules of the call itself (what it returned: type, shape, dtype, device; what it wrote into its arguments),
+# checked before any number is compared.
+_CONTRACT_RULES = ("return type", "output type", "output shape", "output dtype", "output device", "inputs modified")
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {_dtype_name(value.dtype)} tensor of shape {tuple(value.shape)}"
+    if isinstance(value, (tuple, list)):
+        return f"a {type(value).__name__} of {len(value)}"
+    return "None" if value is None else f"a {type(value).__module__}.{type(value).__qualname__}"
+
+
+def _validated_output(result: Any, case: AttentionCase, dtype: torch.dtype) -> tuple[torch.Tensor, Any]:
+    """`(attn_output, attn_weights)` from what a kernel returned, or `_BadOutput` naming what is wrong with it."""
+    if not isinstance(result, tuple) or len(result) != 2:
+        raise _BadOutput("return type", f"returned {_describe(result)}; expected a tuple (attn_output, attn_weights)")
+    out, weights = result
+    if not isinstance(out, torch.Tensor):
+        raise _BadOutput("output type", f"attn_output is {_describe(out)}; expected a torch.Tensor")
+    if out.layout != torch.strided:
+        raise _BadOutput("output type", f"attn_output is a {out.layout} tensor; expected a dense (strided) tensor")
+    if out.device.type != "cpu":
+        raise _BadOutput("output device", f"attn_output is on {out.device}; expected the inputs' device (cpu)")
+    expected = (case.batch, case.q_len, case.heads, case.head_dim)
+    if tuple(out.shape) != expected:
+        raise _BadOutput("output shape", f"output shape {tuple(out.shape)}, expected {expected}")
+    if out.dtype != dtype:
+        raise _BadOutput("output dtype", f"output dtype {_dtype_name(out.dtype)}, expected {_dtype_name(dtype)} "
+                                         "(the query's dtype, as transformers' attention functions return)")
+    return out.detach(), weights
+
+
+_CONTRACT_DIAGNOSIS = {
+    "return type": "the returned value (expected a tuple (attn_output, attn_weights))",
+    "output type": "the returned attn_output (expected a dense torch.Tensor)",
+    "output device": "the returned attn_output's device",
+    "output shape": "output layout (expected (batch, query, heads, head_dim))",
+    "output dtype": "the returned attn_output's dtype (expected the query's dtype)",
+    "inputs modified": "the kernel's writes into its arguments",
+}
+
+
+def _comparable_weights(weights: Any, case: AttentionCase) -> tuple[torch.Tensor | None, str]:
+    """Returned weights to compare, else None and why not ("" when they are simply absent or another quantity,
+    e.g. flex's log-sum-exp: weights are optional)."""
+    expected_w = (case.batch, case.heads, case.q_len, case.keys)
+    if not isinstance(weights, torch.Tensor) or tuple(weights.shape) != expected_w:
+        return None, ""
+    if weights.layout != torch.strided or weights.device.type != "cpu" or not weights.is_floating_point():
+        kind = "dense" if weights.layout == torch.strided else str(weights.layout).removeprefix("torch.")
+        return None, (f"attn_weights are a {kind} {_dtype_name(weights.dtype)} tensor on {weights.device}; "
+                      "expected dense floating-point probabilities on cpu")
+    return weights.detach(), ""
+
+
 def _check_one(impl, case: AttentionCase, dtype: torch.dtype, seed: int, padded_queries: str = "any") -> CaseResult:
+    """One (case, dtype). Whatever the kernel returns or raises becomes a result; only a bad `case` raises."""
     name = _dtype_name(dtype)
     blocked = sorted(set(impl.unsupported) & _case_features(case))
     if blocked:
@@ -887,6 +971,34 @@ def _check_one(impl, case: AttentionCase, dtype: torch.dtype, seed: int, padded_
     sinks = inputs.get("sinks")
     sinks = None if sinks is None else sinks.to(dtype)
     visible = case.visible()
+    ref_kwargs = dict(scaling=case.scale, softcap=case.softcap, visible=visible,
+                      sinks=None if sinks is None else sinks.double())
+    ref_out, ref_probs, _ = reference_attention(q, k, v, **ref_kwargs)
+    try:
+        try:
+            result = _run_impl(impl, case, dtype, q, k, v, sinks)
+        except _BadOutput:
+            raise
+        except Exception as error:  # noqa: BLE001 - report, do not crash the whole check
+            return CaseResult(case.name, name, "error", rule="raised",
+                              message=f"{type(error).__name__}: {error}"[:300])
+        out, weights = _validated_output(result, case, dtype)
+    except _BadOutput as bad:
+        return CaseResult(case.name, name, "fail", rule=bad.rule, message=str(bad)[:300],
+                          diagnosis=_CONTRACT_DIAGNOSIS[bad.rule])
+    try:
+        return _evaluate(impl, case, dtype, seed, padded_queries, q, k, v, sinks, visible, ref_kwargs, ref_out,
+                         ref_probs, out, weights)
+    except Exception as error:  # noqa: BLE001 - the contract: a kernel's numbers never crash the check
+        return CaseResult(case.name, name, "error", rule="checker",
+                          message=(f"the checker could not evaluate this output ({type(error).__name__}: {error}); "
+                                   "please report this as a unilens bug")[:300])
+
+
+def _evaluate(impl, case, dtype, seed, padded_queries, q, k, v, sinks, visible, ref_kwargs, ref_out, ref_probs,
+              out, weights) -> CaseResult:
+    """The numeric verdict on an output of the right type, shape and dtype (any values: NaN, inf, garbage)."""
+    name = _dtype_name(dtype)
     # The contract for padded query rows (the same in diff_models): a query that is itself a padding token, or that
     # sees no key, is not compared. Its output never reaches a real token (eager returns an average of values there,
     # flash_attention_2 zeros); only NaN / inf there fails, and padded_queries="zeros" demands flash's zeros.
@@ -895,18 +1007,7 @@ def _check_one(impl, case: AttentionCase, dtype: torch.dtype, seed: int, padded_
               else pad[:, case.keys - case.q_len:].bool())  # (batch, query): queries that are real tokens
     sees = visible[:, 0].any(dim=-1)  # (batch, query): rows with at least one visible key
     valid_bq = sees & real_q
-    ref_kwargs = dict(scaling=case.scale, softcap=case.softcap, visible=visible,
-                      sinks=None if sinks is None else sinks.double())
-    ref_out, ref_probs, _ = reference_attention(q, k, v, **ref_kwargs)
     naive_out, naive_probs = _naive_attention(q, k, v, visible, case.scale, sinks, case.softcap)
-    try:
-        out, weights = _run_impl(impl, case, dtype, q, k, v, sinks)
-    except Exception as error:  # noqa: BLE001 - report, do not crash the whole check
-        return CaseResult(case.name, name, "error", message=f"{type(error).__name__}: {error}"[:300])
-    expected = (case.batch, case.q_len, case.heads, case.head_dim)
-    if tuple(out.shape) != expected:
-        return CaseResult(case.name, name, "fail", message=f"output shape {tuple(out.shape)}, expected {expected}",
-                          diagnosis="output layout (expected (batch, query, heads, head_dim))")
     softcap = case.softcap is not None
     cmp = _compare(out, ref_out, naive_out, valid_bq, softcap, dtype, "bqhd")
     res = CaseResult(case.name, name, "pass" if cmp.passed else "fail", cmp.max_abs, cmp.max_rel, cmp.pct_outside,
@@ -921,8 +1022,11 @@ def _check_one(impl, case: AttentionCase, dtype: torch.dtype, seed: int, padded_
     if dtype in (torch.bfloat16, torch.float16) and res.rel_rms > PRECISION_FACTOR * res.yardstick_rel_rms:
         res.status = "fail"
         res.rule = res.rule or "relative"
-        res.message = (f"relative RMS error {res.rel_rms:.2e} is {res.rel_rms / res.yardstick_rel_rms:.1f}x that of a "
-                       f"correct {name} kernel with float32 accumulation (limit {PRECISION_FACTOR:g}x)")
+        # a yardstick of exactly 0: the correct kernels are exact here (e.g. one visible key: the output is v)
+        times = (f"is {res.rel_rms / res.yardstick_rel_rms:.1f}x that of" if res.yardstick_rel_rms > 0
+                 else "where it is exactly 0 for")
+        res.message = (f"relative RMS error {res.rel_rms:.2e} {times} a correct {name} kernel with float32 "
+                       f"accumulation (limit {PRECISION_FACTOR:g}x)")
     padded = ~real_q & sees
     if padded_queries == "zeros" and padded.any() and out.double()[padded].abs().max() > 0:
         res.status = "fail"
@@ -943,14 +1047,20 @@ def _check_one(impl, case: AttentionCase, dtype: torch.dtype, seed: int, padded_
         res.status = "fail"
         res.rule = "non-finite"
         res.message = f"{cmp.nonfinite} non-finite output values where the reference is finite"
-    expected_w = (case.batch, case.heads, case.q_len, case.keys)
-    if isinstance(weights, torch.Tensor) and tuple(weights.shape) == expected_w:
-        wc = _compare(weights, ref_probs, naive_probs, valid_bq, softcap, dtype, "bhqk")
+    w, why = _comparable_weights(weights, case)
+    if why:
+        res.weights, res.status, res.rule = "fail", "fail", res.rule or "weights"
+        res.message = (res.message + " " + why).strip()[:300]
+    elif w is not None:
+        wc = _compare(w, ref_probs, naive_probs, valid_bq, softcap, dtype, "bhqk")
         res.weights = "pass" if wc.passed else "fail"
         res.weights_max_abs, res.weights_bound = wc.max_abs, wc.bound
         if not wc.passed:
             res.status = "fail"
             res.rule = res.rule or "weights"
+            what = (f"{wc.nonfinite} non-finite values where the reference is finite" if wc.nonfinite
+                    else f"max |error| {wc.max_abs:.2e} above the bound {wc.bound:.2e}")
+            res.message = (res.message + f" attn_weights: {what}").strip()[:300]
     # Probe: identity values make the output row equal the probability row, exposing the softmax even when the
     # function returns no weights.
     v_id = _identity_values(case)
@@ -959,12 +1069,15 @@ def _check_one(impl, case: AttentionCase, dtype: torch.dtype, seed: int, padded_
         p_ref, _, _ = reference_attention(q, k, v_id, **ref_kwargs)
         p_naive, _ = _naive_attention(q, k, v_id, visible, case.scale, sinks, case.softcap)
         try:
-            p_out, _ = _run_impl(impl, case, dtype, q, k, v_id, sinks)
+            p_out, _ = _validated_output(_run_impl(impl, case, dtype, q, k, v_id, sinks), case, dtype)
             pc = _compare(p_out, p_ref, p_naive, valid_bq, softcap, dtype, "bqhd")
             res.probe, res.probe_max_abs = ("pass" if pc.passed else "fail"), pc.max_abs
+        except _BadOutput as bad:
+            res.probe = "fail"
+            res.message = (res.message + f" probe: {bad}").strip()[:300]
         except Exception as error:  # noqa: BLE001
             res.probe = "fail"
-            res.message = (res.message + f" probe raised {type(error).__name__}: {error}")[:300]
+            res.message = (res.message + f" probe raised {type(error).__name__}: {error}").strip()[:300]
         if res.probe == "fail":
             res.status = "fail"
             res.rule = res.rule or "probe"
@@ -985,10 +1098,10 @@ def _stage(r: CaseResult) -> str:
 def _diagnose(results: list[CaseResult], cases: dict[str, AttentionCase]) -> None:
     by_key = {(r.case, r.dtype): r for r in results}
     for r in results:
-        if r.passed or r.status == "error":
-            if r.status == "error":
-                r.diagnosis = "raised"
-            continue
+        if r.passed or r.status == "error" or r.rule in _CONTRACT_RULES:
+            if r.status == "error":  # the kernel raised, or (a unilens bug) the checker could not read its output
+                r.diagnosis = "raised" if r.rule == "raised" else "checker error"
+            continue  # a contract failure keeps the diagnosis naming what was returned
         case = cases[r.case]
         base = by_key.get((case.base, r.dtype)) if case.base else None
         if case.base is None:
@@ -1031,7 +1144,12 @@ def check_attention(
       (`_compare`); returned weights and an identity-values probe are held to the same bound;
     - relative (bfloat16 / float16): relative RMS error at most 2x that of a correct kernel of the same dtype with
       float32 accumulation; the long cases make a kernel that accumulates in half precision grow past it;
-    - non-finite: NaN / inf where the reference is finite fails, padded rows included.
+    - non-finite: NaN / inf where the reference is finite fails, padded rows included;
+    - the call itself, before any number: "return type" (not a tuple of 2), "output type" (attn_output not a dense
+      tensor), "output shape", "output dtype" (not the query's), "output device", "inputs modified" (the kernel
+      wrote into query / key / value / sinks); a kernel that raises gives status "error", rule "raised".
+    Whatever the kernel returns or raises (``Exception``) becomes a result: `check_attention` itself raises only for
+    its own arguments (``KeyboardInterrupt`` and ``SystemExit`` from the kernel propagate).
     Padded query rows (queries that are padding tokens, or see no key) are not compared: a conforming kernel may
     return any finite value there (eager: an average of values; flash_attention_2: zeros); ``padded_queries="zeros"``
     demands flash's zeros. ``level``: the case grid (`default_cases`), "default" (seconds) or "thorough".
@@ -1045,6 +1163,10 @@ def check_attention(
         impl = get_implementation(fn)
     elif isinstance(fn, AttentionImplementation):
         impl = fn
+    elif not callable(fn):
+        raise TypeError(f"check_attention: fn must be an attention function fn(module, query, key, value, "
+                        f"attention_mask, **kwargs) -> (attn_output, attn_weights), an AttentionImplementation or a "
+                        f"name such as 'sdpa'; got {type(fn).__name__} {fn!r}"[:300])
     else:
         impl = AttentionImplementation(getattr(fn, "__name__", repr(fn)), fn,
                                        getattr(fn, "mask_format", "additive"),
@@ -1055,6 +1177,11 @@ def check_attention(
     if padded_queries not in PADDED_QUERIES:
         raise ValueError(f"padded_queries must be one of {PADDED_QUERIES}, got {padded_queries!r}")
     grid = {c.name: c for c in default_cases("thorough")}  # names of every level resolve
+    if isinstance(dtypes, (str, torch.dtype)):  # one dtype, not its characters
+        dtypes = (dtypes,)
+    dtypes = [_as_dtype(d) for d in dtypes]
+    if isinstance(cases, (str, AttentionCase)):  # one case
+        cases = [cases]
     if cases is None:
         chosen = default_cases(level)
     else:
@@ -1064,6 +1191,9 @@ def check_attention(
                 if c not in grid:
                     raise ValueError(f"unknown case {c!r}; known: {sorted(grid)}")
                 c = grid[c]
+            elif not isinstance(c, AttentionCase):
+                raise TypeError(f"check_attention: cases must be case names or AttentionCase objects, got "
+                                f"{type(c).__name__} {c!r}"[:200])
             chosen.append(c)
     all_cases = {**grid, **{c.name: c for c in chosen}}
     # The tensors are tiny: one thread avoids BLAS thread start-up / contention (measured 16 ms vs 0.01 ms per
@@ -1071,7 +1201,7 @@ def check_attention(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        results = [_check_one(impl, c, _as_dtype(d), seed, padded_queries) for c in chosen for d in dtypes]
+        results = [_check_one(impl, c, d, seed, padded_queries) for c in chosen for d in dtypes]
     finally:
         torch.set_num_threads(threads)
     _diagnose(results, all_cases)

@@ -114,7 +114,7 @@ def check_model_type(model_type: str) -> SupportRow:
         extra = ours.shape[-1] - mask.shape[1]
         key_mask = torch.cat([mask, mask.new_ones(mask.shape[0], max(extra, 0))], dim=1)
         real = mask[:, None, :, None] & key_mask[:, None, None, :]
-        err = max(err, float(((ours - theirs).abs() * real).max()))
+        err = max(err, float(((ours - theirs).abs() * real).max().detach()))
     row.attention_max_err = err
     row.attention_probs = "match" if err <= 1e-5 else "mismatch"
     return row

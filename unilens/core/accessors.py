@@ -2,7 +2,8 @@
 
 ``LayerIndexed`` is the one base of every per-layer accessor (``LayerTensors`` and ``LayerModules`` here, the
 attention hook points, the TransformerLens-style hook points and the weight views above): the layer index check
-(``layer_index``: ints, negative from the end, one error message), ``len``, iteration and shape-checked assignment.
+(``layer_index``: ints, negative from the end, one error message), ``len``, iteration and checked assignment (shape,
+dtype, device, and finite values unless ``model.allow_nonfinite``).
 """
 
 from __future__ import annotations
@@ -61,11 +62,15 @@ class LayerIndexed:
     def _set(self, i: int, value: Any) -> None:
         raise TypeError(f"{self._label(i)} cannot be assigned: it is not a tensor of the forward.")
 
-    @staticmethod
-    def _assign(envoy: Any, label: str, value: torch.Tensor) -> None:
-        """``envoy.output = value`` after checking ``value`` has the shape, dtype and device the model computes."""
+    def _allow_nonfinite(self) -> bool:
+        """Whether NaN / inf may be assigned (``model.allow_nonfinite = True``; refused by default)."""
+        return bool(getattr(self._model, "allow_nonfinite", False))
+
+    def _assign(self, envoy: Any, label: str, value: torch.Tensor) -> None:
+        """``envoy.output = value`` after checking ``value`` has the shape, dtype and device the model computes, and
+        finite values (unless ``model.allow_nonfinite``)."""
         # same rule as layers_output: a tensor missing the batch dimension would broadcast silently
-        _check_shape(label, value, envoy.output)
+        _check_shape(label, value, envoy.output, self._allow_nonfinite())
         envoy.output = value
 
     def __getitem__(self, i: int) -> Any:
@@ -116,12 +121,12 @@ class LayerTensors(LayerIndexed):
         label = self._label(i)
         if self._io == "input":
             current = envoy.input
-            _check_shape(label, value, self._model._unflatten_tokens(current))
+            _check_shape(label, value, self._model._unflatten_tokens(current), self._allow_nonfinite())
             envoy.input = value.reshape(current.shape)
             return
         current = envoy.output
         first = _first(current)
-        _check_shape(label, value, self._model._unflatten_tokens(first))
+        _check_shape(label, value, self._model._unflatten_tokens(first), self._allow_nonfinite())
         value = value.reshape(first.shape)
         envoy.output = (value, *current[1:]) if isinstance(current, tuple) else value
 

@@ -26,6 +26,7 @@ class StandardizedModel(Protocol):
     tokenizer: Any
     config: Any
     layers_output: Any  # accessor: layers_output[i] (batch, seq, hidden), readable and assignable in a trace
+    allow_nonfinite: bool  # True: assignments / steering may write NaN / inf (refused by default)
     _attention_modules: list  # layer i's attention module with unilens's hook points, or None
 
     @property
@@ -43,8 +44,11 @@ class StandardizedModel(Protocol):
     @property
     def input_device(self) -> torch.device: ...
     @property
+    def input_ids(self) -> torch.Tensor | None:
+        """This forward's token ids ``(batch, seq)`` inside a trace (an invoke: its rows), the last forward's after."""
+    @property
     def attention_mask(self) -> torch.Tensor | None:
-        """This forward's attention mask ``(batch, seq)`` (None: no padding)."""
+        """This forward's attention mask ``(batch, seq)`` (None: no padding), as ``input_ids``."""
 
     # --- nnsight ---
     def trace(self, *inputs: Any, **kwargs: Any) -> Any: ...

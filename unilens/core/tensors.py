@@ -1,5 +1,5 @@
 """Tensor helpers every tier uses: the first element of a module output, each row's last real token, shape-checked
-assignment, layer indices and input checks."""
+(and finite-checked) assignment, layer indices and input checks."""
 
 from __future__ import annotations
 
@@ -39,7 +39,42 @@ def rows_position(mask: Any, position: int) -> torch.Tensor | None:
     return (last_real_positions(mask) + 1 + position).clamp(min=0)
 
 
-def _check_shape(name: str, new: Any, old: torch.Tensor) -> None:
+class NonFiniteValueError(ValueError):
+    """A tensor with NaN / inf values was assigned into the forward (``model.allow_nonfinite = True`` allows it)."""
+
+
+def check_finite(what: str, value: torch.Tensor, allow_nonfinite: bool = False) -> None:
+    """Refuse a floating tensor with NaN / inf values about to be written into the forward (``what`` names it and
+    where, e.g. ``"the tensor assigned to layers_output[3]"``): they would spread through every later layer without
+    a word. One ``torch.isfinite(value).all()`` on that tensor; ``allow_nonfinite=True``
+    (``model.allow_nonfinite = True``) writes them deliberately.
+
+    Example:
+        >>> check_finite("the tensor assigned to layers_output[3]", torch.ones(2))
+        >>> check_finite("the tensor assigned to layers_output[3]", torch.tensor([1.0, float("nan")]))
+        Traceback (most recent call last):
+        ...
+        unilens.core.tensors.NonFiniteValueError: the tensor assigned to layers_output[3] has NaN / inf values (1 of 2)...
+    """
+    if allow_nonfinite or not isinstance(value, torch.Tensor):
+        return
+    if not (value.is_floating_point() or value.is_complex()):
+        return
+    if value.device.type == "meta" or getattr(value, "fake_mode", None) is not None:  # no data (scan, meta)
+        return
+    finite = torch.isfinite(value)
+    if bool(finite.all()):
+        return
+    bad = int((~finite).sum())
+    raise NonFiniteValueError(
+        f"{what} has NaN / inf values ({bad} of {value.numel()}): they would spread through every later layer. Fix "
+        "the tensor (e.g. torch.nan_to_num(t)), or set model.allow_nonfinite = True to write them deliberately."
+    )
+
+
+def _check_shape(name: str, new: Any, old: torch.Tensor, allow_nonfinite: bool = False) -> None:
+    """Refuse assigning ``new`` where the model computes ``old``: another type, shape, dtype or device, or NaN / inf
+    values (``check_finite``; ``allow_nonfinite`` writes them)."""
     if not isinstance(new, torch.Tensor):
         raise TypeError(f"{name} must be set to a torch.Tensor, got {type(new).__name__}.")
     if tuple(new.shape) != tuple(old.shape):
@@ -57,6 +92,7 @@ def _check_shape(name: str, new: Any, old: torch.Tensor) -> None:
             f"cannot set {name} to a tensor on {new.device}: the model computes it on {old.device}. Move it first, "
             f"e.g. value.to('{old.device}')."
         )
+    check_finite(f"the tensor assigned to {name}", new, allow_nonfinite)
 
 
 def _has_negative(positions: Any) -> bool:
@@ -67,17 +103,27 @@ def _has_negative(positions: Any) -> bool:
     return False
 
 
+def _check_ids_shape(ids: torch.Tensor) -> None:
+    """Token ids are ``(batch, seq)`` or ``(seq,)``: more dimensions would run as a batch of batches (a 4-D output)."""
+    if ids.dim() > 2:
+        raise ValueError(f"input_ids must be (batch, seq) (or (seq,) for one prompt), got shape {tuple(ids.shape)}; "
+                         "e.g. ids.reshape(-1, ids.shape[-1]) for a stack of batches.")
+
+
 def _check_inputs(inputs: tuple) -> None:
     """One-line errors for inputs nnsight / the tokenizer would reject with a confusing message (or accept)."""
     for value in inputs:
         if isinstance(value, str):
             continue
         if isinstance(value, torch.Tensor):
+            _check_ids_shape(value)
             continue  # token ids: checked against the vocabulary when the forward starts
         if isinstance(value, dict) or hasattr(value, "keys"):
             if "input_ids" not in value and "inputs_embeds" not in value:
                 raise TypeError("the input is a mapping without input_ids: pass a tokenizer output, "
                                 "e.g. model.tokenizer(texts, return_tensors='pt', padding=True).")
+            if isinstance(value.get("input_ids"), torch.Tensor):
+                _check_ids_shape(value["input_ids"])
             continue
         if isinstance(value, (list, tuple)) and value:
             if all(isinstance(v, str) for v in value):

@@ -633,7 +633,10 @@ def _make_attention_hooks(hooks: AttentionHooks, module: nn.Module):
         try:
             if router is not None and router.saved:
                 router.exit()
-            if (hooks.always_materialize or hooks.current.points) and not hooks._probabilities_seen:
+            # _output is None when the forward raised (torch calls always_call hooks then too): that error, e.g. a
+            # wrongly shaped assignment at a hook point, is the one to report, not "no probabilities computed"
+            if (hooks.always_materialize or hooks.current.points) and not hooks._probabilities_seen \
+                    and _output is not None:
                 raise RuntimeError(
                     f"unilens: attention hooks were requested on {hooks.architecture} but its forward computed no "
                     f"attention probabilities (route {hooks.route!r}); this class is not supported by the hookable "

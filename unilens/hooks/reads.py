@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from nnsight import save as _nnsight_save
@@ -255,6 +255,9 @@ def read(model: "StandardizedModel", inputs: Any, names: str | Sequence[str],
         >>> list(acts), tuple(acts["attention_probabilities.1"].shape)
         (['logits', 'layers_output.1', 'attention_probabilities.1'], (1, 4, 5, 5))
     """
+    if not isinstance(names, str) and not (isinstance(names, Iterable) and not isinstance(names, (bytes, dict))):
+        raise TypeError("names must be a tensor name or a list of them, e.g. 'layers_output.3' or ['logits', "
+                        f"'layers_output.*'], got {type(names).__name__} {names!r:.40}.")
     key = (names,) if isinstance(names, str) else tuple(names)
     parsed = model.__dict__.setdefault("_read_plans", {})  # names -> locations: what a model has does not change
     try:
@@ -290,7 +293,7 @@ def _set(model: "StandardizedModel", loc: Location, value: Any) -> None:
     accessor, layer = loc
     if accessor == "token_embeddings":
         envoy = model._envoy_at(model.architecture.embed_path)
-        _check_shape(accessor, value, envoy.output)
+        _check_shape(accessor, value, envoy.output, bool(getattr(model, "allow_nonfinite", False)))
         envoy.output = value
         return
     if layer is None:

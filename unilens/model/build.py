@@ -34,6 +34,7 @@ from ..compat.nnterp import (
     nnsight_aliases,
     resolve_rename_options,
 )
+from ..core.traces import TraceGate
 from ..hooks.attention import AttentionSetup, install_attention_hooks
 from ..hooks.points import HookPointSetup, install_hook_points
 from .validation import validate_model
@@ -121,6 +122,8 @@ def attach(model: Any, parts: Parts, padding_side: str | None = None) -> None:
     # token, whatever the padding side; and what the running trace reads, in order (to explain read-order errors)
     object.__setattr__(model, "_last_batch", {})
     object.__setattr__(model, "_trace_reads", [])
+    # one trace of this model at a time across threads (unilens.core.traces): nnsight's interleaver is per model
+    object.__setattr__(model, "_trace_gate", TraceGate())
     LanguageModel.__init__(model, parts.module, tokenizer=parts.tokenizer, rename=parts.rename)
     if padding_side is not None:  # nnsight sets left padding on causal models; honour the user's choice
         model.tokenizer.padding_side = padding_side

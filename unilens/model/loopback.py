@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
 import io
 import linecache
 import sys
+import threading
 import warnings
 from typing import Any, Iterator
 
@@ -16,7 +18,23 @@ import torch
 
 from ..arch.loading import load_hf_model
 
-__all__ = ["Loopback"]
+__all__ = ["Loopback", "RemoteTimeoutError"]
+
+_CANCEL_GRACE = 10.0  # seconds a cancelled loopback job has to stop (it stops at its next Python line)
+
+
+class RemoteTimeoutError(TimeoutError):
+    """A remote request did not finish within ``remote_timeout`` seconds (``StandardizedTransformer(...,
+    remote_timeout=)`` or ``model.trace(..., remote_timeout=)``)."""
+
+
+class _Cancelled(Exception):
+    """Raised inside a loopback job that ran past its timeout (delivered at the job's next Python line)."""
+
+
+def _raise_in(thread: threading.Thread, exception: type[BaseException]) -> None:
+    """Raise ``exception`` in ``thread`` at its next Python line (CPython's asynchronous exception)."""
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(exception))
 
 
 # transformers' global registries where unilens installs its attention implementation; the loopback server runs
@@ -120,31 +138,87 @@ class Loopback:
             self.server = LanguageModel(hf, tokenizer=tokenizer)
         self.requests = 0  # requests served
         self.last_payload_bytes = 0
+        self._stuck: threading.Thread | None = None  # a cancelled job still inside one long call
 
     def __repr__(self) -> str:
         return f"Loopback({type(self.server._module).__name__}, {self.requests} requests served)"
 
-    def run(self, blob: bytes) -> bytes:
-        """Serve one serialized request: deserialize, execute against the plain model, return the serialized saves."""
-        from nnsight.schema.request import RequestModel
-        from nnsight.tracing.tracer import _saves, dec, inc
+    def run(self, blob: bytes, timeout: float | None = None) -> bytes:
+        """Serve one serialized request: deserialize, execute against the plain model, return the serialized saves.
 
+        ``timeout``: seconds to wait for the job (None: no limit). Past it the job is cancelled, as a deployment
+        cancels a job, and ``RemoteTimeoutError`` is raised; the job stops at its next Python line (a job blocked
+        inside one long C call stops when that call returns; until then the server refuses new requests).
+        """
+        if self._stuck is not None and self._stuck.is_alive():
+            raise RuntimeError("the loopback server is still stopping a request that timed out (it is inside one "
+                               "long call); wait for it to return, or build a new Loopback.")
         self.requests += 1
         self.last_payload_bytes = len(blob)
         filename_cache = dict(linecache.cache)  # deserialize registers the block under the client's file name
         try:
             with _without_unilens():
-                tracer = RequestModel.deserialize(blob, self.server._remoteable_persistent_objects())
-                inc()  # one outermost trace: only .save()d values come back, as on the server
-                try:
-                    tracer.execute(tracer.info.code)
-                    marked = set(_saves())
-                    saves = {k: v for k, v in tracer.info.frame.f_locals.items() if id(v) in marked}
-                finally:
-                    dec()
-                buffer = io.BytesIO()
-                torch.save(saves, buffer)
+                return self._run_within(blob, timeout)
         finally:
             linecache.cache.clear()
             linecache.cache.update(filename_cache)
+
+    def _run_within(self, blob: bytes, timeout: float | None) -> bytes:
+        """Run the job in a worker thread and wait at most ``timeout`` seconds for it."""
+        outcome: dict[str, Any] = {}
+        gate = threading.Lock()  # the job is cancelled only while it runs, never while it reports its outcome
+        running = [True]
+
+        def job() -> None:
+            try:
+                try:
+                    try:
+                        outcome["reply"] = self._execute(blob)
+                    finally:
+                        with gate:
+                            running[0] = False
+                except BaseException as err:  # noqa: BLE001 - handed to the waiting client
+                    outcome["error"] = err
+            except _Cancelled:  # a cancellation delivered while the outcome was being recorded
+                pass
+
+        def cancel() -> bool:
+            with gate:
+                if running[0]:
+                    _raise_in(worker, _Cancelled)
+            worker.join(_CANCEL_GRACE)
+            self._stuck = worker if worker.is_alive() else None
+            return "reply" not in outcome
+
+        worker = threading.Thread(target=job, name="unilens-loopback-job", daemon=True)
+        worker.start()
+        try:
+            worker.join(timeout)
+        except BaseException:  # Ctrl-C while waiting: the job is cancelled too
+            cancel()
+            raise
+        if worker.is_alive() and cancel():
+            raise RemoteTimeoutError(
+                f"the remote request did not finish within remote_timeout={timeout:g} s and was cancelled; look for "
+                "a loop that never ends in the traced block, or raise the limit (remote_timeout=None: no limit).")
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["reply"]
+
+    def _execute(self, blob: bytes) -> bytes:
+        """Deserialize and run one request against the plain model (unilens already hidden); the saved values,
+        serialized."""
+        from nnsight.schema.request import RequestModel
+        from nnsight.tracing.tracer import _saves, dec, inc
+
+        tracer = RequestModel.deserialize(blob, self.server._remoteable_persistent_objects())
+        inc()  # one outermost trace: only .save()d values come back, as on the server
+        try:
+            tracer.execute(tracer.info.code)
+            marked = set(_saves())
+            saves = {k: v for k, v in tracer.info.frame.f_locals.items() if id(v) in marked}
+        finally:
+            dec()
+        buffer = io.BytesIO()
+        torch.save(saves, buffer)
         return buffer.getvalue()

@@ -7,13 +7,24 @@ import ast
 import contextlib
 import copy
 import io
+import json
+import math
+import pickle
+import sys
+import time
 import types
 import warnings
+import zipfile
+from collections import OrderedDict
 from typing import Any, Iterator
 
 import torch
 from nnsight import LanguageModel
+from nnsight.intervention.backends.remote import RemoteBackend
+from nnsight.schema.response import ResponseModel, Status
 from transformers import AutoTokenizer, PretrainedConfig, PreTrainedModel
+from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.utils import ModelOutput
 
 from ..arch.discovery import discover, get_rename_dict, probe_dataflow, probe_parallel
 from ..core.names import (
@@ -24,7 +35,7 @@ from ..core.names import (
     remote_refusal,
 )
 from .build import Parts
-from .loopback import Loopback, _fresh_class_trackers
+from .loopback import Loopback, RemoteTimeoutError, _fresh_class_trackers
 from .validation import ValidationError, _tol
 
 # The columns of remote mode's support table (docs/remote.md): every standardized name but the hook points, which
@@ -32,8 +43,12 @@ from .validation import ValidationError, _tol
 REMOTE_TABLE_NAMES: tuple[str, ...] = tuple(n for n, e in CATALOGUE.items() if e.kind != POINT)
 
 __all__ = [
+    "DEFAULT_REMOTE_TIMEOUT",
     "Loopback",
+    "RemoteReplyError",
+    "RemoteTimeoutError",
     "RemoteUnsupportedError",
+    "load_reply",
     "check_block",
     "meta_structure",
     "refusal",
@@ -142,6 +157,255 @@ def _cached_sources() -> Iterator[None]:
         inspect.getsourcelines = original
 
 
+# ------------------------------------------------------------------------------------------------------------------
+# Requests: a timeout, and replies read without running code from them
+# ------------------------------------------------------------------------------------------------------------------
+
+DEFAULT_REMOTE_TIMEOUT = 3600.0  # seconds a remote request may take (queueing included); None: no limit
+
+
+class RemoteReplyError(pickle.UnpicklingError):
+    """A server's reply holds something other than saved values (tensors, numbers, strings, containers,
+    transformers' outputs and caches): unilens does not load it, since unpickling it could run code here."""
+
+
+def check_timeout(value: Any) -> float | None:
+    """``remote_timeout=``: seconds (a positive number) or None (no limit).
+
+    Example:
+        >>> check_timeout(600), check_timeout(None)
+        (600.0, None)
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"remote_timeout= takes seconds (a positive number) or None (no limit); got "
+                        f"{type(value).__name__} {value!r}.")
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"remote_timeout= takes seconds (a positive number) or None (no limit); got {value!r}.")
+    return float(value)
+
+
+def remote_timeout_option(kwargs: dict, remote: Any) -> float | None:
+    """Take ``remote_timeout=`` out of ``StandardizedTransformer``'s keyword arguments (checked; default
+    ``DEFAULT_REMOTE_TIMEOUT``); refused on a model loaded without ``remote=``.
+
+    Example:
+        >>> kwargs = {"remote_timeout": 600, "revision": "main"}
+        >>> remote_timeout_option(kwargs, remote=True), kwargs
+        (600.0, {'revision': 'main'})
+    """
+    if "remote_timeout" not in kwargs:
+        return DEFAULT_REMOTE_TIMEOUT
+    value = check_timeout(kwargs.pop("remote_timeout"))
+    if not remote:
+        raise TypeError("remote_timeout= applies to remote mode only: pass it with remote= (a local model runs no "
+                        "requests).")
+    return value
+
+
+# the builtins a reply may hold beyond torch's weights-only set (a saved slice, range, frozenset, complex)
+_REPLY_BUILTINS: dict[str, Any] = {f"builtins.{t.__name__}": t for t in (slice, range, frozenset, complex)}
+
+
+class _OutputStandIn:
+    """Stands in for a transformers ``ModelOutput`` class while a reply is read: torch's weights-only unpickler
+    fills only plain dicts, so the output is read as an ``OrderedDict`` and rebuilt as its class afterwards."""
+
+    def __init__(self, cls: type, made: dict) -> None:
+        self.cls, self.made = cls, made
+
+    def __call__(self, *args: Any) -> OrderedDict:
+        stand_in: OrderedDict = OrderedDict()
+        self.made[id(stand_in)] = (self.cls, stand_in)
+        return stand_in
+
+
+def _reply_global(name: str, made: dict | None) -> Any:
+    """The object a reply may name as ``name`` (module.attribute) beyond torch's weights-only set, or None: refused.
+    A ``ModelOutput`` class is given as a stand-in (``made``: its records) for torch's weights-only unpickler, as
+    itself (``made=None``) for the restricted one."""
+    if name in _REPLY_BUILTINS:
+        return _REPLY_BUILTINS[name]
+    if name == f"{Status.__module__}.{Status.__qualname__}":
+        return Status
+    module_name, _, attr = name.rpartition(".")
+    if not module_name.startswith("transformers."):
+        return None
+    module = sys.modules.get(module_name)  # a module this process loaded already: a reply never imports one
+    found = getattr(module, attr, None) if module is not None else None
+    if isinstance(found, type) and issubclass(found, ModelOutput):
+        return found if made is None else (_OutputStandIn(found, made), name)
+    if isinstance(found, type) and issubclass(found, (Cache, CacheLayerMixin)):
+        return found
+    return None
+
+
+def _refused(name: str) -> RemoteReplyError:
+    return RemoteReplyError(
+        f"the server's reply holds {name}, which is not a saved value (tensor, number, string, container, "
+        "transformers output or cache): unilens does not load it, since unpickling it could run code on this "
+        "machine. Save tensors and plain values in the traced block, and use a server you trust.")
+
+
+def _rebuild_outputs(value: Any, made: dict, memo: dict) -> Any:
+    """``value`` with every stand-in ``OrderedDict`` rebuilt as its ``ModelOutput`` class (containers walked)."""
+    key = id(value)
+    if key in memo:
+        return memo[key]
+    if key in made and made[key][1] is value:
+        out = made[key][0](**{k: _rebuild_outputs(v, made, memo) for k, v in value.items()})
+    elif type(value) in (dict, OrderedDict):
+        out = type(value)((k, _rebuild_outputs(v, made, memo)) for k, v in value.items())
+    elif type(value) in (list, tuple):
+        out = type(value)(_rebuild_outputs(v, made, memo) for v in value)
+    else:
+        out = value
+    memo[key] = out
+    return out
+
+
+def _pickle_protocol(content: bytes) -> int:
+    """The pickle protocol of a ``torch.save`` archive's ``data.pkl``; refuses what is not such an archive (or is
+    a TorchScript archive, which ``torch.load`` would hand to ``torch.jit.load``)."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(content)) as archive:
+            names = archive.namelist()
+            data = [n for n in names if n.endswith("/data.pkl")]
+            if any(n.endswith("/constants.pkl") or "/code/" in n for n in names) or len(data) != 1:
+                raise RemoteReplyError(f"the server's reply is not a torch.save archive of saved values (it holds "
+                                       f"{names[:4]}); unilens does not load it.")
+            head = archive.read(data[0])[:2]
+    except zipfile.BadZipFile:
+        raise RemoteReplyError(f"the server's reply ({len(content):,} bytes) is not a torch.save archive; is the "
+                               "remote= address an NDIF server?") from None
+    return head[1] if len(head) == 2 and head[0] == pickle.PROTO[0] else 0
+
+
+def _load_restricted(content: bytes) -> Any:
+    """``torch.load`` through a restricted unpickler (stdlib ``pickle`` with ``find_class`` answering only torch's
+    weights-only globals and ``_reply_global``'s): for pickles of protocol 3+ (nnsight's binary status frames use 4),
+    whose opcodes torch's weights-only unpickler cannot parse."""
+    allowed = dict(torch._weights_only_unpickler._get_allowed_globals())
+
+    class RestrictedUnpickler(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> Any:
+            full = f"{module}.{name}"
+            found = allowed.get(full) or _reply_global(full, None)
+            if found is None:
+                raise _refused(full)
+            return found
+
+    def load(file: Any, **kwargs: Any) -> Any:
+        return RestrictedUnpickler(file, **kwargs).load()
+
+    module = types.SimpleNamespace(__name__="unilens_restricted_pickle", Unpickler=RestrictedUnpickler, load=load)
+    return torch.load(io.BytesIO(content), map_location="cpu", weights_only=False, pickle_module=module)
+
+
+def load_reply(content: bytes) -> Any:
+    """Read a server's reply (``torch.save`` bytes of the saved values) without running code from it:
+    ``torch.load(weights_only=True)``, with a narrow allow-list for what a traced block legitimately saves beyond
+    tensors, numbers, strings and containers: transformers' outputs (``model.output``) and caches (classes of
+    modules this process has loaded already), and ``slice`` / ``range`` / ``frozenset`` / ``complex``. A reply
+    pickled with protocol 3+ (which torch's weights-only unpickler cannot parse) is read by a restricted unpickler
+    with the same allow-list. Anything else (a pickled call of ``os.system``...) raises ``RemoteReplyError``
+    before anything is built.
+
+    Example:
+        >>> buffer = io.BytesIO(); torch.save({"h": torch.ones(2), "n": [1, "a"]}, buffer)
+        >>> load_reply(buffer.getvalue())["n"]
+        [1, 'a']
+    """
+    if _pickle_protocol(content) > 2:
+        return _load_restricted(content)
+    made: dict = {}
+    allowed = []
+    for name in torch.serialization.get_unsafe_globals_in_checkpoint(io.BytesIO(content)):
+        found = _reply_global(name, made)
+        if found is None:
+            raise _refused(name)
+        allowed.append(found)
+    try:
+        with torch.serialization.safe_globals(allowed):
+            result = torch.load(io.BytesIO(content), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        reason = [line.strip() for line in str(err).splitlines() if line.strip()]
+        raise RemoteReplyError(f"the server's reply cannot be read safely ({(reason or ['?'])[-1][:200]}); unilens "
+                               "reads replies with torch.load(weights_only=True): save tensors and plain values.") \
+            from None
+    return _rebuild_outputs(result, made, {}) if made else result
+
+
+class _NdifBackend(RemoteBackend):
+    """nnsight's ``RemoteBackend`` (NDIF) with two changes: a deadline for the whole blocking request (``timeout``
+    seconds: connecting, queueing, running, downloading), and replies read by ``load_reply`` (nnsight 0.8.1 reads
+    both the result and a binary status frame with ``torch.load(weights_only=False)``)."""
+
+    def __init__(self, *args: Any, timeout: float | None = None, **kwargs: Any) -> None:
+        RemoteBackend.__init__(self, *args, **kwargs)
+        self.timeout = timeout
+
+    @staticmethod
+    def parse(message: str | bytes) -> ResponseModel:
+        """A status frame: JSON text, or a binary frame carrying the result (read by ``load_reply``)."""
+        if isinstance(message, (bytes, bytearray)):
+            return ResponseModel(**load_reply(bytes(message)))
+        return ResponseModel.model_validate_json(message)
+
+    def finalize(self, content: bytes) -> Any:
+        """Decompress (if the request was compressed) and read the result with ``load_reply``."""
+        self._log(f"result: {len(content):,} bytes")
+        if self.compress:
+            import zstandard as zstd
+
+            content = zstd.ZstdDecompressor().decompress(content)
+        return load_reply(content)
+
+    def _left(self, deadline: float | None, job: str | None) -> float | None:
+        """Seconds left before ``deadline`` (None: no limit); past it, ``RemoteTimeoutError``."""
+        if deadline is None:
+            return None
+        left = deadline - time.monotonic()
+        if left <= 0:
+            where = f"NDIF job {job}" if job else "the request to NDIF"
+            raise RemoteTimeoutError(
+                f"{where} did not complete within remote_timeout={self.timeout:g} s (it may still run on the "
+                "server); raise the limit (remote_timeout=None: no limit), or submit with blocking=False and poll.")
+        return left
+
+    def request(self, request: Any, tracer: Any) -> Any:
+        """nnsight's blocking request (subscribe, POST, stream status updates until COMPLETED) with a deadline."""
+        import websocket
+
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        blob = self._serialize(tracer)
+        connection = websocket.create_connection(
+            f"{self.ws_host}/subscribe", header={"ndif-api-key": self.api_key} if self.api_key else None,
+            timeout=self._left(deadline, None))
+        job = None
+        try:
+            request.session_id = json.loads(connection.recv())["session_id"]
+            response = self._post(request, blob)
+            job = response.id
+            self.handle(response)
+            while True:
+                left = self._left(deadline, job)
+                wait = [t for t in (0.1 if self.display.enabled else None, left) if t is not None]
+                connection.settimeout(min(wait) if wait else None)
+                try:
+                    message = connection.recv()
+                except websocket.WebSocketTimeoutException:
+                    self.display.refresh()
+                    continue
+                response = self.parse(message)
+                result = self.handle(response)
+                if response.status == Status.COMPLETED:
+                    return result
+        finally:
+            connection.close()
+
+
 class _RemoteBackend:
     """The client side of a remote-mode trace: refuse unsupported features, then send to NDIF / a loopback /
     nnsight's local simulation."""
@@ -159,7 +423,6 @@ class _RemoteBackend:
         if isinstance(self.target, Loopback):
             return self._loopback(tracer)
         from nnsight import register
-        from nnsight.modeling.mixins.remotable import Remotable
 
         register("unilens")  # unilens is not installed on NDIF: its code travels with the request
         if self.target == "local":  # nnsight's dry run deserializes in this process: keep the live classes intact
@@ -168,18 +431,21 @@ class _RemoteBackend:
             with _fresh_class_trackers():
                 return LocalSimulationBackend(self.model, verbose=self.options.get("verbose", False))(tracer)
 
-        backend = Remotable._remote_backend(self.model, self.target, self.options.get("blocking", True),
-                                            self.options.get("job_id"), self.options.get("verbose", False))
+        backend = _NdifBackend(  # as nnsight's Remotable._remote_backend builds it, with the deadline and safe reads
+            self.model.to_model_key(), host=self.target if isinstance(self.target, str) else None,
+            env=self.model._remoteable_get_env(), blocking=self.options.get("blocking", True),
+            job_id=self.options.get("job_id"), verbose=self.options.get("verbose", False),
+            timeout=self.options.get("remote_timeout", DEFAULT_REMOTE_TIMEOUT))
         return backend(tracer)
 
     def _loopback(self, tracer: Any) -> dict:
         from nnsight import register
-        from nnsight.intervention.backends.remote import RemoteBackend
         from nnsight.schema.request import RequestModel
 
         register("unilens")
         blob = RequestModel.serialize(tracer, compress=False)
-        result = torch.load(io.BytesIO(self.target.run(blob)), map_location="cpu", weights_only=False)
+        reply = self.target.run(blob, timeout=self.options.get("remote_timeout", DEFAULT_REMOTE_TIMEOUT))
+        result = load_reply(reply)
         RemoteBackend._push(None, result, tracer)  # like a real response: mark saved, write into the frame
         return result
 
@@ -359,6 +625,10 @@ def validate_remote(model: Any, text: str = "The quick brown fox jumps over the 
         reference = model.output.save()
     hidden = reference.hidden_states
     errors: dict[str, float] = {}
+    first, outputs, lens = first.detach(), [o.detach() for o in outputs], None if lens is None else lens.detach()
+    if hidden is not None:  # the server ran its forward with autograd on: compare values, not graphs
+        hidden = [h.detach() for h in hidden]
+    logits = reference.logits.detach()
     if hidden is None or len(hidden) != n + 1:
         raise ValidationError(f"{model.architecture.model_type}: the server returned "
                               f"{None if hidden is None else len(hidden)} hidden states for {n} discovered layers.")
@@ -366,8 +636,8 @@ def validate_remote(model: Any, text: str = "The quick brown fox jumps over the 
     for i in range(n - 1):
         errors[f"layers_output[{i}] vs hidden_states[{i + 1}]"] = float((outputs[i] - hidden[i + 1]).abs().max())
     if lens is not None:
-        errors["project_on_vocab(layers_output[-1]) vs logits"] = float((lens - reference.logits).abs().max())
-    tol = _tol(reference.logits.dtype) * max(1.0, float(reference.logits.abs().max()))
+        errors["project_on_vocab(layers_output[-1]) vs logits"] = float((lens - logits).abs().max())
+    tol = _tol(logits.dtype) * max(1.0, float(logits.abs().max()))
     bad = {k: v for k, v in errors.items() if v > tol}
     if bad:
         raise ValidationError(f"remote load check failed for {model.architecture.model_type}: {bad} (tolerance "
@@ -443,7 +713,7 @@ def remote_parts(
     if not (target is True or isinstance(target, str) or isinstance(target, Loopback)):
         raise TypeError(f"remote= takes True (NDIF), a host URL, 'local' (nnsight's dry run against this process's "
                         f"model) or a unilens.remote.Loopback server; got {type(target).__name__}.")
-    unknown = set(kwargs) - {"attn_implementation", "revision"}
+    unknown = set(kwargs) - {"attn_implementation", "revision", "remote_timeout"}
     if unknown:
         raise TypeError(f"remote mode loads no weights here, so {sorted(unknown)} cannot apply; the deployment "
                         "decides dtype and devices.")
@@ -483,10 +753,14 @@ def remote_parts(
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def _remote_options(kwargs: dict) -> dict:
-    """Take nnsight's per-call remote options out of trace / session kwargs (the model's server is fixed at load)."""
+def _remote_options(kwargs: dict, default_timeout: float | None) -> dict:
+    """Take the per-call remote options out of trace / session kwargs (the model's server is fixed at load):
+    nnsight's ``blocking`` / ``job_id`` / ``verbose``, and ``remote_timeout`` (default: the model's)."""
     kwargs.pop("remote", None)
-    return {k: kwargs.pop(k) for k in ("blocking", "job_id", "verbose") if k in kwargs}
+    options = {k: kwargs.pop(k) for k in ("blocking", "job_id", "verbose") if k in kwargs}
+    options["remote_timeout"] = check_timeout(kwargs.pop("remote_timeout")) if "remote_timeout" in kwargs \
+        else default_timeout
+    return options
 
 
 class RemoteMode:
@@ -495,11 +769,13 @@ class RemoteMode:
     is sent, and the class ships by value (the server has no unilens: nothing here imports unilens at run time, and
     no zero-argument ``super()``)."""
 
-    def _enter_remote_mode(self, target: Any, repo_id: str, revision: str | None, check: bool) -> None:
-        """After ``unilens.model.build.attach``: remember the server, refuse what it cannot serve, and check the view
-        with one remote trace (or warn when ``check=False``)."""
+    def _enter_remote_mode(self, target: Any, repo_id: str, revision: str | None, check: bool,
+                           timeout: float | None = DEFAULT_REMOTE_TIMEOUT) -> None:
+        """After ``unilens.model.build.attach``: remember the server and the request timeout (seconds, None: no
+        limit), refuse what it cannot serve, and check the view with one remote trace (or warn when ``check=False``)."""
         object.__setattr__(self, "_remote_mode", True)
         object.__setattr__(self, "_remote_target", target)
+        object.__setattr__(self, "_remote_timeout", check_timeout(timeout))
         object.__setattr__(self, "repo_id", repo_id)
         if revision:
             object.__setattr__(self, "revision", revision)
@@ -526,10 +802,12 @@ class RemoteMode:
             handle.remove()
 
     def trace(self, *inputs: Any, **kwargs: Any) -> Any:
-        """nnsight's ``trace``; in remote mode every trace goes to the model's server (``remote=`` at load)."""
+        """nnsight's ``trace``; in remote mode every trace goes to the model's server (``remote=`` at load), and
+        ``remote_timeout=`` (seconds, None: no limit) overrides the model's request timeout for this trace."""
         target = self.__dict__.get("_remote_target")
         if target is not None and kwargs.get("backend") is None:
-            kwargs["backend"] = remote_backend(self, target, **_remote_options(kwargs))
+            options = _remote_options(kwargs, self.__dict__.get("_remote_timeout", DEFAULT_REMOTE_TIMEOUT))
+            kwargs["backend"] = remote_backend(self, target, **options)
         elif kwargs.get("remote") and not self.__dict__.get("_remote_mode"):
             raise ValueError(f"trace(remote={kwargs['remote']!r}) on a model loaded locally: load it in remote mode "
                              "instead, StandardizedTransformer(repo_id, remote=True) (or remote='local' with a loaded "
@@ -537,10 +815,12 @@ class RemoteMode:
         return LanguageModel.trace(self, *inputs, **kwargs)
 
     def session(self, *args: Any, **kwargs: Any) -> Any:
-        """nnsight's ``session``; in remote mode the whole session is one request to the model's server."""
+        """nnsight's ``session``; in remote mode the whole session is one request to the model's server
+        (``remote_timeout=`` as for ``trace``)."""
         target = self.__dict__.get("_remote_target")
         if target is not None and kwargs.get("backend") is None:
-            kwargs["backend"] = remote_backend(self, target, **_remote_options(kwargs))
+            options = _remote_options(kwargs, self.__dict__.get("_remote_timeout", DEFAULT_REMOTE_TIMEOUT))
+            kwargs["backend"] = remote_backend(self, target, **options)
         return LanguageModel.session(self, *args, **kwargs)
 
     def _remoteable_class(self) -> type:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 from typing import Any, Sequence
 
 import torch
+from greenlet import getcurrent
 from nnsight import LanguageModel
+from nnsight.tracing.tracer import WithBlockNotFoundError
 from transformers import PreTrainedModel
 
 from ..arch.discovery import (
@@ -24,15 +27,19 @@ from ..core.accessors import LayerModules, LayerTensors
 from ..core import config as hf_config
 from ..core.config import context_length
 from ..core.names import ATTENTION, CATALOGUE, LAYER_NAMES, MODULE
-from ..core.tensors import _check_inputs, _check_shape, last_real_positions
+from ..core.tensors import _check_ids_shape, _check_inputs, _check_shape, last_real_positions
+from ..core.traces import GuardedTracer
 from ..hooks.attention import AttentionHookAccessor
 from ..hooks.points import HookPointAccessor, UnsupportedHookPoint
 from ..hooks.reads import ReadOrderError, _OutOfOrderError, explain_out_of_order, read
-from ..hooks.steering import add_to_residual, position_mask
+from ..hooks.steering import add_to_residual, check_steering_vector, position_mask
 from .build import attach, finish_local, local_parts
-from .remote import RemoteMode, RemoteUnsupportedError, refusal, remote_parts
+from .remote import RemoteMode, RemoteUnsupportedError, refusal, remote_parts, remote_timeout_option
 
 __all__ = ["ReadOrderError", "StandardizedTransformer", "load_default"]
+
+# what a misspelled attribute is compared with (besides the model's public attributes): every standardized name
+_CATALOGUE_NAMES = tuple(CATALOGUE)
 
 
 class StandardizedTransformer(RemoteMode, TLMethods, NnterpMethods, LanguageModel):
@@ -46,6 +53,9 @@ class StandardizedTransformer(RemoteMode, TLMethods, NnterpMethods, LanguageMode
     ``remote=True`` (NDIF; or a host URL, ``"local"`` for nnsight's dry run on a loaded model object, or a
     ``unilens.remote.Loopback`` server): no weights are loaded here (meta device); every trace is a request, and
     what the server's plain model cannot serve is refused before it is sent (``unilens.remote``, docs/remote.md).
+    ``remote_timeout=`` bounds each request (seconds, default 3600; None: no limit; per trace:
+    ``model.trace(..., remote_timeout=)``). A checkpoint lacking weights its config needs is refused unless
+    ``allow_missing_weights=True`` (``unilens.loading.load_hf_model``).
 
     Example:
         >>> from unilens import StandardizedTransformer
@@ -58,6 +68,13 @@ class StandardizedTransformer(RemoteMode, TLMethods, NnterpMethods, LanguageMode
         >>> resid.shape[-1] == model.hidden_size, probs.shape[-1] == model.vocab_size
         (True, True)
     """
+
+    #: NaN / inf assigned through an accessor (``model.layers_output[i] = t``, hook points, embeddings) or passed as
+    #: a steering vector are refused (``NonFiniteValueError``, naming where); True writes them deliberately.
+    allow_nonfinite: bool = False
+    #: A trace entered while another thread traces this model waits its turn ("wait") or raises
+    #: ``ConcurrentTraceError`` at once ("error"). nnsight traces of one model never overlap (one interleaver).
+    concurrent_traces: str = "wait"
 
     def __init__(
         self,
@@ -82,11 +99,12 @@ class StandardizedTransformer(RemoteMode, TLMethods, NnterpMethods, LanguageMode
         # allow_multimodal are accepted (the model is loaded before any check; mixed layer stacks are served)
         check = check and check_renaming
         padding_side = (tokenizer_kwargs or {}).get("padding_side")
+        remote_timeout = remote_timeout_option(kwargs, remote)  # seconds a remote request may take (None: no limit)
         if remote:  # NDIF (True / a host URL), nnsight's "local" dry run, or a unilens.remote.Loopback server
             parts, repo_id = remote_parts(model, tokenizer, remote, trust_remote_code=trust_remote_code,
                                           tokenizer_kwargs=tokenizer_kwargs, rename_config=rename_config, **kwargs)
             attach(self, parts, padding_side)
-            self._enter_remote_mode(remote, repo_id, kwargs.get("revision"), check)
+            self._enter_remote_mode(remote, repo_id, kwargs.get("revision"), check, remote_timeout)
             return
         parts = local_parts(model, tokenizer, self._unflatten_tokens, self._remember_batch, rename_config=rename_config,
                             rename=rename, tokenizer_kwargs=tokenizer_kwargs, trust_remote_code=trust_remote_code,
@@ -96,13 +114,100 @@ class StandardizedTransformer(RemoteMode, TLMethods, NnterpMethods, LanguageMode
                      allow_multimodal=allow_multimodal, check_attn_probs_with_trace=check_attn_probs_with_trace)
 
     # --- plumbing ---------------------------------------------------------------------------------
+    def trace(self, *inputs: Any, **kwargs: Any) -> Any:
+        """nnsight's ``trace`` (remote mode: sent to the model's server). A local trace holds the model's trace gate
+        from entry to exit: another thread's trace of this model waits its turn (``concurrent_traces``), and a value
+        the body assigned but did not save explains itself when used after the block (``UnsavedValueError``).
+
+        Example:
+            >>> from unilens.testing import tiny_model
+            >>> model = StandardizedTransformer(*tiny_model("llama"), check=False)
+            >>> with model.trace("The cat sat"):
+            ...     out = model.layers_output[0].save()
+            ...     norm = out.norm()
+            >>> out.shape[0]
+            1
+            >>> norm + 1
+            Traceback (most recent call last):
+            ...
+            unilens.core.traces.UnsavedValueError: 'norm' was assigned inside the trace but not saved, so it has ...
+        """
+        if not self.__dict__.get("_remote_mode") and "_trace_gate" in self.__dict__:
+            kwargs.setdefault("tracer_cls", GuardedTracer)
+        return RemoteMode.trace(self, *inputs, **kwargs)
+
+    def generate(self, *inputs: Any, **kwargs: Any) -> Any:
+        """nnsight's ``generate`` (``with model.generate(...)`` traces the generation; called directly it returns
+        the token ids), under the model's trace gate like ``trace``.
+
+        Example:
+            >>> from unilens.testing import tiny_model
+            >>> model = StandardizedTransformer(*tiny_model("llama"), check=False)
+            >>> with model.generate("The cat", max_new_tokens=2) as tracer:
+            ...     ids = tracer.result.save()
+            >>> ids.shape[-1] - len(model.tokenizer("The cat").input_ids)
+            2
+        """
+        method = LanguageModel.generate.__wrapped__  # nnsight's @traceable, inlined: capture() looks 2 frames up
+        gate = self.__dict__.get("_trace_gate")
+        if gate is None:
+            return LanguageModel.generate(self, *inputs, **kwargs)
+        gate.enter(self.concurrent_traces)  # while another thread traces, its interleaver is not ours to join
+        try:
+            if self.interleaver.interleaving:  # inside this thread's trace: nnsight runs the method directly
+                return method(self, *inputs, **kwargs)
+            fn = method.__get__(self, type(self))
+            tracer = self.trace(*inputs, fn=fn, **kwargs)
+            try:
+                tracer.capture()
+            except WithBlockNotFoundError:  # called directly, not as a `with` block
+                return self.interleave(fn, *inputs, **kwargs)
+            return tracer
+        finally:
+            gate.exit()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """The HF model's forward (nnsight's ``Envoy.__call__``), under the model's trace gate: called from another
+        thread while a trace runs, it waits for that trace to end instead of feeding it values."""
+        gate = self.__dict__.get("_trace_gate")
+        if gate is None:
+            return LanguageModel.__call__(self, *args, **kwargs)
+        gate.enter(self.concurrent_traces)
+        try:
+            return LanguageModel.__call__(self, *args, **kwargs)
+        finally:
+            gate.exit()
+
+    def __getattr__(self, name: str) -> Any:
+        """nnsight's fallback to the HF module; a name neither has gets a suggestion among the standardized names
+        and the model's public attributes (``model.layer_output`` -> did you mean 'layers_output'?)."""
+        if name.startswith("_"):
+            return LanguageModel.__getattr__(self, name)
+        try:
+            return LanguageModel.__getattr__(self, name)
+        except AttributeError:
+            if hasattr(type(self), name):  # a property that failed inside: not a misspelling
+                raise
+            names = {*_CATALOGUE_NAMES, *(n for n in dir(type(self)) if not n.startswith("_")),
+                     *(n for n in self.__dict__ if not n.startswith("_"))}
+            close = difflib.get_close_matches(name, sorted(names), n=1)
+            hint = (f"; did you mean {close[0]!r}?" if close else
+                    "; the standardized names are listed in unilens.core.names.CATALOGUE (docs/architecture.md).")
+            raise AttributeError(f"{type(self).__name__!r} object (nor its HF module) has no attribute {name!r}"
+                                 f"{hint}") from None
+
     def interleave(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         """nnsight's driver of one trace / generation. Reads out of forward order are explained in standardized
         names (which read to move above which), and afterwards no attention request outlives the run (a loop body
         that asked for a generation step that never came, or a forward that raised)."""
         if self.__dict__.get("_remote_mode"):  # also runs on the server, where unilens is not installed: no imports
             return self._interleave_remote(fn, *args, **kwargs)
+        gate = self.__dict__.get("_trace_gate")
+        if gate is not None:  # a trace holds it already (re-entered); a direct call waits for another thread's
+            gate.enter(self.concurrent_traces)
         self._trace_reads.clear()
+        # the trace's bodies, for GuardedTracer to find what they assigned without saving (the edits come later)
+        object.__setattr__(self, "_trace_bodies", list(self.interleaver.mediators))
         try:
             return super().interleave(fn, *args, **kwargs)
         except _OutOfOrderError as err:
@@ -118,6 +223,8 @@ class StandardizedTransformer(RemoteMode, TLMethods, NnterpMethods, LanguageMode
             hook_point_setup = self.__dict__.get("_hook_point_setup")
             if hook_point_setup is not None:  # the torch hooks of requested hook points live for one trace
                 hook_point_setup.clear()
+            if gate is not None:
+                gate.exit()
 
     def _note_read(self, accessor: str, layer: int | None) -> None:
         """Remember what a trace reads, in its order, to explain an out-of-order read in standardized names."""
@@ -171,6 +278,7 @@ class StandardizedTransformer(RemoteMode, TLMethods, NnterpMethods, LanguageMode
             return
         if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
             raise TypeError(f"input_ids must be integer token ids (torch.long), got {ids.dtype}; e.g. ids.long().")
+        _check_ids_shape(ids)
         if ids.numel() == 0 or ids.shape[-1] == 0:
             raise ValueError("the input is empty (0 tokens): an empty prompt gives the model nothing to read; pass "
                              "at least one token of text.")
@@ -216,7 +324,7 @@ class StandardizedTransformer(RemoteMode, TLMethods, NnterpMethods, LanguageMode
     def _unflatten_tokens(self, value: torch.Tensor) -> torch.Tensor:
         """``(rows * seq, d)`` -> ``(rows, seq, d)``: OPT-style MLPs run on flattened tokens. ``rows`` is the
         input's batch, or more where rows joined the batch after the input (staggered activation patching)."""
-        ids = self._last_batch.get("input_ids")
+        ids = self._forward_batch().get("input_ids")
         if isinstance(value, torch.Tensor) and value.dim() == 2 and ids is not None and ids.dim() == 2:
             batch, seq = ids.shape
             if seq > 0 and value.shape[0] % seq == 0 and value.shape[0] >= batch * seq:
@@ -327,7 +435,7 @@ class StandardizedTransformer(RemoteMode, TLMethods, NnterpMethods, LanguageMode
     @token_embeddings.setter
     def token_embeddings(self, value: torch.Tensor) -> None:
         envoy = self._envoy_at(self.architecture.embed_path)
-        _check_shape("token_embeddings", value, envoy.output)
+        _check_shape("token_embeddings", value, envoy.output, self.allow_nonfinite)
         envoy.output = value
 
     def _position_envoy(self):
@@ -353,7 +461,7 @@ class StandardizedTransformer(RemoteMode, TLMethods, NnterpMethods, LanguageMode
             (2, True)
         """
         out = self._position_envoy().output  # (batch or 1, seq, hidden)
-        ids = self._last_batch.get("input_ids")
+        ids = self.input_ids  # this forward's (read after its output: the forward is running)
         if isinstance(ids, torch.Tensor) and ids.dim() == 2 and out.shape[0] == 1 and ids.shape[0] != 1:
             out = out.expand(ids.shape[0], *out.shape[1:])
         return out
@@ -362,11 +470,11 @@ class StandardizedTransformer(RemoteMode, TLMethods, NnterpMethods, LanguageMode
     def position_embeddings(self, value: torch.Tensor) -> None:
         envoy = self._position_envoy()
         old = envoy.output  # (batch or 1, seq, hidden)
-        ids = self._last_batch.get("input_ids")
+        ids = self.input_ids
         if (isinstance(value, torch.Tensor) and old.shape[0] == 1 and isinstance(ids, torch.Tensor)
                 and ids.dim() == 2 and tuple(value.shape) == (ids.shape[0], *old.shape[1:])):
             old = old.expand(ids.shape[0], *old.shape[1:])  # a per-row edit: the model adds it as it adds old
-        _check_shape("position_embeddings", value, old)
+        _check_shape("position_embeddings", value, old, self.allow_nonfinite)
         envoy.output = value
 
     @property
@@ -401,7 +509,7 @@ class StandardizedTransformer(RemoteMode, TLMethods, NnterpMethods, LanguageMode
 
     def _last_positions(self, per_token: torch.Tensor) -> torch.Tensor:
         """Select each row's last real (non-padding) position of a ``(batch, seq, ...)`` tensor."""
-        mask = self._last_batch.get("attention_mask")
+        mask = self.attention_mask  # this forward's rows (an invoke's own)
         if mask is None or mask.dim() != 2 or bool(mask[:, -1].all()):
             return per_token[:, -1]
         last = last_real_positions(mask)
@@ -425,17 +533,49 @@ class StandardizedTransformer(RemoteMode, TLMethods, NnterpMethods, LanguageMode
                 return self.input_device
         return device
 
+    def _forward_batch(self) -> dict[str, Any]:
+        """``{"input_ids", "attention_mask"}`` of the forward a trace body reads: inside a trace this trace's (the
+        rows of its invoke; read before the forward started, the body first waits for it, as nnsight's root
+        ``inputs`` would), elsewhere the last forward's (the root module's pre-hook records each)."""
+        handle = getattr(getcurrent(), "mediator", None)  # the nnsight body running in this greenlet, if any
+        body = handle() if handle is not None else None
+        if body is None or body.interleaver is not self.interleaver:
+            return self._last_batch
+        if body.occurrence(f"{self.path}.input") == 0:  # this run's forward has not started: wait for it
+            self.inputs  # noqa: B018 - parks until the root module's input; its pre-hook has then run
+        rows = body.batch_group
+        if rows is None:
+            return self._last_batch
+        start, size = rows
+        return {key: value[start:start + size] if isinstance(value, torch.Tensor) and value.dim() >= 1 else value
+                for key, value in self._last_batch.items()}
+
     @property
     def input_ids(self) -> torch.Tensor:
-        return self._last_batch.get("input_ids")
+        """Token ids ``(batch, seq)`` of this forward inside a trace (an invoke: its rows; read first thing in the
+        body, it waits for the forward to start), of the last forward outside one.
+
+        Example:
+            >>> from unilens.testing import tiny_model
+            >>> model = StandardizedTransformer(*tiny_model("llama"), check=False)
+            >>> with model.trace("a b c"):
+            ...     pass
+            >>> with model.trace("Hello, world! x y z"):
+            ...     ids = model.input_ids.save()
+            ...     emb = model.token_embeddings.save()
+            >>> ids.shape[1] == emb.shape[1]
+            True
+        """
+        return self._forward_batch().get("input_ids")
 
     @property
     def attention_mask(self) -> torch.Tensor | None:
-        return self._last_batch.get("attention_mask")
+        """This forward's attention mask ``(batch, seq)`` (as ``input_ids``; None where the input had none)."""
+        return self._forward_batch().get("attention_mask")
 
     @property
     def input_size(self) -> torch.Size:
-        """``(batch, seq)`` of the input ids of the running (or last) forward."""
+        """``(batch, seq)`` of the input ids of this forward inside a trace, of the last forward outside one."""
         ids = self.input_ids
         if ids is None:
             raise ValueError("input_size: no forward has run yet; read it inside or after a trace.")
@@ -455,6 +595,7 @@ class StandardizedTransformer(RemoteMode, TLMethods, NnterpMethods, LanguageMode
             >>> lens.shape[-1] == model.vocab_size
             True
         """
+        self._check_hidden("project_on_vocab", hidden_state)
         h = hidden_state
         arch = self.architecture
         if arch.head_chain is None:
@@ -462,6 +603,16 @@ class StandardizedTransformer(RemoteMode, TLMethods, NnterpMethods, LanguageMode
         for path in arch.head_chain:  # usually just the final norm
             h = self._envoy_at(path)(h)
         return apply_logit_postprocessing(self._envoy_at(arch.lm_head_path)(h), arch.logit_postprocessing)
+
+    def _check_hidden(self, what: str, hidden_state: Any) -> None:
+        """Refuse a hidden state that is not a ``(..., hidden_size)`` tensor (one line naming the hidden size)."""
+        if not isinstance(hidden_state, torch.Tensor):
+            raise TypeError(f"{what} takes a hidden-state tensor (..., {self.hidden_size}), got "
+                            f"{type(hidden_state).__name__}.")
+        if hidden_state.dim() == 0 or hidden_state.shape[-1] != self.hidden_size:
+            raise ValueError(f"{what}: the hidden state has shape {tuple(hidden_state.shape)}, but this model's hidden "
+                             f"size is {self.hidden_size}: pass (..., {self.hidden_size}), e.g. "
+                             "model.layers_output[i].")
 
     def skip_layer(self, layer: int, skip_with: torch.Tensor | None = None) -> None:
         """Inside a trace: make layer ``layer`` output its input (or ``skip_with``)."""
@@ -505,17 +656,14 @@ class StandardizedTransformer(RemoteMode, TLMethods, NnterpMethods, LanguageMode
         if token_positions is not None:
             positions = token_positions
         layer_list = [layers] if isinstance(layers, int) else list(layers)
-        if steering_vector.shape[-1] != self.hidden_size:
-            raise ValueError(
-                f"steering_vector has size {steering_vector.shape[-1]} in its last dimension; the model's hidden "
-                f"size is {self.hidden_size}."
-            )
+        # before any forward: a vector not (hidden_size,), or with NaN / inf (unless model.allow_nonfinite), is refused
+        check_steering_vector(steering_vector, self.hidden_size, "steer", factor, self.allow_nonfinite)
 
         def where(model: Any, out: torch.Tensor) -> torch.Tensor:  # this forward's rows and positions
             return position_mask(model, out, positions, batch_index)
 
         for layer in sorted(self.layers_output._index(i) for i in layer_list):
-            add_to_residual(self, layer, [(factor, steering_vector)], where)
+            add_to_residual(self, layer, [(factor, steering_vector)], where, allow_nonfinite=self.allow_nonfinite)
 
     def __repr__(self) -> str:
         arch = self.architecture

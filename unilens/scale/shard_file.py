@@ -14,7 +14,15 @@ import numpy as np
 import torch
 import xxhash
 
-from .store_format import _TMP_SUFFIX, CacheError, _text_bounds, _text_digest
+from .store_format import (
+    _DIGEST_PLACEHOLDER,
+    _META_DATA,
+    _TMP_SUFFIX,
+    CacheError,
+    _data_digest,
+    _text_bounds,
+    _text_digest,
+)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Atomic file writes
@@ -93,6 +101,29 @@ def _pwrite(fd: int, buffers: Sequence[Any], offset: int) -> None:
 _IOV_MAX = os.sysconf("SC_IOV_MAX")  # the most buffers one pwritev takes (1024 on Linux)
 
 
+def _shard_layout(specs: dict[str, tuple[torch.dtype, Sequence[int]]], rows: int,
+                  metadata: dict[str, str] | None = None) -> tuple[list[str], dict[str, int], dict[str, int], bytes]:
+    """The layout of a shard of ``rows`` rows holding ``specs`` (``{name: (dtype, row shape)}``): the names in file
+    order, each one's row size and offset in the data, and the header bytes (size + JSON, ``__metadata__`` =
+    ``{"format": "pt", **metadata}``). The header depends on nothing else, so a shard's header can be rebuilt and
+    compared byte for byte (`unilens.scale.writer`, adopting a shard no manifest lists)."""
+    order = list(_SAFETENSORS_DTYPES)
+    names = sorted(specs, key=lambda name: (order.index(specs[name][0]), name))  # file order
+    header: dict[str, Any] = {"__metadata__": {"format": "pt", **(metadata or {})}}
+    row_bytes, offset = {}, {}
+    size = 0
+    for name in names:
+        dtype, row = specs[name]
+        row_bytes[name] = math.prod(row) * torch.empty(0, dtype=dtype).element_size()
+        offset[name] = size
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": [rows, *row],
+                        "data_offsets": [size, size + rows * row_bytes[name]]}  # fmt: skip
+        size += rows * row_bytes[name]
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-(8 + len(text)) % 8)  # the tensors' bytes start 8-byte aligned
+    return names, row_bytes, offset, len(text).to_bytes(8, "little") + text
+
+
 class _ShardFile:
     """One shard being written: ``path.tmp`` laid out as a safetensors file (every tensor ``(rows, *row)``), filled
     in place as batches run, so each activation goes from the model's tensor to the file once, and no shard is ever
@@ -107,26 +138,18 @@ class _ShardFile:
 
     ``bounds``: the ``(texts + 1,)`` row offsets of the shard's texts (`_text_bounds` of its ``text_index``)."""
 
-    def __init__(self, path: Path, specs: dict[str, tuple[torch.dtype, Sequence[int]]], bounds: np.ndarray):
-        order = list(_SAFETENSORS_DTYPES)
-        self.names = sorted(specs, key=lambda name: (order.index(specs[name][0]), name))  # file order
+    def __init__(self, path: Path, specs: dict[str, tuple[torch.dtype, Sequence[int]]], bounds: np.ndarray,
+                 metadata: dict[str, str] | None = None):
         self.bounds, self.rows = [int(b) for b in bounds], int(bounds[-1])
         self.text_at = {b: t for t, b in enumerate(self.bounds)}  # first row of text t -> t (and rows -> texts)
-        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-        self.dtype, self.row_bytes, self.offset, self.digests = {}, {}, {}, {}
-        size = 0
-        for name in self.names:
-            dtype, row = specs[name]
-            self.dtype[name], self.digests[name] = dtype, [None] * (len(self.bounds) - 1)  # per text, once written
-            self.row_bytes[name] = math.prod(row) * torch.empty(0, dtype=dtype).element_size()
-            self.offset[name] = size
-            header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": [self.rows, *row],
-                            "data_offsets": [size, size + self.rows * self.row_bytes[name]]}  # fmt: skip
-            size += self.rows * self.row_bytes[name]
-        text = json.dumps(header, separators=(",", ":")).encode()
-        text += b" " * (-(8 + len(text)) % 8)  # the tensors' bytes start 8-byte aligned
-        self.head = len(text).to_bytes(8, "little") + text
-        self.start, self.size = len(self.head), len(self.head) + size
+        # metadata: the shard's own record (store format 4), with a placeholder for the digest of its data, which
+        # `finish` writes in place (same length) once every block is hashed
+        self.metadata = None if metadata is None else {**metadata, _META_DATA: _DIGEST_PLACEHOLDER}
+        self.names, self.row_bytes, self.offset, self.head = _shard_layout(specs, self.rows, self.metadata)
+        self.dtype = {name: specs[name][0] for name in self.names}
+        self.digests = {name: [None] * (len(self.bounds) - 1) for name in self.names}  # per text, once written
+        self.start = len(self.head)
+        self.size = self.start + sum(self.rows * self.row_bytes[name] for name in self.names)
         self.tmp = path.with_name(path.name + _TMP_SUFFIX)
         self.fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
@@ -186,25 +209,31 @@ class _ShardFile:
         if holes:
             self.abort()
             raise CacheError(f"internal error: texts never written, per name: {holes} (of {len(self.bounds) - 1})")
+        blocks = [d for name in self.names for d in self.digests[name]]
         try:
+            if self.metadata is not None:  # the digest of the data, in place of its placeholder (same length)
+                field = f'"{_META_DATA}":"{_DIGEST_PLACEHOLDER}"'.encode()
+                self.head = self.head.replace(field, f'"{_META_DATA}":"{_data_digest(blocks)}"'.encode(), 1)
+                _pwrite(self.fd, [self.head], 0)
             if os.fstat(self.fd).st_size != self.size:
                 raise OSError(errno.EIO, f"{self.tmp} holds {os.fstat(self.fd).st_size} bytes, not {self.size}")
         except BaseException:
             self.abort()
             raise
         os.close(self.fd)
-        return self.size, _text_digest(self.head, (d for name in self.names for d in self.digests[name]))
+        return self.size, _text_digest(self.head, iter(blocks))
 
     def abort(self) -> None:
         os.close(self.fd)
         self.tmp.unlink(missing_ok=True)
 
 
-def _write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> tuple[int, str]:
+def _write_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+                 ) -> tuple[int, str]:
     """Write whole tensors (same number of rows, ``text_index`` among them) as a shard's temp file; its size and
-    checksum (`_ShardFile`)."""
+    checksum (`_ShardFile`, with ``metadata``)."""
     bounds = _text_bounds(tensors["text_index"].numpy())
-    shard = _ShardFile(path, {name: (t.dtype, tuple(t.shape[1:])) for name, t in tensors.items()}, bounds)
+    shard = _ShardFile(path, {name: (t.dtype, tuple(t.shape[1:])) for name, t in tensors.items()}, bounds, metadata)
     try:
         for name, tensor in tensors.items():
             if len(tensor):

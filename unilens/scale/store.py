@@ -2,9 +2,11 @@
 
 Layout of a store (``out_dir``)::
 
-    manifest.json              model identity, arguments, per-name row shape / dtype, shard list (checksums)
+    manifest.json              model identity, numerics settings, arguments, per-name row shape / dtype, shard list
+                               (checksums), its own checksum
     shard_00000.safetensors    every requested name's rows for the shard + ``token_ids``, ``text_index``, ``position``
     shard_00001.safetensors    ...
+    .lock                      while a run writes: the writer's pid and host (`unilens.scale.store_lock`)
 
 One *row* is one real (non-padding) token. Rows are stored in text order, then position order, whatever
 order the batches ran in: row ``r`` of every name belongs to text ``text_index[r]`` at token ``position[r]``.
@@ -39,13 +41,27 @@ activations (no shard is built in memory). Module inputs / outputs (``layers_*``
 read by torch hooks on the modules the accessors read (tested bitwise against them on every architecture); when
 nothing else is asked for, the batch runs the model's forward without an nnsight trace.
 
+Stores that cannot come back wrong (store format 4): every shard carries a checksum in the manifest (xxh3_128 of its
+header and of each tensor's rows of each text, taken as the rows are written) and, in its own safetensors metadata,
+the run that wrote it, its index and the digest of its data. `ActivationStore` checks the manifest when it opens the
+store (JSON, its own checksum, entries in order) and each shard the first time it reads it (hashed as read: about
+the cost of reading it); a damaged file is a `CacheCorruptError` naming it and the repair. Running the same call again
+verifies every finished shard from its bytes, recomputes damaged ones (with a warning naming them), and rebuilds a
+damaged or missing manifest from the shards that verify. The manifest's model fingerprint hashes every parameter
+and records the numerics settings (device and GPU, parameter dtypes, torch thread count and CPU instruction set,
+TF32, library versions): a resume under another model or settings is refused (`CacheMismatchError`) listing the
+differences. A second process writing to the same ``out_dir`` fails at once (`CacheLockedError`); the lock of a
+process that died is taken over. Stores of formats 1-3 are read and verified; a complete one is returned by the same
+call as it is, an incomplete one is not resumed (its fingerprint samples 3 parameters).
+
 Texts that are empty (``""``) or tokenize to no token are skipped with a warning; their indices are listed in
 the manifest (``inputs.skipped_texts``) and other texts keep their original ``text_index``.
 
 Data parallel (`unilens.core.distributed`): under an initialized ``torch.distributed`` process group (``torchrun
 --nproc-per-node N -m unilens cache ...``), every rank plans the same shards, the shards still to compute are dealt
 round robin over ranks, each rank writes its own shard files plus a ``shard_k.done.json`` record, and rank 0 alone
-writes ``manifest.json`` (at the start, and after gathering every rank's records at the end). Shard bytes depend only
+writes ``manifest.json`` (at the start, and after gathering every rank's records at the end); rank 0 holds the lock
+for the whole job. Shard bytes depend only
 on the inputs and arguments, so the store is byte-identical to a one-process run; a relaunch after a crash of any
 rank keeps every recorded shard and computes the rest.
 
@@ -55,7 +71,7 @@ and the activations of every token fed through the model are read during generat
 ends the text; the token after the last row is generated but never fed back, so it has none).
 
 The modules behind this public face: `unilens.scale.store_format` (cacheable names from the catalogue, errors,
-checksums, fingerprints), `unilens.scale.plan` (tokens, shard plan, batches), `unilens.scale.capture` (reading the
+checksums, fingerprints, manifest checks), `unilens.scale.store_lock` (one writer per store), `unilens.scale.plan` (tokens, shard plan, batches), `unilens.scale.capture` (reading the
 activations out of the model), `unilens.scale.shard_file` (shard files and atomic writes), `unilens.scale.writer`
 (`cache_activations`), `unilens.scale.reader` (`ActivationStore`, `ActivationDataset`) and
 `unilens.scale.cli_cache` (`read_texts`, `main_cache`, the command line).
@@ -72,6 +88,9 @@ from .store_format import (
     CacheCorruptError,
     CacheDiskFullError,
     CacheError,
+    CacheLockedError,
+    CacheMismatchError,
+    CacheNotFoundError,
 )
 from .writer import cache_activations
 
@@ -81,6 +100,9 @@ __all__ = [
     "CacheError",
     "CacheDiskFullError",
     "CacheCorruptError",
+    "CacheMismatchError",
+    "CacheLockedError",
+    "CacheNotFoundError",
     "cache_activations",
     "main_cache",
     "read_texts",

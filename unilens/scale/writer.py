@@ -1,6 +1,7 @@
 """Writing an activation store: `cache_activations` (the layout, resume, data parallel and generation are described
-in `unilens.scale.store`) in four steps: plan the run (`_plan_run`), check ``out_dir`` and find the shards already
-complete (`_resume`), compute this rank's shards (`_compute_shards`), and finish the manifest (`_finish`)."""
+in `unilens.scale.store`) in four steps, under the store's lock (`unilens.scale.store_lock`): plan the run
+(`_plan_run`), check ``out_dir`` and find the shards already complete, each verified from its bytes (`_resume`),
+compute this rank's shards (`_compute_shards`), and finish the manifest (`_finish`)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import os
 import time
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -29,10 +30,11 @@ from ..core.distributed import (
 from ..core.names import HEADS_FIRST, PROBS
 from .capture import _generate_steps, _per_token, _probe_rows, _run_batch
 from .plan import _batches, _pad_id, _plan_shards, _tokenize, _Tokens
-from .reader import ActivationStore
+from .reader import ActivationStore, _signature
 from .shard_file import (
     _atomic_write,
     _commit,
+    _shard_layout,
     _ShardFile,
     _write_manifest,
     _write_shard,
@@ -42,23 +44,40 @@ from .store_format import (
     _DISK_FULL,
     _DONE_RE,
     _DTYPES,
+    _MANIFEST_CHECKSUM,
+    _MANIFEST_REPAIR,
+    _META_DATA,
     _META_NAMES,
+    _META_SHARD,
+    _META_STORE,
     _SHARD_RE,
     _TMP_SUFFIX,
     FORMAT,
     FORMAT_VERSION,
+    LOCK,
     MANIFEST,
+    CacheCorruptError,
     CacheDiskFullError,
     CacheError,
+    CacheMismatchError,
+    _differences,
     _done_name,
     _dtype_name,
+    _join_differences,
+    _legacy_identity,
+    _load_manifest,
+    _manifest_digest,
     _model_identity,
     _Name,
+    _numerics,
     _parse_dtype,
     _resolve_names,
+    _run_digest,
+    _shard_checksum,
     _shard_name,
     _versions,
 )
+from .store_lock import StoreLock
 
 if TYPE_CHECKING:
     from ..model.transformer import StandardizedTransformer
@@ -89,8 +108,12 @@ def cache_activations(
     shapes). Padding never reaches the store. ``max_length``
     truncates each text to its first ``max_length`` tokens. ``dtype`` is the stored dtype (default: the model's).
     ``shard_tokens`` is the number of rows after which a shard is closed (default: about 256 MiB per shard).
-    Calling again with the same arguments after a crash resumes from the last complete shard; on a complete
-    store it returns the store at once. A store made with other arguments is refused, never mixed.
+    Calling again with the same arguments after a crash resumes: every shard already written is verified from its
+    bytes first (a damaged one is recomputed, with a warning; a damaged manifest is rebuilt from the verified shards),
+    and on a complete store it returns the store once verified. A store made with another model (any weight differs),
+    other numerics settings (device, dtypes, torch threads, versions), other inputs or other arguments is refused
+    (`CacheMismatchError`, listing the differences), never mixed. One process writes to ``out_dir`` at a time: a
+    second one gets `CacheLockedError` at once.
     ``generate_tokens=n``: also store up to ``n`` greedily generated tokens per text, read during generation
     (`unilens.scale.store`; not for ``attention_probabilities``).
 
@@ -108,11 +131,38 @@ def cache_activations(
         True
     """
     texts = _check_arguments(texts, batch_size, max_length, shard_tokens, generate_tokens)
-    run = _plan_run(model, texts, names, Path(out_dir), batch_size, max_length, _parse_dtype(dtype), shard_tokens,
-                    generate_tokens)  # fmt: skip
-    done = _resume(run)
-    written = _compute_shards(run, done, progress)
-    return _finish(run, done, written)
+    store_dtype = _parse_dtype(dtype)
+    resolved = _check_names(model, names, generate_tokens)
+    lock = _lock(Path(out_dir))  # before the inputs are tokenized: a second writer is refused at once
+    try:
+        run = _plan_run(model, texts, resolved, Path(out_dir), batch_size, max_length, store_dtype, shard_tokens,
+                        generate_tokens)  # fmt: skip
+        done = _resume(run)
+        written = _compute_shards(run, done, progress)
+        return _finish(run, done, written)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _lock(out_dir: Path) -> StoreLock | None:
+    """Rank 0 takes ``out_dir``'s lock (`StoreLock`) for the whole run; under torch.distributed every rank learns
+    whether it got it (the other ranks write only the shards rank 0's plan gives them, while rank 0 holds it)."""
+    rank, world = rank_world()
+    lock: StoreLock | None = None
+    status: Any = None
+    if rank == 0:
+        try:
+            lock = StoreLock(out_dir)
+        except CacheError as err:
+            if world == 1:
+                raise
+            status = err
+    if world > 1:
+        status = broadcast_object(status)
+        if isinstance(status, BaseException):
+            raise status
+    return lock
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -140,14 +190,38 @@ class _Run:
     world: int
     first_shard: int | None  # the shard whose first batch the probe ran, or None
     probed: tuple[dict[str, torch.Tensor], torch.Tensor] | None  # that batch's (saved, mask), until it is used
+    verified: dict[int, tuple[int, ...]] = field(default_factory=dict)  # shards verified on resume: signatures
+    legacy: bool = False  # out_dir holds a complete store of format 1-3, returned as it is (`_legacy_store`)
+    _digest: str | None = None
 
     @property
     def manifest_path(self) -> Path:
         return self.out_dir / MANIFEST
 
+    @property
+    def digest(self) -> str:
+        """The run's `_run_digest`, which each of its shards carries in its metadata (the header is fixed once
+        planned: computed once)."""
+        if self._digest is None:
+            self._digest = _run_digest(self.header)
+        return self._digest
+
+    def shard_metadata(self, k: int) -> dict[str, str]:
+        """Shard ``k``'s own record in its safetensors metadata: this run and its index (`_ShardFile` adds the
+        digest of its data)."""
+        return {_META_STORE: self.digest, _META_SHARD: str(k)}
+
+    def specs(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        """``{name: (stored dtype, row shape)}`` of every tensor of a shard, the metadata ones included."""
+        specs = {key: (_DTYPES[spec["dtype"]], tuple(spec["shape"])) for key, spec in self.rows_spec.items()}
+        specs.update({key: (torch.int64, ()) for key in _META_NAMES})
+        return specs
+
     def manifest(self, done: dict[int, dict[str, Any]]) -> dict[str, Any]:
-        """manifest.json listing the complete shards ``done`` (those from shard 0 on without a gap)."""
-        return {**self.header, "complete": len(done) == len(self.plan), "shards": _contiguous(done)}
+        """manifest.json listing the complete shards ``done`` (those from shard 0 on without a gap), with its own
+        checksum."""
+        manifest = {**self.header, "complete": len(done) == len(self.plan), "shards": _contiguous(done)}
+        return {**manifest, _MANIFEST_CHECKSUM: _manifest_digest(manifest)}
 
 
 def _check_arguments(texts: Sequence[str], batch_size: int, max_length: int | None, shard_tokens: int | None,
@@ -169,12 +243,8 @@ def _check_arguments(texts: Sequence[str], batch_size: int, max_length: int | No
     return texts
 
 
-def _plan_run(
-    model: "StandardizedTransformer", texts: list[str], names: str | Sequence[str], out_dir: Path, batch_size: int,
-    max_length: int | None, store_dtype: torch.dtype | None, shard_tokens: int | None, generate_tokens: int,
-) -> _Run:
-    """Resolve the names, tokenize the texts, probe every name's row shape, plan the shards (``shard_tokens``, or
-    about `_DEFAULT_SHARD_BYTES` per shard) and build the manifest's header."""
+def _check_names(model: "StandardizedTransformer", names: str | Sequence[str], generate_tokens: int) -> list[_Name]:
+    """The names resolved (`_resolve_names`), once checked against ``generate_tokens``."""
     resolved = _resolve_names(model, names)
     if generate_tokens:
         for name in resolved:
@@ -184,7 +254,15 @@ def _plan_run(
                     "length that grows by one per step, which has no fixed row shape here. Cache it without "
                     "generate_tokens (a forward over the text), or cache attention_heads / attention_queries."
                 )
+    return resolved
 
+
+def _plan_run(
+    model: "StandardizedTransformer", texts: list[str], resolved: list[_Name], out_dir: Path, batch_size: int,
+    max_length: int | None, store_dtype: torch.dtype | None, shard_tokens: int | None, generate_tokens: int,
+) -> _Run:
+    """Tokenize the texts, probe every name's row shape, plan the shards (``shard_tokens``, or about
+    `_DEFAULT_SHARD_BYTES` per shard) and build the manifest's header."""
     tokens = _tokenize(model.tokenizer, texts, max_length)
     if tokens.skipped:
         if len(tokens.skipped) == len(texts):
@@ -223,6 +301,7 @@ def _plan_run(
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "model": _model_identity(model),
+        "numerics": _numerics(model),
         "names": [n.key for n in resolved],
         "rows": rows_spec,
         "args": {
@@ -270,8 +349,9 @@ def _resume(run: _Run) -> dict[int, dict[str, Any]]:
     status: Any = None
     if run.rank == 0:  # only rank 0 touches manifest.json; the others learn the finished shards from it
         try:
-            done = _prepare_out_dir(run.out_dir, run.header, run.plan, run.tokens)
-            _write_manifest(run.manifest_path, run.manifest(done))
+            done = _prepare_out_dir(run)
+            if not run.legacy:
+                _write_manifest(run.manifest_path, run.manifest(done))
             status = done
         except CacheError as err:
             status = err
@@ -344,8 +424,7 @@ def _compute_shards(run: _Run, done: dict[int, dict[str, Any]], progress: bool) 
 
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="unilens-cache-writer")
     pending: Future | None = None
-    specs = {key: (_DTYPES[spec["dtype"]], tuple(spec["shape"])) for key, spec in run.rows_spec.items()}
-    specs.update({key: (torch.int64, ()) for key in _META_NAMES})
+    specs = run.specs()
     try:
         for k in mine:
             entry = _expected_entry(k, run.plan, run.tokens, rows=not run.generate_tokens)
@@ -377,10 +456,10 @@ def _shard_to_temp(run: _Run, k: int, file: str, specs: dict[str, tuple[torch.dt
         tensors, n_rows = _compute_shard_generated(
             run.model, run.names, run.tokens, a, b, run.generate_tokens, run.pad_id, run.rows_spec, bar, delay
         )
-        size, digest = _write_shard(path, tensors)
+        size, digest = _write_shard(path, tensors, run.shard_metadata(k))
         return size, digest, n_rows
     reuse, run.probed = (run.probed if k == run.first_shard else None), None  # the probe ran its first batch
-    shard = _ShardFile(path, specs, run.tokens.offsets[a : b + 1] - run.tokens.offsets[a])
+    shard = _ShardFile(path, specs, run.tokens.offsets[a : b + 1] - run.tokens.offsets[a], run.shard_metadata(k))
     try:
         _compute_shard(run.model, run.names, run.tokens, a, b, run.batch_size, run.key_length, run.pad_id, shard, bar,
                        delay, reuse)  # fmt: skip
@@ -486,12 +565,15 @@ def _finish(run: _Run, done: dict[int, dict[str, Any]], written: dict[int, dict[
         for part in all_gather_objects(written):  # also the barrier: every rank has written its shards
             done.update(part)
     if run.rank == 0:
-        if run.world > 1:
+        if run.world > 1 and not run.legacy:
             _write_manifest(run.manifest_path, run.manifest(done))
         for k in range(len(_contiguous(done))):  # records of shards the manifest now lists
             (run.out_dir / _done_name(k)).unlink(missing_ok=True)
     barrier()  # the manifest is written before any rank reads the store
-    return ActivationStore(run.out_dir)
+    store = ActivationStore(run.out_dir)
+    for k, signature in run.verified.items():  # verified from their bytes on resume: not read twice
+        store._verified[k] = signature
+    return store
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -499,75 +581,171 @@ def _finish(run: _Run, done: dict[int, dict[str, Any]], written: dict[int, dict[
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = []
-        for key in sorted(set(a) | set(b)):
-            out += _diff(a.get(key), b.get(key), f"{prefix}{key}.")
-        return out
-    return [] if a == b else [f"{prefix.rstrip('.')}: store has {a!r}, this run has {b!r}"]
-
-
-def _prepare_out_dir(out_dir: Path, header: dict[str, Any], plan: list[tuple[int, int]], tokens: "_Tokens"
-                     ) -> dict[int, dict[str, Any]]:
-    """Check ``out_dir`` holds nothing or a store of this very run; return its complete shards ``{k: entry}``: the
-    ones manifest.json lists and the ones ranks of a distributed run finished (``shard_k.done.json``)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    manifest_path = out_dir / MANIFEST
-    files = [p for p in out_dir.iterdir()]
-    ours = lambda p: (_SHARD_RE.match(p.name) or _DONE_RE.match(p.name) or p.name == MANIFEST  # noqa: E731
+def _prepare_out_dir(run: _Run) -> dict[int, dict[str, Any]]:
+    """Check ``out_dir`` holds nothing or a store of this very run; return its complete shards ``{k: entry}``, each
+    verified from its bytes: the ones manifest.json lists (checksum against the manifest's), and shard files no
+    manifest lists (a kill between a shard's rename and the manifest's update, shards of ranks of a distributed run,
+    or every shard when the manifest is damaged or missing), adopted when their own metadata names this run and their
+    bytes match (`_adopt`). Damaged shards are removed (with a warning when the manifest listed them) and recomputed;
+    a damaged manifest is rebuilt. Refuses (`CacheMismatchError`) a store of another run, and a damaged manifest
+    whose shards it cannot attribute to this run."""
+    out_dir = run.out_dir
+    files = list(out_dir.iterdir())
+    ours = lambda p: (_SHARD_RE.match(p.name) or _DONE_RE.match(p.name) or p.name in (MANIFEST, LOCK)  # noqa: E731
                       or p.name.endswith(_TMP_SUFFIX))
-    if not manifest_path.exists():
-        foreign = sorted(p.name for p in files if not ours(p))
+    shard_files = sorted(p.name for p in files if _SHARD_RE.match(p.name))
+    foreign = sorted(p.name for p in files if not ours(p))
+    has_manifest = (out_dir / MANIFEST).exists()
+    if not has_manifest and not shard_files:
         if foreign:
             raise CacheError(
                 f"out_dir {out_dir} is not empty and holds no {MANIFEST} (found {foreign[:5]}): it is not an "
                 "activation store. Pass an empty or new folder."
             )
-        done: list[dict[str, Any]] = []
-    else:
-        try:
-            existing = json.loads(manifest_path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise CacheError(f"{manifest_path} is unreadable ({err}); pass a new out_dir.") from err
-        if existing.get("format") != FORMAT:
-            raise CacheError(f"{manifest_path} is not a unilens activation-store manifest; pass a new out_dir.")
-        theirs = {k: v for k, v in existing.items() if k not in ("complete", "shards")}
-        diffs = _diff(theirs, header)
+        _clean(out_dir, files, set())
+        return {}
+    done: dict[int, dict[str, Any]] = {}
+    damaged: dict[str, str] = {}  # listed shards that do not verify: file -> why
+    problem: CacheCorruptError | None = None
+    try:
+        existing = _load_manifest(out_dir)
+    except CacheCorruptError as err:
+        problem = err
+    damage = str(problem).removesuffix(f": {_MANIFEST_REPAIR}.")  # what is wrong with the manifest, no repair
+    if problem is None:
+        theirs = {k: v for k, v in existing.items() if k not in ("complete", "shards", _MANIFEST_CHECKSUM)}
+        if existing["format_version"] < 4:
+            return _legacy_store(run, existing, theirs)
+        diffs = _differences(theirs, run.header)
         if diffs:
-            raise CacheError(
-                f"out_dir {out_dir} holds a store made with a different model, inputs or arguments; refusing to mix "
-                "them. Pass a new out_dir, or repeat the original call to resume it. Differences:\n  "
-                + "\n  ".join(diffs[:10])
+            raise CacheMismatchError(
+                f"out_dir {out_dir} holds a store made with a different model, numerics settings, inputs or arguments"
+                "; refusing to mix them. Pass a new out_dir, or repeat the original call (same model, settings and "
+                f"arguments) to resume it. Differences: {_join_differences(diffs)}"
             )
-        done = []
-        for entry in existing.get("shards", []):  # trust listed shards whose file is there with the listed size
-            path = out_dir / entry["file"]
-            if not path.is_file() or path.stat().st_size != entry["bytes"]:
-                warnings.warn(f"{entry['file']} is missing or truncated; recomputing from it.", stacklevel=4)
-                break
-            done.append(entry)
-    complete = {k: entry for k, entry in enumerate(done)}
-    if manifest_path.exists():
-        for p in sorted(files):  # shards finished by ranks of a distributed run after the manifest was written
-            match = _DONE_RE.match(p.name)
-            if match and int(match.group(1)) not in complete and int(match.group(1)) < len(plan):
-                k = int(match.group(1))
-                try:
-                    entry = json.loads(p.read_text())
-                except (OSError, json.JSONDecodeError):
-                    continue  # unreadable: recompute the shard
-                expected = _expected_entry(k, plan, tokens, rows=not header["args"].get("generate_tokens"))
-                if isinstance(entry, dict) and entry == {**entry, **expected}:
-                    shard = out_dir / entry["file"]
-                    if shard.is_file() and shard.stat().st_size == entry.get("bytes"):
-                        complete[k] = entry
-    listed = {entry["file"] for entry in complete.values()}
-    for p in files:  # temp files and shards written after the last manifest update are never read: remove them
-        if (p.name.endswith(_TMP_SUFFIX) or (_SHARD_RE.match(p.name) and p.name not in listed)
-                or (_DONE_RE.match(p.name) and int(_DONE_RE.match(p.name).group(1)) not in complete)):
+        for k, entry in enumerate(existing["shards"]):  # listed: the checksum the manifest records
+            why = _check_listed(run, k, entry)
+            if why is None:
+                done[k] = entry
+            else:
+                damaged[entry["file"]] = why
+    elif not shard_files:  # nothing to rebuild it from, and it may not even be ours
+        raise CacheCorruptError(f"{damage}, and {out_dir} holds no shard to rebuild it from: pass a new out_dir, or "
+                                f"delete {out_dir / MANIFEST} to start the store afresh.")  # fmt: skip
+    strangers: dict[str, list[str]] = {"other": [], "legacy": []}
+    for name in shard_files:  # shard files no manifest lists: adopted once verified, else removed
+        k = int(name[len("shard_") : len("shard_") + 5])
+        if k in done or name in damaged:
+            continue
+        entry, kind = _adopt(run, k, name)
+        if entry is not None:
+            done[k] = entry
+        elif kind in strangers:
+            strangers[kind].append(name)
+    if problem is not None and (strangers["other"] or strangers["legacy"]):
+        if strangers["other"]:
+            whose = (f"{len(strangers['other'])} of its shards ({strangers['other'][0]}, ...) were written by another "
+                     "run (a different model, settings, inputs or arguments)")  # fmt: skip
+        else:
+            whose = (f"its shards ({strangers['legacy'][0]}, ...) were written by an older unilens (store format 3 "
+                     "or earlier), whose shards cannot be verified without their manifest")  # fmt: skip
+        raise CacheMismatchError(f"{damage}, and {whose}: pass a new out_dir, or "
+                                 f"delete {out_dir} to recompute the store.")  # fmt: skip
+    if damaged:
+        warnings.warn(f"recomputing {len(damaged)} damaged shard(s) of the store in {out_dir}: "
+                      f"{', '.join(f'{file} ({why})' for file, why in list(damaged.items())[:8])}"
+                      f"{' ...' if len(damaged) > 8 else ''}", stacklevel=4)  # fmt: skip
+    if problem is not None:
+        warnings.warn(f"{damage}; rebuilt it from {len(done)} verified shard(s) "
+                      f"and recomputing the other {len(run.plan) - len(done)}.", stacklevel=4)  # fmt: skip
+    _clean(out_dir, files, {entry["file"] for entry in done.values()})
+    return done
+
+
+def _clean(out_dir: Path, files: list[Path], keep: set[str]) -> None:
+    """Remove temp files, shard files not in ``keep`` (damaged, or never verified) and every rank's done record
+    (the shards they name are adopted from their own bytes): nothing but complete, verified shards is ever read."""
+    for p in files:
+        if p.name.endswith(_TMP_SUFFIX) or _DONE_RE.match(p.name) or (_SHARD_RE.match(p.name) and p.name not in keep):
             p.unlink(missing_ok=True)
-    return complete
+
+
+def _check_listed(run: _Run, k: int, entry: dict[str, Any]) -> str | None:
+    """Why shard ``k``, listed by the manifest with ``entry``, cannot be kept (``None`` when its bytes are the ones
+    the manifest records); remembers its signature as verified."""
+    path = run.out_dir / entry["file"]
+    try:
+        signature = _signature(path)
+        if signature[2] != entry["bytes"]:
+            return f"{signature[2]} bytes, the manifest records {entry['bytes']}"
+        digest, _ = _shard_checksum(_CHECKSUM, path)
+    except FileNotFoundError:
+        return "missing"
+    except OSError as err:
+        return f"unreadable: {err.strerror}"
+    if digest != entry.get(_CHECKSUM):
+        return "checksum differs" if not digest.startswith("unreadable") else digest
+    run.verified[k] = signature
+    return None
+
+
+def _adopt(run: _Run, k: int, name: str) -> tuple[dict[str, Any] | None, str]:
+    """Shard file ``name`` (shard ``k``) that no manifest lists: its manifest entry when its own metadata names this
+    run and shard ``k``, its data digest matches its bytes and its header is the one this run writes (``(entry,
+    "ok")``); else ``(None, why)``: ``"other"`` (another run's shard), ``"legacy"`` (format 3 or earlier: no metadata
+    to check it by) or ``"damaged"``."""
+    if k >= len(run.plan):
+        return None, "damaged"
+    path = run.out_dir / name
+    try:
+        signature = _signature(path)
+        digest, digests = _shard_checksum(_CHECKSUM, path)
+    except OSError:
+        return None, "damaged"
+    if digests is None:
+        return None, "damaged"
+    meta = digests.metadata
+    if _META_STORE not in meta:
+        return None, "legacy"
+    if meta[_META_STORE] != run.digest:
+        return None, "other"
+    a, b = run.plan[k]
+    rows = digests.rows if run.generate_tokens else int(run.tokens.offsets[b] - run.tokens.offsets[a])
+    head = _shard_layout(run.specs(), rows, {**run.shard_metadata(k), _META_DATA: digests.data_digest})[3]
+    if meta.get(_META_SHARD) != str(k) or meta.get(_META_DATA) != digests.data_digest or head != digests.head:
+        return None, "damaged"
+    expected = _expected_entry(k, run.plan, run.tokens, rows=not run.generate_tokens)
+    if digests.rows and not expected["texts"][0] <= digests.texts[0] < digests.texts[1] <= expected["texts"][1]:
+        return None, "damaged"
+    run.verified[k] = signature
+    return {"rows": [0, digests.rows], **expected, "bytes": signature[2], _CHECKSUM: digest}, "ok"
+
+
+def _legacy_store(run: _Run, existing: dict[str, Any], theirs: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    """A store written by format 1-3, whose model fingerprint samples 3 parameters: when complete and made by this
+    very call (compared with that fingerprint), verified and returned as it is; an incomplete one is refused (its
+    shards cannot be shown to come from this model's weights, so resuming could mix two models)."""
+    version = existing["format_version"]
+    legacy = {k: v for k, v in run.header.items() if k != "numerics"}
+    legacy.update(format_version=version, model=_legacy_identity(run.model))
+    diffs = _differences(theirs, legacy)
+    if diffs:
+        raise CacheMismatchError(
+            f"out_dir {run.out_dir} holds a store (format {version}) made with a different model, inputs or "
+            f"arguments; refusing to mix them. Pass a new out_dir. Differences: {_join_differences(diffs)}"
+        )
+    if not existing["complete"]:
+        raise CacheMismatchError(
+            f"out_dir {run.out_dir} holds an incomplete store written by store format {version}, whose model "
+            "fingerprint samples 3 weights: its shards cannot be shown to come from this model, so it is not "
+            f"resumed. Pass a new out_dir, or delete {run.out_dir} to recompute it (ActivationStore({str(run.out_dir)!r}"
+            f", allow_incomplete=True) reads its {len(existing['shards'])} complete shard(s))."
+        )
+    store = ActivationStore(run.out_dir)
+    store.verify()  # CacheCorruptError names a damaged shard and the repair (a new out_dir)
+    run.legacy = True
+    run.verified.update(store._verified)
+    return {k: entry for k, entry in enumerate(existing["shards"])}
 
 
 def _expected_entry(k: int, plan: list[tuple[int, int]], tokens: "_Tokens", rows: bool = True) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -12,6 +13,7 @@ import torch
 from ..analysis.prompts import prompts_to_df
 
 __all__ = [
+    "ImageExportError",
     "plot_topk_tokens",
     "plot_logit_lens_heatmap",
     "plot_patching_heatmap",
@@ -21,6 +23,10 @@ __all__ = [
 ]
 
 _INSTALL_HINT = "pip install 'unilens[display]'"
+
+
+class ImageExportError(RuntimeError):
+    """A figure could not be written as ``.png`` / ``.svg``: kaleido found no Chrome / Chromium to drive."""
 
 
 def _plotly():
@@ -84,10 +90,16 @@ def _write(fig, file: str | Path | None, show: bool) -> None:
         elif suffix in (".png", ".svg"):
             try:
                 fig.write_image(str(path))
-            except (ImportError, ValueError) as error:
-                raise ImportError(
-                    f"writing {suffix} needs a static image engine: pip install kaleido ({error})"
-                ) from error
+            except (ImportError, ValueError, RuntimeError) as error:
+                if importlib.util.find_spec("kaleido") is None:
+                    raise ImportError(f"writing {suffix} needs kaleido (plotly's image export): {_INSTALL_HINT}, "
+                                      "or write .html") from None
+                if "Chrome" in str(error) or "chrome" in str(error):
+                    raise ImageExportError(
+                        f"writing {suffix} needs Chrome or Chromium, which kaleido drives: `make browser` installs "
+                        "Debian's chromium (or run `plotly_get_chrome`; BROWSER_PATH= names one), or write .html"
+                    ) from None
+                raise
         else:
             raise ValueError(f"file must end in .html, .png or .svg, got {str(path)!r}")
     if show:
@@ -102,8 +114,8 @@ def plot_topk_tokens(
     use_token_ids: bool = False,
     file: str | Path | None = None,
     save_html: bool = True,
-    height: int | None = 300,
-    width: int | None = 400,
+    height: int | None = None,
+    width: int | None = None,
     show: bool = False,
 ):
     """Heatmap of the top-k tokens at each layer: rows are layers, columns are ranks (nnterp's arguments).
@@ -116,7 +128,9 @@ def plot_topk_tokens(
         use_token_ids: cells show token ids instead of token text.
         file: write the figure to `.html` (self-contained, plotly.js inlined), `.png` or `.svg`; with `save_html`, a
             `.png` / `.svg` also gets an `.html` beside it.
-        height, width: per prompt's subplot (pixels; None: sized to the number of layers and k).
+        height, width: per prompt's subplot (pixels). The default (None) sizes it to the number of layers and k, so
+            every row stays readable: 26 px a layer (30 layers: 900 px high), 110 px a rank (nnterp's fixed
+            300 x 400 squeezes 30 layers into 10 px rows).
         show: call `fig.show()` (nnterp always shows; unilens only when asked, so scripts do not open browsers).
 
     Returns:
@@ -165,7 +179,7 @@ def plot_topk_tokens(
             col=1,
         )
         fig.update_xaxes(title_text="rank", type="category", row=b + 1, col=1)
-        fig.update_yaxes(title_text="layer", row=b + 1, col=1)
+        fig.update_yaxes(title_text="layer", dtick=1, row=b + 1, col=1)  # every layer labelled: rows are 26 px
     fig.update_layout(
         title=title,
         width=width or max(420, 110 * k + 160),
@@ -323,9 +337,20 @@ h1 { font-size: 18px; margin: 0 0 8px 0; }
 .token { font-family: monospace; white-space: pre; padding: 2px 4px; border: 1px solid #ccc; border-radius: 3px;
          cursor: default; background: #fff; }
 .token.query { outline: 2px solid #d62728; }
-.heads { display: flex; flex-wrap: wrap; gap: 12px; }
+.heads { display: flex; flex-wrap: wrap; gap: 16px; }
 .head { display: flex; flex-direction: column; align-items: center; font-size: 12px; }
-.head canvas { border: 1px solid #999; image-rendering: pixelated; }
+.head canvas { border: 1px solid #999; image-rendering: pixelated; display: block; }
+.grid { display: grid; grid-template-columns: auto auto; grid-template-rows: auto auto; }
+.corner { font-size: 10px; color: #777; display: flex; flex-direction: column; justify-content: flex-end;
+          align-items: flex-end; padding: 0 4px 2px 0; }
+.klabels, .qlabels { position: relative; }
+.klabels div, .qlabels div { position: absolute; font-family: monospace; white-space: pre; color: #333;
+                             overflow: hidden; text-overflow: ellipsis; }
+.klabels div { writing-mode: vertical-rl; transform: rotate(180deg); bottom: 3px; }
+.qlabels div { right: 4px; text-align: right; }
+.scale { display: inline-flex; align-items: center; gap: 4px; margin-left: 16px; font-size: 12px; color: #555; }
+.scale .bar { display: inline-block; width: 160px; height: 12px; border: 1px solid #999;
+              background: linear-gradient(to right, rgb(255,255,255), rgb(8,48,107)); }
 """
 
 _VIEWER_JS = """
@@ -334,7 +359,7 @@ _VIEWER_JS = """
   var data = JSON.parse(document.getElementById("unilens-attention-data").textContent);
   var tokens = data.tokens, n = tokens.length;
   var BASE = [8, 48, 107], FADE = 0.75;
-  var CELL = Math.max(3, Math.min(24, Math.floor(180 / Math.max(n, 1))));
+  var CELL = Math.max(4, Math.min(24, Math.floor(360 / Math.max(n, 1))));
   var layerPos = 0, query = null;
   var select = document.getElementById("layer-select");
   var headsDiv = document.getElementById("heads");
@@ -368,7 +393,7 @@ _VIEWER_JS = """
     var canvases = headsDiv.querySelectorAll("canvas");
     for (var h = 0; h < canvases.length; h++) {
       drawHead(canvases[h], layer.heads[h]);
-      canvases[h].parentNode.setAttribute("data-query", query === null ? "" : String(query));
+      canvases[h].closest(".head").setAttribute("data-query", query === null ? "" : String(query));
     }
     var spans = tokensDiv.querySelectorAll(".token");
     for (var i = 0; i < spans.length; i++) {
@@ -381,6 +406,33 @@ _VIEWER_JS = """
     }
   }
 
+  // axis labels, each centred on its row / column of cells; where cells are smaller than the text, every
+  // STEP-th token. The label band is as deep as the longest label (monospace: ~0.62 em a character), at most 84 px.
+  var FONT = Math.max(8, Math.min(11, CELL - 1)), STEP = Math.max(1, Math.ceil((FONT + 1) / CELL));
+  var LONGEST = tokens.reduce(function (m, t) { return Math.max(m, display(t).length); }, 1);
+  var DEPTH = Math.min(84, Math.ceil(FONT * 0.62 * LONGEST) + 8);
+
+  function axisLabels(className, vertical) {
+    var axis = document.createElement("div");
+    axis.className = className;
+    axis.style[vertical ? "height" : "width"] = DEPTH + "px";
+    axis.style[vertical ? "width" : "height"] = n * CELL + "px";
+    tokens.forEach(function (t, i) {
+      if (i % STEP !== 0) { return; }
+      var label = document.createElement("div");
+      label.setAttribute("data-index", String(i));
+      label.textContent = display(t);
+      label.title = i + ": " + display(t);
+      label.style.fontSize = FONT + "px";
+      label.style.lineHeight = FONT + "px";
+      label.style[vertical ? "left" : "top"] = (1 + i * CELL + (CELL - FONT) / 2) + "px";  // 1: the canvas border
+      label.style[vertical ? "width" : "height"] = FONT + "px";
+      label.style[vertical ? "maxHeight" : "maxWidth"] = (DEPTH - 6) + "px";
+      axis.appendChild(label);
+    });
+    return axis;
+  }
+
   function renderLayer() {
     var layer = data.layers[layerPos];
     headsDiv.textContent = "";
@@ -391,6 +443,11 @@ _VIEWER_JS = """
       box.setAttribute("data-query", "");
       var label = document.createElement("div");
       label.textContent = "L" + layer.index + " H" + h;
+      var grid = document.createElement("div");
+      grid.className = "grid";
+      var corner = document.createElement("div");
+      corner.className = "corner";
+      corner.innerHTML = "<span>key &rarr;</span><span>query &darr;</span>";
       var canvas = document.createElement("canvas");
       canvas.width = n * CELL;
       canvas.height = n * CELL;
@@ -402,8 +459,12 @@ _VIEWER_JS = """
             display(tokens[k]) + " (" + k + ") = " + matrix[q * n + k].toFixed(4);
         }
       });
+      grid.appendChild(corner);
+      grid.appendChild(axisLabels("klabels", true));
+      grid.appendChild(axisLabels("qlabels", false));
+      grid.appendChild(canvas);
       box.appendChild(label);
-      box.appendChild(canvas);
+      box.appendChild(grid);
       headsDiv.appendChild(box);
     });
     drawAll();
@@ -465,9 +526,10 @@ def attention_viewer_html(
     path: str | Path | None = None,
     title: str = "unilens attention viewer",
 ) -> str:
-    """A self-contained HTML page showing attention patterns: one small heatmap per head, a layer selector,
-    and a token strip; hovering a token highlights its query row in every head and colours the strip by
-    the mean attention (over heads) from that token.
+    """A self-contained HTML page showing attention patterns: one small heatmap per head (query rows, key columns,
+    each axis labelled with the tokens; every few tokens when the cells are too small for text), a colour scale
+    (weight 0 white to 1 dark blue), a layer selector, and a token strip; hovering a token highlights its query row
+    in every head and colours the strip by the mean attention (over heads) from that token.
 
     No network is needed to view it: CSS and vanilla JS are inline and the data is embedded as JSON
     (values rounded to 4 decimals). Each head element carries `data-head="LAYER.HEAD"`.
@@ -519,7 +581,7 @@ def attention_viewer_html(
 </head>
 <body>
 <h1>{safe_title}</h1>
-<div id="controls"><label>Layer <select id="layer-select"></select></label><span id="info">hover a token to see what it attends to</span></div>
+<div id="controls"><label>Layer <select id="layer-select"></select></label><span class="scale" id="scale">attention weight <span>0</span><span class="bar"></span><span>1</span></span><span id="info">hover a token to see what it attends to</span></div>
 <div id="tokens" class="tokens"></div>
 <div id="heads" class="heads"></div>
 <script type="application/json" id="unilens-attention-data">{payload}</script>
