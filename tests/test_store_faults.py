@@ -400,6 +400,24 @@ def test_fingerprint_covers_every_parameter(model):
     assert store_format._model_identity(model)["weights_xxh3_128"] == base
 
 
+def test_tensor_digest_reads_every_byte_in_pieces(monkeypatch):
+    """`_tensor_digest`: the same for the same bytes whatever the piece size (parameters on an accelerator are copied
+    off in pieces), different for another dtype or shape of the same bytes; bfloat16, 0-dim and strided tensors too."""
+    t = torch.randn(33, 17)
+    whole = store_format._tensor_digest(t)
+    monkeypatch.setattr(store_format, "_HASH_CHUNK", 7)  # pieces that cut rows and elements
+    assert store_format._tensor_digest(t) == whole
+    assert store_format._tensor_digest(t.reshape(17, 33)) != whole
+    assert store_format._tensor_digest(t.view(torch.int32)) != whole
+    assert store_format._tensor_digest(t.t()) == store_format._tensor_digest(t.t().contiguous())
+    b = t.to(torch.bfloat16)
+    flipped = b.clone()
+    flipped.view(torch.int16)[5, 3] ^= 1  # one bit
+    assert store_format._tensor_digest(b) != store_format._tensor_digest(flipped)
+    assert store_format._tensor_digest(torch.tensor(1.5)) != store_format._tensor_digest(torch.tensor(2.5))
+    assert store_format._tensor_digest(torch.zeros(0, 4)) != store_format._tensor_digest(torch.zeros(4, 0))
+
+
 def test_resume_under_another_thread_count_is_refused(model, reference, tmp_path):
     out = _copy(reference, tmp_path)
     previous = torch.get_num_threads()

@@ -277,6 +277,25 @@ def _record(model: nn.Module, inputs: dict[str, Any]) -> dict[tuple[int, str], t
     return recorded
 
 
+def _attention_masks(model: nn.Module, inputs: dict[str, Any]) -> dict[tuple[int, str], Any]:
+    """The ``attention_mask`` keyword each site receives (its first call) in one forward of ``model``."""
+    masks: dict[tuple[int, str], Any] = {}
+    handles = []
+    for key, module in _sites(model):
+        def pre(_m, args, kwargs, key=key):
+            if "attention_mask" in kwargs and key not in masks:
+                masks[key] = kwargs["attention_mask"]
+
+        handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            model(**_to_dtype(inputs, None))
+    finally:
+        for h in handles:
+            h.remove()
+    return masks
+
+
 def _replay(module: nn.Module, args: tuple, kwargs: dict, dtype: torch.dtype | None) -> torch.Tensor | None:
     with torch.no_grad():
         return _first_tensor(module(*_to_dtype(args, dtype), **_to_dtype(kwargs, dtype)))
@@ -379,8 +398,7 @@ def _isolate(model_a: nn.Module, model_b: nn.Module, inputs: dict[str, Any], kee
     # Each model builds its attention masks for its own attention implementation (eager: additive floats; sdpa:
     # bool, or None for plain causal): model b's modules get model a's inputs with model b's own mask.
     try:
-        masks_b = {key: kw["attention_mask"] for key, (_, kw, _) in _record(model_b, inputs).items()
-                   if "attention_mask" in kw}
+        masks_b = _attention_masks(model_b, inputs)
     except Exception:  # noqa: BLE001 - model b raised: its modules get model a's masks (the rows report it)
         masks_b = {}
     modules_a, modules_b, modules_ref = dict(_sites(model_a)), dict(_sites(model_b)), dict(_sites(reference))

@@ -924,7 +924,8 @@ def _validated_output(result: Any, case: AttentionCase, dtype: torch.dtype) -> t
     if not isinstance(out, torch.Tensor):
         raise _BadOutput("output type", f"attn_output is {_describe(out)}; expected a torch.Tensor")
     if out.layout != torch.strided:
-        raise _BadOutput("output type", f"attn_output is a {out.layout} tensor; expected a dense (strided) tensor")
+        raise _BadOutput("output type", f"attn_output is a {str(out.layout).removeprefix('torch.')} tensor; "
+                                         "expected a dense (strided) tensor")
     if out.device.type != "cpu":
         raise _BadOutput("output device", f"attn_output is on {out.device}; expected the inputs' device (cpu)")
     expected = (case.batch, case.q_len, case.heads, case.head_dim)

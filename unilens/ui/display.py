@@ -114,8 +114,8 @@ def plot_topk_tokens(
     use_token_ids: bool = False,
     file: str | Path | None = None,
     save_html: bool = True,
-    height: int | None = None,
-    width: int | None = None,
+    height: int = 300,
+    width: int = 400,
     show: bool = False,
 ):
     """Heatmap of the top-k tokens at each layer: rows are layers, columns are ranks (nnterp's arguments).
@@ -128,9 +128,9 @@ def plot_topk_tokens(
         use_token_ids: cells show token ids instead of token text.
         file: write the figure to `.html` (self-contained, plotly.js inlined), `.png` or `.svg`; with `save_html`, a
             `.png` / `.svg` also gets an `.html` beside it.
-        height, width: per prompt's subplot (pixels). The default (None) sizes it to the number of layers and k, so
-            every row stays readable: 26 px a layer (30 layers: 900 px high), 110 px a rank (nnterp's fixed
-            300 x 400 squeezes 30 layers into 10 px rows).
+        height, width: per prompt's subplot (pixels), nnterp's defaults; at least 26 px a layer and 110 px a rank,
+            so every row stays readable (30 layers: 900 px high; nnterp's fixed 300 x 400 squeezes them into 10 px
+            rows).
         show: call `fig.show()` (nnterp always shows; unilens only when asked, so scripts do not open browsers).
 
     Returns:
@@ -182,8 +182,8 @@ def plot_topk_tokens(
         fig.update_yaxes(title_text="layer", dtick=1, row=b + 1, col=1)  # every layer labelled: rows are 26 px
     fig.update_layout(
         title=title,
-        width=width or max(420, 110 * k + 160),
-        height=batch * (height or max(260, 26 * n_layers + 120)),
+        width=max(width, 420, 110 * k + 160),
+        height=batch * max(height, 260, 26 * n_layers + 120),
     )
     _write(fig, file, show)
     if file is not None and save_html and Path(file).suffix.lower() != ".html":
