@@ -130,7 +130,7 @@ CASES = [
     ("patchscope_lens(m, [], layers=[0])", lambda m: patchscope_lens(m, [], layers=[0]), TypeError,
      r"^source_prompts must be a string or a non-empty list of strings, got an empty list"),
     ("patchscope_lens(..., latents=[[...]])", lambda m: patchscope_lens(m, latents=[[0.0]], layers=[0]), TypeError,
-     r"^latents must be a tensor \(n_sources, 1 layers, 64\), got list"),
+     r"^latents must be a tensor \(1 layers, n_sources, 64\), got list"),
     ("patchscope_generate(m, None, ...)", lambda m: patchscope_generate(m, None, TargetPrompt("a ?", -1), 2),
      TypeError, r"^prompts must be a string or a non-empty list of strings, got NoneType"),
     ("patchscope_generate(..., max_length='3')",

@@ -299,12 +299,36 @@ def test_values_z_head_results_against_weights(model_type):
     assert (results.sum(-2) + w.b_O - out).abs().max().item() < 1e-5
 
 
+def _qkv_through_interface(attn, x):
+    """q, k, v as the module's own forward hands them to the attention function, with rotary made the identity
+    (cos 1, sin 0): its own splitting code, wherever it lives."""
+    from transformers import AttentionInterface
+
+    captured = {}
+
+    def capture(module, q, k, v, mask, **kwargs):
+        captured.update(q=q, k=k, v=v)
+        return torch.zeros(q.shape[0], q.shape[2], q.shape[1], q.shape[3]), None  # (batch, seq, heads, head_dim)
+
+    AttentionInterface.register("unilens_test_capture", capture)
+    previous = attn.config._attn_implementation
+    attn.config._attn_implementation = "unilens_test_capture"
+    try:
+        ones = torch.ones(x.shape[0], x.shape[1], attn.head_dim)
+        attn(x, attention_mask=None, position_embeddings=(ones, torch.zeros_like(ones)))
+    finally:
+        attn.config._attn_implementation = previous
+    return captured["q"], captured["k"], captured["v"]
+
+
 def _qkv_by_model_code(attn, x):
     """q, k, v `(batch, heads, seq, head_dim)` before rotary, produced by each model's own splitting code."""
     name = type(attn).__name__
-    if name == "FalconAttention":
+    if name == "FalconAttention" and hasattr(attn, "_split_heads"):  # transformers <= 5.24
         q, k, v = attn._split_heads(attn.query_key_value(x))  # (batch, seq, heads, head_dim)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if name == "FalconAttention":  # >= 5.25: split inside forward; what it hands the attention function
+        return _qkv_through_interface(attn, x)
     if name == "BloomAttention":
         return attn._reshape(attn.query_key_value(x))
     if name == "GPTNeoXAttention":
@@ -476,8 +500,10 @@ def test_bart_style_heads_match_out_proj_input():
 
 def test_unknown_attention_keyword_is_refused_not_ignored():
     """A keyword no model passes today reaches the attention function (Llama hands **kwargs down): refused on both
-    paths, while HF's own sdpa would silently drop it. A None value carries nothing and is accepted."""
-    from unilens.hooks.attention import UnknownAttentionKeyword
+    paths, while HF's own sdpa would silently drop it; given by the caller, it is reported as the caller's
+    (``UnknownForwardKeyword``; an architecture passing one: tests/test_forward_keywords.py). A None value carries
+    nothing and is accepted."""
+    from unilens.hooks.attention import UnknownForwardKeyword
 
     hf, tok = tiny_model("llama")
     ids = _ids(_vocab(hf))
@@ -485,10 +511,10 @@ def test_unknown_attention_keyword_is_refused_not_ignored():
     with torch.no_grad():
         plain = hf(ids, future_attention_bias=bias).logits  # transformers' sdpa ignores it
     std = StandardizedTransformer(hf, tokenizer=tok, check=False)
-    with pytest.raises(UnknownAttentionKeyword, match="LlamaAttention passed future_attention_bias="):
+    with pytest.raises(UnknownForwardKeyword, match="future_attention_bias= is not an argument of LlamaForCausalLM"):
         with torch.no_grad():
             hf(ids, future_attention_bias=bias)  # fast path
-    with pytest.raises(UnknownAttentionKeyword, match="future_attention_bias="):
+    with pytest.raises(UnknownForwardKeyword, match="future_attention_bias="):
         with std.trace(ids, future_attention_bias=bias):
             std.attention_probabilities[0].save()  # hookable path
     with torch.no_grad():

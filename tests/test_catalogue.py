@@ -13,6 +13,7 @@ import torch
 from unilens import StandardizedTransformer
 from unilens.compat.tl import PRE_NORM, resolve
 from unilens.core.names import (
+    ATTENTION,
     CATALOGUE,
     LAYER_NAMES,
     MODEL_NAMES,
@@ -31,8 +32,9 @@ TEXTS = ["The cat sat on the mat", "Hello"]
 
 @pytest.fixture(scope="module")
 def models():
-    """A rotary, gated-MLP model (llama) and a learned-position, Conv1D model (gpt2): together they have every name."""
-    return {kind: StandardizedTransformer(*tiny_model(kind), check=False) for kind in ("llama", "gpt2")}
+    """A rotary, gated-MLP model (llama), a learned-position, Conv1D model (gpt2) and a sparse mixture-of-experts
+    model with a shared expert (qwen2_moe, for the routing names): together they have every name."""
+    return {kind: StandardizedTransformer(*tiny_model(kind), check=False) for kind in ("llama", "gpt2", "qwen2_moe")}
 
 
 def _rank(shape: str) -> int:
@@ -101,6 +103,16 @@ def test_remote_requests_follow_the_catalogue_flag():
         if entry.remote is not None:
             with pytest.raises(RemoteUnsupportedError, match=re.escape(name)):
                 remote.read("The cat sat", [key])
+        elif entry.kind == ATTENTION:
+            # read from the deployment's own attention call inside a trace; model.read by name refuses, saying so.
+            # Not bitwise: the deployment's kernel computes the layers below, the local hookable path recomputes
+            with pytest.raises(RemoteUnsupportedError, match="inside a trace"):
+                remote.read("The cat sat", [key])
+            with remote.trace("The cat sat"):
+                got = getattr(remote, name)[1].save()
+            with local.trace("The cat sat"):
+                want = getattr(local, name)[1].save()
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         elif name != "position_embeddings":  # llama has none (refused locally too, with the reason)
             got, want = remote.read("The cat sat", [key])[key], local.read("The cat sat", [key])[key]
             torch.testing.assert_close(got, want, rtol=0, atol=0)

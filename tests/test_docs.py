@@ -10,7 +10,12 @@ import pytest
 
 import unilens
 
-MODULES = sorted(m.name for m in pkgutil.iter_modules(unilens.__path__, "unilens."))
+# every module of every tier (walk_packages recurses into the subpackages; iter_modules would stop at their names)
+MODULES = sorted(m.name for m in pkgutil.walk_packages(unilens.__path__, "unilens.") if not m.name.endswith("__main__"))
+
+
+def test_every_tier_is_walked():
+    assert {"unilens.core.names", "unilens.arch.discovery", "unilens.model.transformer", "unilens.ui.cli"} <= set(MODULES)
 
 
 @pytest.mark.parametrize("name", MODULES)

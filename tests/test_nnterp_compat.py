@@ -30,6 +30,7 @@ from unilens.analysis.prompts import (
     next_token_probs_unsqueeze,
     run_prompts,
 )
+from unilens.arch.discovery import ModuleMap
 from unilens.compat.nnsight_utils import (
     ModuleAccessor,
     collect_last_token_activations_session,
@@ -296,12 +297,17 @@ def test_constructor_options(model_type, monkeypatch):
                       hidden_arg_hook(lambda h: seen.append(h.clone()) or h))])
     close(attn_in, seen[0])
 
-    # a RenameConfig naming a wrong or missing module is refused
+    # a RenameConfig naming a wrong module is refused; one naming no module is ignored with a warning (nnterp
+    # ignores it: an unused rename entry), discovery's module kept
     norm = next(name for name, m in layer0.named_children() if "norm" in type(m).__name__.lower())
-    for bad in (RenameConfig(mlp_name=norm), RenameConfig(attn_name="no_such_module"),
-                RenameConfig(hidden_size_config_key=3)):
+    for bad in (RenameConfig(mlp_name=norm), RenameConfig(hidden_size_config_key=3)):
         with pytest.raises(RenamingError):
             StandardizedTransformer(*tiny_model(model_type), rename_config=bad)
+    hf_missing, tok_missing = tiny_model(model_type)
+    with pytest.warns(UserWarning, match="attn_name='no_such_module'.*Ignored"):
+        kept = StandardizedTransformer(hf_missing, tokenizer=tok_missing,
+                                       rename_config=RenameConfig(attn_name="no_such_module"))
+    assert kept.attentions[0]._module is ModuleMap(hf_missing).get_attention(0)
 
     # ignore_mlp / ignore_attn drop those accessors; the residual view stays (checked against HF at load)
     model = StandardizedTransformer(*tiny_model(model_type), rename_config=RenameConfig(ignore_mlp=True, ignore_attn=True))
@@ -906,11 +912,12 @@ def test_reads_sets_and_members(model_type):
                                      lambda m, a, o: grabbed.append((o[0] if isinstance(o, tuple) else o).clone()))])
         expected = grabbed[0][0, -2] - (single[row].hidden_states[0][0, -2] if model_type == "bloom" else 0)
         close(attn_acts[0, row], expected, atol=1e-4)
-    # patchscope_lens with latents= (no source run): the latent written into the target at its last token
-    latents = torch.randn(2, 1, model.hidden_size, generator=torch.Generator().manual_seed(1))
+    # patchscope_lens with latents= (no source run), nnterp's layout (layers, n_sources, hidden): the latent
+    # written into the target at its last token
+    latents = torch.randn(1, 2, model.hidden_size, generator=torch.Generator().manual_seed(1))
     scope = patchscope_lens(model, target_patch_prompts=TargetPrompt(TARGET, -1), layers=[0], latents=latents)
     for row in range(2):
-        patched = hf_run(hf, ids_of(tok, TARGET), [(layers[0], "forward", replace_output(set_at(-1, latents[row, 0])))])
+        patched = hf_run(hf, ids_of(tok, TARGET), [(layers[0], "forward", replace_output(set_at(-1, latents[0, row])))])
         close(scope[row, 0], patched.logits[0, -1].softmax(-1), atol=1e-5)
     probs = next_token_probs_unsqueeze(model, prompts)
     next_probs = compute_next_token_probs(model, prompts)

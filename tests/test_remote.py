@@ -19,7 +19,7 @@ from unilens import (
     cache_activations,
     logit_lens,
 )
-from unilens.core.names import CATALOGUE
+from unilens.core.names import ATTENTION, CATALOGUE
 from unilens.hooks.reads import forward_order
 from unilens.model.remote import (
     REMOTE_TABLE_NAMES,
@@ -32,7 +32,10 @@ from unilens.testing import ZOO_REQUIRED, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["The capital of France is", "Hi there"]  # two lengths: a padded batch
-SUPPORTED = [n for n in REMOTE_TABLE_NAMES if CATALOGUE[n].remote is None]
+# module inputs / outputs: bit-equal to the local model. The attention names are served too, from the deployment's
+# own attention call (tests/test_remote_attention.py): there the server's kernel (sdpa) and the local hookable path
+# differ by rounding, so reading them would also move every later module output off bit-equality here.
+SUPPORTED = [n for n in REMOTE_TABLE_NAMES if CATALOGUE[n].remote is None and CATALOGUE[n].kind != ATTENTION]
 REFUSED = [n for n in REMOTE_TABLE_NAMES if CATALOGUE[n].remote is not None]
 
 
@@ -92,43 +95,24 @@ def _assert_same(local: dict, remote: dict, tokenizer) -> None:
         assert torch.equal(a, b), f"{key}: max diff {(a - b).abs().max():.3g}"
 
 
-def _probabilities(m):
+def _pre_activation(m):
     with m.trace(PROMPTS):
-        m.attention_probabilities[0].save()
+        m.mlps_pre_activation[0].save()
 
 
-def _scores(m):
+def _resid_mid(m):
     with m.trace(PROMPTS):
-        m.attention_scores[0].save()
+        m.layers_resid_mid[0].save()
 
 
-def _queries(m):
+def _assign_probabilities(m):
     with m.trace(PROMPTS):
-        m.attention_queries[0].save()
+        m.attention_probabilities[0] = m.attention_probabilities[0] * 0
 
 
-def _keys(m):
-    with m.trace(PROMPTS):
-        m.attention_keys[0].save()
-
-
-def _values(m):
-    with m.trace(PROMPTS):
-        m.attention_values[0].save()
-
-
-def _heads(m):
-    with m.trace(PROMPTS):
-        m.attention_heads[0].save()
-
-
-def _head_results(m):
-    with m.trace(PROMPTS):
-        m.attention_head_results[0].save()
-
-
-REFUSED_BLOCKS = {f"attention_{f.__name__[1:]}": f for f in
-                  (_probabilities, _scores, _queries, _keys, _values, _heads, _head_results)}
+# refused before anything is serialized or sent: hook points (none on the server) and attention edits (read-only)
+REFUSED_BLOCKS = {"mlps_pre_activation": _pre_activation, "layers_resid_mid": _resid_mid,
+                  "attention_probabilities cannot be assigned": _assign_probabilities}
 
 
 @pytest.mark.parametrize("model_type", ZOO_REQUIRED)
@@ -141,7 +125,9 @@ def test_loopback_accessors_equal_local(model_type):
     assert not any(n.endswith("unilens_hooks") for n, _ in server.server._module.named_modules())
     order = forward_order(local)
     _assert_same(_read_all(local, order), _read_all(remote, order), local.tokenizer)
-    assert sorted(REFUSED_BLOCKS) == sorted(REFUSED)
+    for name in REFUSED:  # every refused name of the table, by the static scan of the block
+        with pytest.raises(RemoteUnsupportedError, match=name):
+            check_block(remote, type("Block", (), {"node": __import__("ast").parse(f"x = model.{name}[0].save()")}))
     for name, block in REFUSED_BLOCKS.items():  # refused before anything is serialized or sent
         sent = server.requests
         with pytest.raises(RemoteUnsupportedError, match=name):
@@ -154,9 +140,9 @@ def test_nnsight_local_simulation_equals_local(model_type):
     local, remote, _ = _pair(model_type, "local")
     order = forward_order(local)
     _assert_same(_read_all(local, order), _read_all(remote, order), local.tokenizer)
-    with pytest.raises(RemoteUnsupportedError, match="attention_probabilities"):
+    with pytest.raises(RemoteUnsupportedError, match="mlps_pre_activation"):
         with remote.trace(PROMPTS):
-            remote.attention_probabilities[0].save()
+            remote.mlps_pre_activation[0].save()
     # the dry run deserialized unilens's classes in this process: the live ones are untouched
     StandardizedTransformer(*tiny_model("gpt2"))
 
@@ -165,7 +151,7 @@ def test_refusal_is_static_and_names_the_feature():
     class Block:
         node = __import__("ast").parse("x = model.attentions[0].unilens_hooks.probabilities.output.save()")
 
-    with pytest.raises(RemoteUnsupportedError, match="unilens_hooks.*hook points.*eager"):
+    with pytest.raises(RemoteUnsupportedError, match="unilens_hooks.*hook points.*attention_probabilities"):
         check_block(None, Block())
 
 
@@ -185,8 +171,8 @@ def test_refused_methods_and_bad_options():
             local.logits.save()
     with pytest.raises(ValueError, match="unilens's hook points"):
         Loopback(local.module_accessor.model, tok)
-    with pytest.raises(RemoteUnsupportedError, match="attention_scores"):
-        model.attention_scores[0]
+    with pytest.raises(ValueError, match=r"attention_scores\[0\] can only be read inside"):
+        model.attention_scores[0]  # served in a trace (on the server), not outside one
     with pytest.raises(RemoteUnsupportedError, match="weights"):
         model.weights[0].W_Q
     with pytest.raises(RemoteUnsupportedError, match="generat"):
@@ -329,8 +315,8 @@ def test_ndif_mode_builds_offline_and_refuses_before_any_network():
         assert {p.device.type for p in model._module.parameters()} == {"meta"}
         assert model.architecture == StandardizedTransformer(hf, tokenizer=tok, check=False).architecture
         assert model._remoteable_class().__name__ == "TransformersModel"  # the class NDIF keys deployments by
-        with pytest.raises(RemoteUnsupportedError, match="attention_probabilities"):
-            _probabilities(model)
+        with pytest.raises(RemoteUnsupportedError, match="mlps_pre_activation"):
+            _pre_activation(model)
 
 
 def test_session_is_one_request():
@@ -353,10 +339,10 @@ def test_session_is_one_request():
         local.layers_output[0] = local_clean
         expected = local.logits.save()
     assert torch.equal(patched, expected)
-    with pytest.raises(RemoteUnsupportedError, match="attention_scores"):
+    with pytest.raises(RemoteUnsupportedError, match="mlps_pre_activation"):
         with remote.session():
             with remote.trace("Hi"):
-                remote.attention_scores[0].save()
+                remote.mlps_pre_activation[0].save()
     assert server.requests == 1
 
 
@@ -413,8 +399,8 @@ def test_request_timeout_cancels_a_looping_block():
     assert time.monotonic() - start < 20  # cancelled, not run to its end
     assert isinstance(err.value, TimeoutError) and "\n" not in str(err.value)
     assert "remote_timeout=1 s" in str(err.value) and "remote_timeout=None" in str(err.value)
-    # the server is usable at once, and right
-    with torch.no_grad(), remote.trace(PROMPTS):
+    # the server is usable at once, and right (a normal request takes ~1 s here on a loaded machine: a longer limit)
+    with torch.no_grad(), remote.trace(PROMPTS, remote_timeout=60):
         got = remote.logits.save()
     with torch.no_grad(), local.trace(PROMPTS):
         want = local.logits.save()

@@ -30,10 +30,12 @@ def _get(kind: str):
 
 
 def _ids(model, text=PROMPT):
-    """TL's tokenization, built by hand: BOS, then the text's own tokens."""
+    """TL's tokenization, built by hand: BOS (except where TL 4.3's bridge adapter sets default_prepend_bos=False:
+    Qwen 2 / 3 here), then the text's own tokens."""
     tok = model.tokenizer
     bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-    return torch.tensor([[bos] + tok(text, add_special_tokens=False)["input_ids"]])
+    first = [] if model.architecture.model_type in ("qwen2", "qwen3") else [bos]
+    return torch.tensor([first + tok(text, add_special_tokens=False)["input_ids"]])
 
 
 def _ref(ref, ids, hooks=()):

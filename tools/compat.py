@@ -223,6 +223,10 @@ def write_report(cols: dict[str, Column], out: Path) -> None:
         "serves is a multi-GB GPU build, so the `torch` range in pyproject.toml is tested at this one release "
         "only.",
         "",
+        "Every column runs transformers' torch code: unilens loads with `use_kernels=False` unless asked (transformers "
+        ">= 5.25 defaults to hub kernels on CUDA / ROCm / XPU; none apply on CPU). See docs/architecture.md, Set-up "
+        "and compatibility.",
+        "",
         "| | " + " | ".join(names) + " |",
         "|---|" + "---|" * len(names),
     ]

@@ -32,6 +32,8 @@ from .arch.loading import default_model_path
 # nnterp's top-level names, with nnterp's signatures (RenameConfig first; a RenameConfig / rename= steer discovery)
 from .compat.nnsight_utils import ModuleAccessor
 from .compat.nnterp import get_rename_dict
+from .compat.factored_matrix import FactoredMatrix
+from .compat.tl_model import HookedTransformer
 from .model import StandardizedTransformer, load_default
 from .scale.store import ActivationStore, cache_activations
 
@@ -41,6 +43,8 @@ __all__ = [
     "ActivationStore",
     "Architecture",
     "ArchitectureError",
+    "FactoredMatrix",
+    "HookedTransformer",
     "ModuleAccessor",
     "Prompt",
     "StandardizedTransformer",

@@ -248,6 +248,23 @@ _QUIRKS: dict[str, dict[str, Any]] = {
     "reformer": {"attn_layers": ["local", "lsh"], "axial_pos_embds_dim": [32, 32], "axial_pos_shape": [4, 8],
                  "max_position_embeddings": 32, "local_attn_chunk_length": 4, "lsh_attn_chunk_length": 4,
                  "num_buckets": 4, "num_hashes": 1},  # fmt: skip
+    # kolibri1_1: one sliding layer, an indexer layer that stores its keys / values and selects a key pool, and a
+    # reindexer layer that attends to the indexer's keys / values (no k/v projections of its own) and rescores its
+    # pool; layer 0 dense, the others MoE. Pool, top-k, sink and local sizes below a test prompt's length, so the
+    # selection binds; index heads at most the query heads of key head 0 (4 // 2).
+    "kolibri1_1": {"num_hidden_layers": 3,
+                   "layer_types": ["sliding_attention", "indexed_attention", "indexed_attention"],
+                   "kv_source_layers": [0, 1, 1], "index_layers": [1], "mlp_only_layers": [0],
+                   "mlp_only_intermediate_size": 128, "index_num_heads": 2, "index_pool_size": 4,
+                   "index_compression": 2, "index_num_local_tokens": 2, "index_num_sink_tokens": 1},
+    # dory: its to_dict() lists each layer as an (attention, "mlp") block pair with doubled counts, which the generic
+    # shrink cannot halve back; one input, one recurrent (looped twice, the feature) and one output layer.
+    "dory": {"num_hidden_layers": 3, "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+             "n_input_layers": 1, "n_recurrent_layers": 1, "n_output_layers": 1, "n_recurrent_loops": 2},
+    # big_bird: block-sparse attention only runs on sequences longer than its blocks allow; on shorter ones (every
+    # test prompt) the model swaps in full attention at run time, replacing the module unilens hooked. Full
+    # attention from the start is what those prompts run anyway.
+    "big_bird": {"attention_type": "original_full"},
     # blt: bytes in (vocab 256 + 4 specials); its hash-n-gram table is 500k rows by default.
     # use_cache=False: in transformers 5.23 BLT's forward builds a DynamicCache from its composite
     # config, which has no num_hidden_layers, and raises.

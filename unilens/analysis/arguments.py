@@ -81,10 +81,11 @@ def _checked_indices(values: int | Sequence[int] | None, n: int, what: str, unit
     return out
 
 
-def _layer_list(model, layers: int | Sequence[int] | None) -> list[int]:
-    """Checked layer indices, in the order given, without duplicates."""
+def _layer_list(model, layers: int | Sequence[int] | None, allow_duplicates: bool = False) -> list[int]:
+    """Checked layer indices, in the order given; a layer listed twice is refused unless ``allow_duplicates``
+    (nnterp's interventions take ``layers=[0, n // 2, n - 1]``, which repeats a layer on a 2-layer model)."""
     out = _checked_indices(layers, model.num_layers, "layer", "the model has {n} layers")
-    if len(set(out)) != len(out):
+    if not allow_duplicates and len(set(out)) != len(out):
         raise ValueError(f"layers contains duplicates: {list(layers)}.")
     return out
 

@@ -286,9 +286,9 @@ def _last_token_residuals(
     trace: ``{layer: (batch, hidden)}``."""
     saved: list[torch.Tensor] = []
     with torch.no_grad(), model.trace(batch, **trace_kwargs):
-        for layer in sorted(layers):
+        for layer in sorted(set(layers)):
             saved.append(model._last_positions(model.layers_output[layer]).save())  # (batch, hidden)
-    return dict(zip(sorted(layers), saved))
+    return dict(zip(sorted(set(layers)), saved))
 
 
 def _patched_cells(mask: torch.Tensor, targets: TargetPromptBatch, layers: Sequence[int]) -> dict[int, torch.Tensor]:
@@ -307,9 +307,11 @@ def _patched_cells(mask: torch.Tensor, targets: TargetPromptBatch, layers: Seque
             )
         real = torch.nonzero(mask[row], as_tuple=False).flatten()
         positions.append(int(real[index]))
-    patches = {}
-    for slot, layer in enumerate(layers):
-        cell = torch.zeros(rows, mask.shape[1], 1, dtype=torch.bool, device=mask.device)
+    patches: dict[int, torch.Tensor] = {}
+    for slot, layer in enumerate(layers):  # a layer listed twice: both slots' rows patched at it
+        cell = patches.get(layer)
+        if cell is None:
+            cell = torch.zeros(rows, mask.shape[1], 1, dtype=torch.bool, device=mask.device)
         for row in range(slot * n_src, (slot + 1) * n_src):
             cell[row, positions[row]] = True
         patches[layer] = cell
@@ -329,8 +331,10 @@ def patchscope_lens(
     For each source prompt and each layer L of ``layers`` (default: all), the residual ``layers_output[L]``
     at the source's last real token replaces ``layers_output[L]`` of the target prompt at its
     ``index_to_patch``; returns the target's next-token probabilities ``(n_sources, len(layers), vocab)``.
-    ``latents`` ``(n_sources, len(layers), hidden)`` replaces the source run. Default target: ``repeat_prompt()``.
-    All ``n_sources * len(layers)`` patched runs go through ONE forward.
+    ``latents`` replaces the source run, in nnterp's layout ``(layers, n_sources, hidden)`` as
+    ``get_token_activations`` returns it: one row per entry of ``layers``, or per model layer (row L is patched at
+    layer L), or a single row patched at every layer. ``layers`` may repeat a layer (each entry is one patched run).
+    Default target: ``repeat_prompt()``. All ``n_sources * len(layers)`` patched runs go through ONE forward.
 
     Example:
         >>> from unilens import StandardizedTransformer
@@ -341,7 +345,7 @@ def patchscope_lens(
         True
     """
     model = nn_model  # nnterp's argument name
-    layer_list = _layer_list(model, layers)
+    layer_list = _layer_list(model, layers, allow_duplicates=True)
     trace_kwargs = {"remote": True} if remote else {}
     if latents is None:
         if source_prompts is None:
@@ -349,14 +353,10 @@ def patchscope_lens(
         by_layer = _last_token_residuals(model, _encode(model, source_prompts, "source_prompts"), layer_list,
                                          trace_kwargs)
         latents = torch.stack([by_layer[layer] for layer in layer_list], dim=1)  # (n_sources, layers, hidden)
-    if not isinstance(latents, torch.Tensor):
-        raise TypeError(f"latents must be a tensor (n_sources, {len(layer_list)} layers, {model.hidden_size}), got "
-                        f"{type(latents).__name__}.")
-    if latents.dim() != 3 or latents.shape[1] != len(layer_list) or latents.shape[2] != model.hidden_size:
-        raise ValueError(
-            f"latents must have shape (n_sources, {len(layer_list)} layers, {model.hidden_size}), got "
-            f"{tuple(latents.shape)}."
-        )
+    elif source_prompts is not None:
+        raise ValueError("patchscope_lens: pass source_prompts or latents, not both (latents replace the source run).")
+    else:
+        latents = _latents_per_layer(model, latents, layer_list).transpose(0, 1)  # (n_sources, layers, hidden)
     n_src, n_layers = latents.shape[0], len(layer_list)
     targets = _as_target_batch(target_patch_prompts, n_src)
     # rows are layer-major: row = layer_slot * n_src + source
@@ -364,12 +364,31 @@ def patchscope_lens(
     patches = _patched_cells(target["attention_mask"], targets, layer_list)  # {layer: (rows, seq, 1)}
     values = latents.transpose(0, 1).reshape(n_src * n_layers, -1)  # (rows, hidden), layer-major
     with torch.no_grad(), model.trace(target, **trace_kwargs):
-        for layer in sorted(layer_list):
+        for layer in sorted(set(layer_list)):
             out = model.layers_output[layer]  # (rows, seq, hidden)
             new = values.to(out.device, out.dtype)[:, None, :].expand_as(out)
             model.layers_output[layer] = torch.where(patches[layer].to(out.device), new, out)
         probs = model.next_token_probs.save()  # (rows, vocab)
     return probs.reshape(n_layers, n_src, -1).transpose(0, 1)
+
+
+def _latents_per_layer(model, latents: object, layer_list: Sequence[int]) -> torch.Tensor:
+    """nnterp's ``latents`` ``(layers, n_sources, hidden)`` as one row per entry of ``layer_list``: given per entry,
+    per model layer (indexed by layer), or one row for every layer."""
+    n, hidden = len(layer_list), model.hidden_size
+    if not isinstance(latents, torch.Tensor):
+        raise TypeError(f"latents must be a tensor ({n} layers, n_sources, {hidden}), got {type(latents).__name__}.")
+    if latents.dim() != 3 or latents.shape[2] != hidden or latents.shape[0] not in (n, model.num_layers, 1):
+        raise ValueError(
+            f"latents must have shape (layers, n_sources, {hidden}) with one row per layer of `layers` ({n}), per "
+            f"model layer ({model.num_layers}) or one for all, as get_token_activations returns; got "
+            f"{tuple(latents.shape)}."
+        )
+    if latents.shape[0] == n:
+        return latents
+    if latents.shape[0] == 1:
+        return latents.expand(n, -1, -1)
+    return latents[list(layer_list)]
 
 
 def _real_positions(mask: torch.Tensor, index: int, prompts: Sequence[str]) -> list[int]:
@@ -417,7 +436,7 @@ def patchscope_generate(
         raise TypeError(f"target_patch_prompt must be a TargetPrompt, got {type(target_patch_prompt).__name__}.")
     _positive_int(max_length, "max_length")
     _positive_int(max_batch_size, "max_batch_size")
-    layer_list = _layer_list(model, layers)
+    layer_list = list(dict.fromkeys(_layer_list(model, layers, allow_duplicates=True)))  # {layer: tokens}: once each
     saved = _last_token_residuals(model, _encode(model, prompts), layer_list, {})  # {layer: (n_prompts, hidden)}
     n = len(prompts)
     per_run = max(max_batch_size // n, 1)  # layers per generation

@@ -22,14 +22,16 @@ wrong guess is an error, never a silently wrong tensor.
 
 from __future__ import annotations
 
+import inspect
 import re
 from dataclasses import dataclass, field
 
 import torch
+from nnsight.intervention.envoy import Envoy
 from torch import nn
 
 from .probe import Probe, probe_ids
-from .structure import computes_softmax_attention, is_projection, owns_projection
+from .structure import computes_softmax_attention, find_output_projection, is_projection, owns_projection
 
 __all__ = [
     "Architecture",
@@ -55,10 +57,12 @@ class ArchitectureError(ValueError):
 
 _ATTENTION_CLASS = re.compile(r"attention|attn", re.IGNORECASE)
 _NOT_SELF_ATTENTION = re.compile(r"cross|encoder_attn|encdec", re.IGNORECASE)  # decoder cross-attention
-_SIDE_TOWER = re.compile(r"vision|visual|image|audio|speech|patch_embed|encoder\.", re.IGNORECASE)
+_SIDE_TOWER = re.compile(r"vision|visual|image|audio|speech|patch_embed", re.IGNORECASE)
+_ENCODER_STACK = re.compile(r"encoder\.", re.IGNORECASE)  # an encoder's stack: the LM's only if no other one is
 _MLP_NAME = re.compile(r"^(mlp|feed_forward|ffn|ff|block_sparse_moe|moe|mixer_mlp)$", re.IGNORECASE)
 _MLP_CLASS = re.compile(r"mlp|feedforward|moe|experts|ffn", re.IGNORECASE)
 _NORM_CLASS = re.compile(r"norm", re.IGNORECASE)
+_MLP_PART_NAME = re.compile(r"mlp|ffn|feed_forward|expert|moe", re.IGNORECASE)
 _SPLIT_MLP = (("fc1", "fc2"), ("c_fc", "c_proj"), ("dense_h_to_4h", "dense_4h_to_h"))
 
 # Config attributes that change the logits after the unembedding: name -> how to apply it.
@@ -70,6 +74,7 @@ LOGIT_POSTPROCESSING = {
     "final_logit_softcapping": "softcap",  # Gemma 2/3: tanh(logits / cap) * cap
     "output_multiplier_scale": "multiply",  # some MuP-style models
     "logits_soft_cap": "softcap",  # RecurrentGemma
+    "output_logit_soft_cap": "softcap",  # xLSTM
 }
 
 
@@ -87,10 +92,22 @@ class LayerParts:
     mlp_out: str | None  # module whose *output* is the MLP output
     attention_out: str | None = None  # module whose output is the attention branch (== attention unless the
     # attention module adds the residual itself, as Bloom's does: then its last projection; see probe_dataflow)
+    # the token mixer: the softmax attention, or the SSM / recurrent / linear-attention block of a layer that has no
+    # softmax attention (Mamba's "mixer", RWKV's "attention", xLSTM's "mlstm_layer", Jamba's "mamba"); None when the
+    # layer has none (an MLP-only layer of Nemotron-H) or two in parallel (Falcon-H1: attention + Mamba, summed)
+    mixer: str | None = None
+    # the mixer's output projection (Mamba's out_proj, RWKV's output, attention's o_proj): its input is the mixer's
+    # last hidden state before it returns to the residual width (the gated SSM output; z on attention layers)
+    mixer_projection: str | None = None
 
     def __post_init__(self):
         if self.attention_out is None:
             self.attention_out = self.attention
+
+    @property
+    def mixer_out(self) -> str | None:
+        """The module whose output is the mixer branch (``attention_out`` when the mixer is the attention)."""
+        return self.attention_out if self.mixer is not None and self.mixer == self.attention else self.mixer
 
 
 @dataclass
@@ -154,7 +171,9 @@ def _find_layers(model: nn.Module) -> str:
         if not isinstance(module, nn.ModuleList) or len(module) == 0:
             continue
         # the language stack, not a vision / audio tower of a multimodal wrapper (which may be bigger)
-        params = (0 if _SIDE_TOWER.search(name + ".") else 1, _param_count(module))
+        # (GIT's text stack is `git.encoder.layer`: a stack named encoder still beats its vision tower's)
+        rank = 0 if _SIDE_TOWER.search(name + ".") else 1 if _ENCODER_STACK.search(name + ".") else 2
+        params = (rank, _param_count(module))
         if params > best_params:
             best, best_params = name, params
     if best is None:
@@ -206,6 +225,34 @@ def _find_mlp(layer: nn.Module, attention: str | None) -> tuple[str | None, str 
     return None, None, None
 
 
+def _find_mixer(layer: nn.Module, attention: str | None, mlp_parts: tuple[str | None, ...]) -> str | None:
+    """The layer's token mixer (see ``LayerParts.mixer``): among the layer's direct children that hold parameters
+    and are neither norms, bare linears nor the MLP, the one that is left; the softmax attention when it is that one.
+    """
+    taken = {path.split(".")[0] for path in (attention, *mlp_parts) if path}
+    others = [
+        name for name, child in layer.named_children()
+        if name not in taken and any(True for _ in child.parameters())
+        and not isinstance(child, (nn.Linear, nn.ModuleList))
+        and not _NORM_CLASS.search(type(child).__name__)
+        and not _MLP_PART_NAME.search(name)  # a second MLP beside the found one (Granite-MoE-Hybrid's shared_mlp)
+    ]
+    if attention is not None:
+        return attention if not others else None
+    return others[0] if len(others) == 1 else None
+
+
+def _mixer_projection(layer: nn.Module, mixer: str | None) -> str | None:
+    """Path (relative to the layer) of the mixer's output projection, or None where it has no linear one."""
+    if mixer is None:
+        return None
+    try:
+        name, module = find_output_projection(layer.get_submodule(mixer))
+    except ValueError:
+        return None
+    return f"{mixer}.{name}" if is_projection(module) else None
+
+
 def _find_final_norm(model: nn.Module, layers_path: str) -> str | None:
     """Structural first guess: the last norm registered beside the layer list (confirmed by ``probe_final_norm``)."""
     parent_path, _, layers_name = layers_path.rpartition(".")
@@ -248,7 +295,9 @@ def discover(model: nn.Module) -> Architecture:
     for layer in layers:
         attention = _find_attention(layer)
         mlp, mlp_in, mlp_out = _find_mlp(layer, attention)
-        parts.append(LayerParts(attention=attention, mlp=mlp, mlp_in=mlp_in, mlp_out=mlp_out))
+        mixer = _find_mixer(layer, attention, (mlp, mlp_in, mlp_out))
+        parts.append(LayerParts(attention=attention, mlp=mlp, mlp_in=mlp_in, mlp_out=mlp_out, mixer=mixer,
+                                mixer_projection=_mixer_projection(layer, mixer)))
     # recurrent-only stacks (Mamba, RWKV) have neither: the residual stream view still holds (validated at
     # load); attention and MLP accessors raise a clear error for them
     post = {}
@@ -280,6 +329,18 @@ def apply_logit_postprocessing(logits: torch.Tensor, post: dict[str, float]) -> 
     return logits
 
 
+def _envoy_path(path: str) -> str:
+    """``path`` as nnsight's envoys spell it: a module named after an attribute every envoy serves (GIT's unembedding
+    is a module named ``output``) is mounted as ``E_<name>`` (nnsight's ``Envoy.OVERLOAD_PREFIX``), so a rename
+    of the plain path would alias the envoy's ``.output`` itself."""
+    prefix = getattr(Envoy, "OVERLOAD_PREFIX", None)  # nnsight releases without it mount no such module at all
+    if prefix is None:
+        return path
+    parts = path.split(".")
+    reserved = [not p.startswith("_") and inspect.isdatadescriptor(getattr(Envoy, p, None)) for p in parts]
+    return ".".join(f"{prefix}{p}" if r else p for p, r in zip(parts, reserved))
+
+
 def get_rename_dict(
     model: nn.Module | None = None,
     rename_config: dict[str, str] | None = None,
@@ -307,6 +368,7 @@ def get_rename_dict(
             rename[first.attention] = "self_attn"
         if first.mlp and "." not in first.mlp and first.mlp != "mlp":
             rename[first.mlp] = "mlp"
+        rename = {_envoy_path(path): name for path, name in rename.items()}
     else:
         rename = {
             "transformer.h": "layers",
@@ -447,6 +509,8 @@ def probe_parallel(model: nn.Module, arch: Architecture) -> bool:
             return None
         if isinstance(output, torch.Tensor):
             return output + 1.0
+        if hasattr(output, "_fields"):  # a namedtuple (Reformer's LocalSelfAttentionOutput): fields by name
+            return output._replace(**{output._fields[0]: output[0] + 1.0})
         return type(output)([output[0] + 1.0, *output[1:]])
 
     def on_mlp(module, args, kwargs):
@@ -539,12 +603,15 @@ def probe_dataflow(model: nn.Module, arch: Architecture) -> None:
     after_last_layer = [False]
     last_layer_output: list[torch.Tensor] = []
 
-    def remember(key, out):
+    branch_inputs: dict[str, list[torch.Tensor]] = {}
+
+    def remember(key, args, kwargs, out):
         first = _first_tensor(out)
         if first is None:
             return
         outputs["branch:" + key] = first.clone()
         versions[key] = (first, first._version)
+        branch_inputs[key] = [t.clone() for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
 
     def on_projection(name, out):
         if isinstance(out, torch.Tensor):
@@ -569,7 +636,7 @@ def probe_dataflow(model: nn.Module, arch: Architecture) -> None:
             probe.pre_hook(m, lambda mod, a, name=name: norm_inputs.__setitem__(name, _first_tensor(a)))
         for key, path in watched.items():
             module = layer.get_submodule(path) if path else layer
-            probe.forward_hook(module, lambda mod, a, out, key=key: remember(key, out))
+            probe.forward_hook(module, lambda mod, a, kw, out, key=key: remember(key, a, kw, out), with_kwargs=True)
         for name, m in layer.named_modules():
             if name and is_projection(m):
                 probe.forward_hook(m, lambda mod, a, out, name=name: on_projection(name, out))
@@ -605,7 +672,12 @@ def probe_dataflow(model: nn.Module, arch: Architecture) -> None:
         last = _last_projection(layer, projection_calls, path)
         if key == "layer" or branch is None or last is None or last[1].shape != branch.shape or torch.allclose(branch, last[1]):
             continue
-        # the module's output is not its last projection's: it adds something (the residual) after it
+        # the module's output is its last projection's plus one of its own inputs: it adds the residual it was
+        # given (Bloom's dropout_add(x, residual)). Any other difference is the branch's own computation (a gate
+        # after the last projection, RWKV's sigmoid(r) * v; a shared expert added to the routed ones): no move.
+        added = branch - last[1]
+        if not any(t.shape == added.shape and torch.allclose(added, t, atol=1e-5) for t in branch_inputs.get(key, [])):
+            continue
         for p in arch.layers:
             if key == "attention" and p.attention == path:
                 p.attention_out = last[0]

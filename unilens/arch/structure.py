@@ -5,6 +5,7 @@
   read as a dense matrix (weight views and per-head results need one).
 - ``computes_softmax_attention``: an attention module with a probability matrix (not a linear / recurrent mixer).
 - ``find_output_projection``: the projection fed by the per-head outputs z inside an attention module.
+- ``kv_source_layer``: the layer whose keys and values a KV-sharing layer attends to.
 """
 
 from __future__ import annotations
@@ -166,3 +167,36 @@ def find_output_projection(attn_module: nn.Module) -> tuple[str, nn.Module]:
     return linears[-1]
 
 
+
+
+def kv_source_layer(attention_modules: list[nn.Module | None], layer: int) -> int | None:
+    """The layer whose keys and values layer ``layer``'s attention attends to, when it reuses another layer's (KV
+    sharing: Gemma 3n / Gemma 4's last layers, Kolibri 1.1's indexed layers); None when it computes its own.
+
+    Such a layer has no key / value projections: its keys and values (the ``attention_keys`` / ``attention_values``
+    hook points) are those the source layer stored, and its ``W_K`` / ``W_V`` are the source layer's. Read from the
+    modules: ``is_kv_shared_layer`` marks a reusing layer; the source is its ``kv_source_layer`` (Kolibri) or else the
+    last earlier layer of the same ``layer_type`` that stores its keys and values (``store_full_length_kv``, Gemma).
+    ``-1`` when a layer reuses keys and values but the source cannot be found.
+
+    Example:
+        >>> from types import SimpleNamespace as NS
+        >>> mods = [NS(is_kv_shared_layer=False, store_full_length_kv=True, layer_type="full"),
+        ...         NS(is_kv_shared_layer=True, layer_type="full")]
+        >>> kv_source_layer(mods, 0), kv_source_layer(mods, 1)
+        (None, 0)
+    """
+    module = attention_modules[layer]
+    if module is None or getattr(module, "is_kv_shared_layer", False) is not True:
+        return None
+    source = getattr(module, "kv_source_layer", None)
+    if isinstance(source, int) and not isinstance(source, bool) and source != layer:
+        return source
+    kind = getattr(module, "layer_type", None)
+    for j in range(layer - 1, -1, -1):
+        other = attention_modules[j]
+        if other is not None and getattr(other, "store_full_length_kv", False) is True and (
+            getattr(other, "layer_type", None) == kind
+        ):
+            return j
+    return -1

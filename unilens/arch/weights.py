@@ -9,7 +9,7 @@ from transformers.pytorch_utils import Conv1D
 from ..core.accessors import LayerIndexed
 from ..core.config import heads_attribute, text_config
 from .offload import is_dispatched, parameter
-from .structure import find_output_projection, is_projection, is_quantized
+from .structure import find_output_projection, is_projection, is_quantized, kv_source_layer
 
 __all__ = ["LayerWeights", "WeightViews", "layer_weights"]
 
@@ -75,10 +75,13 @@ class LayerWeights:
         torch.Size([4, 32, 8])
     """
 
-    def __init__(self, attn: nn.Module, config, layer: int | None = None):
+    def __init__(self, attn: nn.Module, config, layer: int | None = None, kv_source: int | None = None):
         self.attn = attn
         self.config = config
         self.layer = layer
+        # KV sharing (`structure.kv_source_layer`): the layer whose keys / values this one attends to; it has no
+        # key / value projections, so W_K / W_V / b_K / b_V refuse, naming that layer
+        self.kv_source = kv_source
         name = type(attn).__name__
         children = dict(attn.named_children())
         if all(m in children for m in _MLA_MARKERS):
@@ -150,29 +153,49 @@ class LayerWeights:
             idx = [arange[: h * d], arange[h * d : h * d + kv_rows], arange[h * d + kv_rows :]]
         return tuple(idx)
 
+    def _query_only(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W_Q, b_Q) of a KV-sharing layer, which owns a query projection only."""
+        proj = dict(self.attn.named_children()).get("q_proj")
+        if not isinstance(proj, (nn.Linear, Conv1D)):
+            raise NotImplementedError(f"layer {self.layer}: {type(self.attn).__name__} has no q_proj to view.")
+        w = _linear_weight_out_in(proj)
+        return _to_heads(w, _bias(proj, w.shape[0], w), self.head_dim)
+
+    def _kv(self, index: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.kv_source is not None:
+            source = "an earlier layer" if self.kv_source < 0 else f"layer {self.kv_source}"
+            where = "" if self.kv_source < 0 else f" (model.weights[{self.kv_source}].{name})"
+            raise NotImplementedError(
+                f"layer {self.layer}: {type(self.attn).__name__} has no key / value projections: it attends to the "
+                f"keys and values of {source} (KV sharing), so its {name} is that layer's{where}. "
+                f"attention_keys[{self.layer}] / attention_values[{self.layer}] are those keys / values as this "
+                "layer receives them."
+            )
+        return self._qkv[index]
+
     @property
     def W_Q(self) -> torch.Tensor:
-        return self._qkv[0][0]
+        return self._query_only()[0] if self.kv_source is not None else self._qkv[0][0]
 
     @property
     def W_K(self) -> torch.Tensor:
-        return self._qkv[1][0]
+        return self._kv(1, "W_K")[0]
 
     @property
     def W_V(self) -> torch.Tensor:
-        return self._qkv[2][0]
+        return self._kv(2, "W_V")[0]
 
     @property
     def b_Q(self) -> torch.Tensor:
-        return self._qkv[0][1]
+        return self._query_only()[1] if self.kv_source is not None else self._qkv[0][1]
 
     @property
     def b_K(self) -> torch.Tensor:
-        return self._qkv[1][1]
+        return self._kv(1, "b_K")[1]
 
     @property
     def b_V(self) -> torch.Tensor:
-        return self._qkv[2][1]
+        return self._kv(2, "b_V")[1]
 
     # --- output ------------------------------------------------------------------------------------
     @property
@@ -226,7 +249,7 @@ class WeightViews(LayerIndexed):
             )
         if i not in self._layers:
             is_dispatched(self.model.module_accessor.model)  # lets offloaded weights be found on ancestors' hooks
-            self._layers[i] = LayerWeights(modules[i], self._config(), i)
+            self._layers[i] = LayerWeights(modules[i], self._config(), i, kv_source=kv_source_layer(modules, i))
         return self._layers[i]
 
     @property

@@ -27,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from enum import Enum
@@ -91,6 +92,21 @@ IgnoreType = Literal["mlp", "attention"]
 
 class RenamingError(ArchitectureError):
     """A module map (discovered, or given by RenameConfig / rename=) does not give the standardized tensors."""
+
+
+class _NoSuchModule(RenamingError):
+    """A RenameConfig name that names no module of the model (nnterp ignores it: discovery's finding is kept)."""
+
+
+def _or_discovered(resolve: Any, kept: str) -> Any:
+    """``resolve()``, or None with a warning when the name it resolves names no module: as in nnterp, where such a
+    name is an unused entry of the rename dict, the module discovery found (``kept``) stays."""
+    try:
+        return resolve()
+    except _NoSuchModule as err:
+        warnings.warn(f"{err} Ignored, as nnterp ignores it: keeping {kept}, found by discovery.", UserWarning,
+                      stacklevel=4)
+        return None
 
 
 class AttnProbFunction(ABC):
@@ -375,7 +391,7 @@ def _resolve_in(root: nn.Module, candidates: list[str], what: str, field: str, e
         if ends:
             return min(ends, key=lambda p: (p.count("."), paths.index(p)))
     top = ", ".join(n for n, _ in root.named_children())
-    raise RenamingError(
+    raise _NoSuchModule(
         f"RenameConfig.{field}={candidates if len(candidates) > 1 else candidates[0]!r}: no module of "
         f"{type(root).__name__} has that name or path (its children: {top}). Name the {what} module by its path, "
         "e.g. print(model) to see the module tree."
@@ -404,11 +420,16 @@ def apply_rename_config(
     if after_probe:
         if cfg.ln_final_name is not None:
             layers = arch.layers_path
-            path = _resolve_in(hf_model, _names(cfg.ln_final_name), "final norm", "ln_final_name", exclude=layers)
-            arch.final_norm_path, arch.head_chain, arch.head_error = path, [path], None
+            path = _or_discovered(lambda: _resolve_in(hf_model, _names(cfg.ln_final_name), "final norm",
+                                                      "ln_final_name", exclude=layers), arch.final_norm_path)
+            if path is not None:
+                arch.final_norm_path, arch.head_chain, arch.head_error = path, [path], None
         return arch
+    path = None
     if cfg.layers_name is not None:
-        path = _resolve_in(hf_model, _names(cfg.layers_name), "decoder-layer list", "layers_name")
+        path = _or_discovered(lambda: _resolve_in(hf_model, _names(cfg.layers_name), "decoder-layer list",
+                                                  "layers_name"), arch.layers_path)
+    if path is not None:
         stack = hf_model.get_submodule(path)
         if not isinstance(stack, nn.ModuleList) or len(stack) == 0:
             raise RenamingError(
@@ -423,41 +444,46 @@ def apply_rename_config(
             parts.append(LayerParts(attention=attention, mlp=mlp, mlp_in=mlp_in, mlp_out=mlp_out))
         arch.layers = parts
     stack = hf_model.get_submodule(arch.layers_path)
+    named_attention = named_mlp = None
     if cfg.attn_name is not None:
-        found = _resolve_layer_parts(stack, _names(cfg.attn_name), "attention", "attn_name")
-        for parts, path in zip(arch.layers, found):
+        named_attention = _or_discovered(lambda: _resolve_layer_parts(stack, _names(cfg.attn_name), "attention",
+                                                                      "attn_name"), "the attention modules")
+        for parts, path in zip(arch.layers, named_attention or ()):
             parts.attention = parts.attention_out = path
     if cfg.mlp_name is not None:
-        found = _resolve_layer_parts(stack, _names(cfg.mlp_name), "MLP", "mlp_name")
-        for parts, path in zip(arch.layers, found):
+        named_mlp = _or_discovered(lambda: _resolve_layer_parts(stack, _names(cfg.mlp_name), "MLP", "mlp_name"),
+                                   "the MLPs")
+        for parts, path in zip(arch.layers, named_mlp or ()):
             parts.mlp = parts.mlp_in = parts.mlp_out = path
     if cfg.lm_head_name is not None:
-        arch.lm_head_path = _resolve_in(hf_model, _names(cfg.lm_head_name), "unembedding", "lm_head_name",
-                                        exclude=arch.layers_path)
+        arch.lm_head_path = _or_discovered(lambda: _resolve_in(
+            hf_model, _names(cfg.lm_head_name), "unembedding", "lm_head_name", exclude=arch.layers_path),
+            arch.lm_head_path) or arch.lm_head_path
     if cfg.ignore_attn:
         for parts in arch.layers:
             parts.attention = parts.attention_out = None
     if cfg.ignore_mlp:
         for parts in arch.layers:
             parts.mlp = parts.mlp_in = parts.mlp_out = None
-    _check_named_parts(stack, arch, cfg)
+    _check_named_parts(stack, arch, cfg, named_attention is not None, named_mlp is not None)
     return arch
 
 
-def _check_named_parts(stack: nn.ModuleList, arch: Architecture, cfg: RenameConfig) -> None:
+def _check_named_parts(stack: nn.ModuleList, arch: Architecture, cfg: RenameConfig, attention_named: bool,
+                       mlp_named: bool) -> None:
     """A named attention must compute softmax attention and own a projection; a named MLP must own a projection and
     be no norm (the load-time check compares the residual stream with HF's, not the branches, so this is checked
     here): a wrong name is a RenamingError, never a silently wrong tensor."""
     for i, parts in enumerate(arch.layers):
         layer = stack[i]
-        if cfg.attn_name is not None and parts.attention is not None:
+        if attention_named and parts.attention is not None:
             module = layer.get_submodule(parts.attention)
             if not (owns_projection(module) and computes_softmax_attention(module)):
                 raise RenamingError(
                     f"RenameConfig.attn_name: {parts.attention} ({type(module).__name__}) in layer {i} is not a softmax "
                     "attention module (it computes no attention probabilities from its own projections)."
                 )
-        if cfg.mlp_name is not None and parts.mlp is not None:
+        if mlp_named and parts.mlp is not None:
             module = layer.get_submodule(parts.mlp)
             inside_attention = parts.attention is not None and (
                 parts.attention == parts.mlp or parts.attention.startswith(parts.mlp + "."))
@@ -487,7 +513,7 @@ def _resolve_layer_parts(stack: nn.ModuleList, candidates: list[str], what: str,
         found.append(hit)
     if all(h is None for h in found):
         children = ", ".join(n for n, _ in stack[0].named_children())
-        raise RenamingError(
+        raise _NoSuchModule(
             f"RenameConfig.{field}={candidates if len(candidates) > 1 else candidates[0]!r}: no decoder layer has a "
             f"module of that name (layer 0's children: {children}). Name the {what} module inside a layer."
         )
@@ -504,7 +530,7 @@ def check_config_sizes(model: "StandardizedModel", rename_config: RenameConfig |
         >>> check_config_sizes(model, RenameConfig(hidden_size_config_key=3))
         Traceback (most recent call last):
         ...
-        unilens.rename_utils.RenamingError: RenameConfig.hidden_size_config_key=3 gives 3, but the model's weights have 64 (embedding / unembedding shape); fix the key or the value.
+        unilens.compat.nnterp.RenamingError: RenameConfig.hidden_size_config_key=3 gives 3, but the model's weights have 64 (embedding / unembedding shape); fix the key or the value.
     """
     if rename_config is None:
         return
@@ -861,7 +887,7 @@ def check_model_renaming(
         >>> check_model_renaming(model, "llama", ignores=[], allow_dispatch=True)
         Traceback (most recent call last):
         ...
-        unilens.rename_utils.RenamingError: llama: no attention module found; name it with RenameConfig(attn_name=...).
+        unilens.compat.nnterp.RenamingError: llama: no attention module found; name it with RenameConfig(attn_name=...).
     """
     arch = std_model.architecture
     if "attention" not in ignores and not arch.attention_layers:
@@ -884,3 +910,39 @@ def nnsight_aliases(rename_config: RenameConfig | None, aliases: dict[str, str] 
         for name in _names(rename_config.model_name):
             extra[name] = "model"
     return extra or None
+
+
+def nnterp_paths(model: nn.Module, arch: Architecture, rename: dict[str, Any]) -> dict[str, Any]:
+    """``rename`` plus the aliases that give nnterp's renamed tree: the backbone as ``model`` and, on it, the layer
+    stack as ``layers`` and the final norm as ``ln_final`` (nnterp's ``model.model.layers[i].self_attn``,
+    ``model.model.ln_final`` on any architecture, as its renaming gives). A name the module already has is left
+    alone; a backbone deeper than one level (OPT's ``model.decoder``) gets only the root aliases.
+
+    Example:
+        >>> from unilens.testing import tiny_model
+        >>> hf, _ = tiny_model("gpt2")
+        >>> arch = discover(hf)
+        >>> paths = nnterp_paths(hf, arch, {"transformer.h": "layers"})
+        >>> paths["transformer"], paths["transformer.h"], paths["transformer.ln_f"]
+        ('model', ['layers', 'transformer.layers'], 'transformer.ln_final')
+    """
+    out: dict[str, Any] = dict(rename)
+
+    def add(path: str, alias: str) -> None:  # one alias stays a string, several become nnsight's list form
+        current = out.get(path)
+        names = [] if current is None else [current] if isinstance(current, str) else list(current)
+        if alias not in names:
+            out[path] = alias if not names else names + [alias]
+
+    base, _, rest = arch.layers_path.partition(".")
+    if not rest or "." in rest:  # the stack at the root, or under a deeper backbone
+        return out
+    backbone = model.get_submodule(base)
+    if base != "model" and not hasattr(model, "model"):
+        add(base, "model")
+    if rest != "layers" and not hasattr(backbone, "layers"):
+        add(arch.layers_path, f"{base}.layers")
+    norm = arch.final_norm_path
+    if norm and norm.startswith(base + ".") and "." not in norm[len(base) + 1:] and not hasattr(backbone, "ln_final"):
+        add(norm, f"{base}.ln_final")
+    return out

@@ -14,6 +14,12 @@ class NnterpMethods:
     """nnterp's model helpers (mixed into ``StandardizedTransformer``)."""
 
     @property
+    def _model(self):
+        """The wrapped HF model: nnsight 0.7's name for it, which nnterp code reads (``model._model``); nnsight 0.8
+        calls it ``_module``."""
+        return self._module
+
+    @property
     def attn_probs_available(self) -> bool:
         return bool(self.architecture.attention_layers)
 

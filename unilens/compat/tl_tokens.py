@@ -20,7 +20,7 @@ import torch
 from ..core.config import context_length
 from ..core.protocol import StandardizedModel
 
-__all__ = ["to_single_token", "to_str_tokens", "to_string", "to_tokens"]
+__all__ = ["NO_DEFAULT_BOS", "default_prepend_bos", "to_single_token", "to_str_tokens", "to_string", "to_tokens"]
 
 
 def _tokenizer(model: "StandardizedModel"):
@@ -39,12 +39,38 @@ def _bos_id(model: "StandardizedModel") -> int:
     return int(bos)
 
 
+# Model types whose tokenizers do not start a text with a BOS token of their own: TL 4.3's bridge adapters set
+# ``cfg.default_prepend_bos = False`` for them (transformer_lens/model_bridge/supported_architectures/*.py), so
+# ``to_tokens`` / a forward on text adds no BOS unless asked (``prepend_bos=True``).
+NO_DEFAULT_BOS: frozenset[str] = frozenset({
+    "bloom", "ernie4_5", "ernie4_5_moe", "exaone", "exaone4", "glm", "glm4_moe", "glm4v", "granite", "llada",
+    "minimax_m2", "mpt", "gpt_neox", "phi", "phimoe", "qwen2", "qwen2_5_vl", "qwen3", "qwen3_moe", "qwen3_vl",
+    "recurrent_gemma", "seed_oss", "smollm3", "starcoder2",
+})
+
+
+def default_prepend_bos(model: "StandardizedModel") -> bool:
+    """Whether text gets a BOS token when ``prepend_bos`` is None: TL's bridge's default for the model type
+    (``NO_DEFAULT_BOS``: no), unless set for this model (``HookedTransformer.cfg.default_prepend_bos``).
+
+    Example:
+        >>> from unilens import StandardizedTransformer
+        >>> from unilens.testing import tiny_model
+        >>> default_prepend_bos(StandardizedTransformer(*tiny_model("llama"), check=False))
+        True
+    """
+    chosen = model.__dict__.get("_tl_default_prepend_bos")
+    if chosen is not None:
+        return bool(chosen)
+    return model.architecture.model_type not in NO_DEFAULT_BOS
+
+
 def _encode(model, texts: list[str], prepend_bos: bool | None, padding_side: str | None, truncate: bool
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """TL's tokenization: the text's own tokens (no special tokens), BOS prepended by hand when asked, padded on
     ``padding_side`` (TL's default: right). Returns ids and attention mask ``(batch, pos)``."""
     tok = _tokenizer(model)
-    prepend = True if prepend_bos is None else bool(prepend_bos)
+    prepend = default_prepend_bos(model) if prepend_bos is None else bool(prepend_bos)
     side = padding_side or "right"
     if side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}.")
@@ -69,7 +95,8 @@ def _encode(model, texts: list[str], prepend_bos: bool | None, padding_side: str
 def to_tokens(model: "StandardizedModel", input: str | list[str], prepend_bos: bool | None = None,
               padding_side: str | None = None, move_to_device: bool = True, truncate: bool = True) -> torch.Tensor:
     """Text -> token ids ``(batch, pos)``, as TL's ``to_tokens``: BOS prepended by default (``prepend_bos=None``
-    means True), the text's own tokens without the tokenizer's special tokens, right padding by default.
+    means ``default_prepend_bos(model)``: True except for the model types TL's bridge starts without one), the
+    text's own tokens without the tokenizer's special tokens, right padding by default.
 
     Example:
         >>> from unilens import StandardizedTransformer

@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
+    "CHUNK_KEYS",
     "CONTEXT_KEYS",
     "HEAD_DIM_KEYS",
     "HIDDEN_SIZE_KEYS",
@@ -47,6 +48,9 @@ HIDDEN_SIZE_KEYS: tuple[str, ...] = ("hidden_size", "d_model", "n_embd")
 VOCAB_SIZE_KEYS: tuple[str, ...] = ("vocab_size", "n_vocab")
 # the number of positions a model was built for
 CONTEXT_KEYS: tuple[str, ...] = ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len", "seq_length")
+# the longest input a model runs in one piece: longer ones go through every layer once per chunk (xLSTM's inference
+# mode, when hidden states are not requested), so a layer's .output would hold only the first chunk
+CHUNK_KEYS: tuple[str, ...] = ("max_inference_chunksize",)
 # a norm's epsilon, on the norm module or in the config (``unilens.hooks.points`` tries each value found)
 NORM_EPS_KEYS: tuple[str, ...] = ("eps", "variance_epsilon", "epsilon", "rms_norm_eps", "layer_norm_eps",
                                   "layer_norm_epsilon", "norm_eps")

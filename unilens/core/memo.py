@@ -43,6 +43,11 @@ def memoize(fn: Callable[[Any], T]) -> Callable[[Any], T]:
             return value
 
     memoized.cache = cache  # type: ignore[attr-defined]
+    # Remote mode ships this wrapper by its own source (nnsight compiles the `def` named like the function, with its
+    # globals; `fn` travels as its closure, by its own source): so no `__wrapped__` (inspect would follow it to
+    # `fn`'s source, run with this module's globals) and the wrapper's own name (the `def` nnsight looks up).
+    del memoized.__wrapped__
+    memoized.__name__, memoized.__qualname__ = "memoized", "memoize.<locals>.memoized"
     return memoized
 
 

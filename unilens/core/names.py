@@ -35,6 +35,7 @@ MODULE = "module"  # a module's input or output (``site``: (part, "input" | "out
 ATTENTION = "attention"  # an identity module inside ``unilens_hooks`` of an attention (``site``: its child name)
 POINT = "point"  # a TransformerLens-style hook point (``site``: (role of the host module, point name))
 DERIVED = "derived"  # computed from other tensors by the accessor (``site``: the source name)
+ROUTING = "routing"  # a hook point inside a sparse MoE block's ``unilens_routing`` (``site``: its child name)
 
 # Layouts in the activation store (unilens.scale.store): rows are tokens.
 TOKEN = "token"  # (batch, seq, ...) -> one row per real token
@@ -58,6 +59,14 @@ NO_HOOK_POINTS = (
     "pre-rotary q/k, per-head inputs, MLP neurons, norms); the server's plain model has none"
 )
 # Why the activation store refuses a name.
+NO_ROUTING_HOOKS = (
+    "the router logits, selected experts and per-expert outputs are hook points unilens installs inside each sparse "
+    "MoE block of the locally loaded model (unilens.hooks.routing); the server's plain model has none"
+)
+NOT_STORED_INDICES = (
+    "it holds integer expert ids and the store keeps floating-point rows; cache router_logits and expert_weights, "
+    "or read expert_indices with model.read"
+)
 NOT_STORED_POINT = (
     "TransformerLens-style hook points are computed by hooks a trace installs, not stored yet; cache the module "
     "tensor it derives from (layers_input, attentions_input, mlps_input, attention_queries / keys) and apply the "
@@ -94,33 +103,47 @@ def _entries() -> list[Name]:
     n = Name
     return [
         # --- per layer, in the nominal order of a pre-norm block (the real order is recorded per model) ---
-        n("layers_input", layer, MODULE, ("layer", "input"), "(batch, seq, hidden)", tl=(("hook_resid_pre", SAME),)),
+        n("layers_input", layer, MODULE, ("layer", "input"), "(batch, seq, hidden)",
+          tl=(("hook_resid_pre", SAME), ("hook_in", SAME))),  # TL 4.3's bridge: the block's hook_in too
         n("attentions_input", layer, MODULE, ("attention", "input"), "(batch, seq, hidden)",
           tl=(("attn.hook_in", SAME),)),
         n("attention_queries", layer, ATTENTION, "queries", "(batch, heads, seq, head_dim)", HEADS_FIRST,
-          remote=NO_ATTENTION_HOOKS, tl=(("attn.hook_rot_q", TL_HEADS_FIRST),)),
+          tl=(("attn.hook_rot_q", TL_HEADS_FIRST),)),
         n("attention_keys", layer, ATTENTION, "keys", "(batch, kv_heads, seq, head_dim)", HEADS_FIRST,
-          remote=NO_ATTENTION_HOOKS, tl=(("attn.hook_rot_k", TL_HEADS_FIRST),)),
+          tl=(("attn.hook_rot_k", TL_HEADS_FIRST),)),
         n("attention_values", layer, ATTENTION, "values", "(batch, kv_heads, seq, head_dim)", HEADS_FIRST,
-          remote=NO_ATTENTION_HOOKS, tl=(("attn.hook_v", TL_HEADS_FIRST),)),
+          tl=(("attn.hook_v", TL_HEADS_FIRST),)),
         n("attention_scores", layer, ATTENTION, "scores", "(batch, heads, query, key)", None,
           "pre-softmax scores hold the model's masking constant at masked keys, which does not survive padding to "
           "a common key length; cache attention_probabilities instead",
-          remote=NO_ATTENTION_HOOKS, tl=(("attn.hook_attn_scores", SAME),)),
+          tl=(("attn.hook_attn_scores", SAME),)),
         n("attention_probabilities", layer, ATTENTION, "probabilities", "(batch, heads, query, key)", PROBS,
-          remote=NO_ATTENTION_HOOKS, tl=(("attn.hook_pattern", SAME),)),
-        n("attention_heads", layer, ATTENTION, "heads", "(batch, seq, heads, head_dim)", remote=NO_ATTENTION_HOOKS,
+          tl=(("attn.hook_pattern", SAME),)),
+        n("attention_heads", layer, ATTENTION, "heads", "(batch, seq, heads, head_dim)",
           tl=(("attn.hook_z", SAME),)),
         n("attention_head_results", layer, ATTENTION, "head_results", "(batch, seq, heads, hidden)",
-          remote=NO_ATTENTION_HOOKS, tl=(("attn.hook_result", SAME),)),
+          tl=(("attn.hook_result", SAME),)),
         n("attentions_output", layer, MODULE, ("attention_out", "output"), "(batch, seq, hidden)",
           tl=(("hook_attn_out", SAME), ("attn.hook_out", SAME))),
+        # the token mixer: the attention, or the SSM / recurrent / linear-attention block of a layer without one
+        n("mixers_input", layer, MODULE, ("mixer", "input"), "(batch, seq, hidden)"),
+        n("mixers_projection_input", layer, MODULE, ("mixer_projection", "input"), "(batch, seq, mixer_width)"),
+        n("mixers_output", layer, MODULE, ("mixer_out", "output"), "(batch, seq, hidden)"),
         n("mlps_input", layer, MODULE, ("mlp_in", "input"), "(batch, seq, hidden)",
           tl=(("hook_mlp_in", PRE_NORM), ("mlp.hook_in", SAME))),
         n("mlps_output", layer, MODULE, ("mlp_out", "output"), "(batch, seq, hidden)",
           tl=(("hook_mlp_out", SAME), ("mlp.hook_out", SAME))),
         n("layers_output", layer, MODULE, ("layer", "output"), "(batch, seq, hidden)",
-          tl=(("hook_resid_post", SAME),)),
+          tl=(("hook_resid_post", SAME), ("hook_out", SAME))),
+        # --- per layer, sparse mixture-of-experts routing (unilens.hooks.routing; refused on dense layers) ---
+        n("router_logits", layer, ROUTING, "router_logits", "(batch, seq, experts)", remote=NO_ROUTING_HOOKS),
+        n("expert_indices", layer, ROUTING, "expert_indices", "(batch, seq, k)", None, NOT_STORED_INDICES,
+          NO_ROUTING_HOOKS),
+        n("expert_weights", layer, ROUTING, "expert_weights", "(batch, seq, k)", remote=NO_ROUTING_HOOKS),
+        n("expert_outputs", layer, ROUTING, "expert_outputs", "(batch, seq, experts, hidden)",
+          remote=NO_ROUTING_HOOKS),
+        n("shared_expert_output", layer, ROUTING, "shared_expert_output", "(batch, seq, hidden)",
+          remote=NO_ROUTING_HOOKS),
         # --- per layer, TransformerLens-style hook points (unilens.hooks.points) ---
         *(n(name, layer, POINT, site, shape, None, NOT_STORED_POINT, NO_HOOK_POINTS, tl) for name, site, shape, tl in (
             ("attention_queries_pre_rotary", ("attention", "q"), "(batch, heads, seq, head_dim)",
@@ -167,8 +190,8 @@ MODEL_NAMES: tuple[str, ...] = tuple(n for n, e in CATALOGUE.items() if not e.pe
 
 
 def names_of_kind(kind: str, per_layer: bool | None = None) -> tuple[str, ...]:
-    """The names of one kind (``"module"``, ``"attention"``, ``"point"``, ``"derived"``), optionally per layer only
-    (True) or whole-model only (False).
+    """The names of one kind (``"module"``, ``"attention"``, ``"point"``, ``"routing"``, ``"derived"``), optionally
+    per layer only (True) or whole-model only (False).
 
     Example:
         >>> names_of_kind("point", per_layer=False)
@@ -200,17 +223,20 @@ def hook_point_sites(per_layer: bool = True) -> dict[str, tuple[str, str]]:
 def remote_refusal(name: str) -> str | None:
     """Why remote mode refuses the standardized name ``name`` (the message it raises), or None where it serves it.
 
-    ``unilens_hooks`` (the attention hook modules themselves) is refused like the attention names.
+    The attention names are served remotely from the deployment's own attention call (``unilens.model.remote``);
+    ``unilens_hooks`` (the local attention hook modules themselves) is refused.
 
     Example:
-        >>> remote_refusal("layers_output") is None, remote_refusal("attention_scores").split(":")[0]
-        (True, 'attention_scores is refused in remote mode')
+        >>> remote_refusal("layers_output") is None, remote_refusal("attention_scores") is None
+        (True, True)
+        >>> remote_refusal("unilens_hooks").split(":")[0]
+        'unilens_hooks is refused in remote mode'
     """
     reason = NO_ATTENTION_HOOKS if name == "unilens_hooks" else getattr(CATALOGUE.get(name), "remote", None)
     if reason is None:
         return None
     fix = ""
     if reason == NO_ATTENTION_HOOKS:
-        fix = (" Read attention on a local model, or through nnsight's `.source` of the attention code on a "
-               "deployment that runs eager attention (there the attention function returns the probabilities).")
+        fix = (" Read attention through model.attention_probabilities[i] (and the other attention_* names): "
+               "remote mode serves them from the deployment's own attention call.")
     return f"{name} is refused in remote mode: {reason}.{fix}"

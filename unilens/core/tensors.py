@@ -34,9 +34,22 @@ def rows_position(mask: Any, position: int) -> torch.Tensor | None:
         >>> rows_position(torch.tensor([[1, 1, 0], [1, 1, 1]]), -1).tolist()
         [1, 2]
     """
-    if position >= 0 or not isinstance(mask, torch.Tensor) or mask.dim() != 2 or bool(mask[:, -1].all()):
+    if position >= 0 or not has_data(mask) or mask.dim() != 2 or bool(mask[:, -1].all()):
         return None
     return (last_real_positions(mask) + 1 + position).clamp(min=0)
+
+
+def has_data(value: Any) -> bool:
+    """Whether ``value`` is a tensor with values to read: False for meta tensors and for the fake tensors of
+    ``model.scan`` (shapes only), where a check that reads values (``int(ids.max())``, ``bool(mask.all())``) would
+    raise torch's ``GuardOnDataDependentSymNode``.
+
+    Example:
+        >>> has_data(torch.ones(2)), has_data(torch.ones(2, device="meta"))
+        (True, False)
+    """
+    return (isinstance(value, torch.Tensor) and value.device.type != "meta"
+            and getattr(value, "fake_mode", None) is None)
 
 
 class NonFiniteValueError(ValueError):
@@ -60,7 +73,7 @@ def check_finite(what: str, value: torch.Tensor, allow_nonfinite: bool = False) 
         return
     if not (value.is_floating_point() or value.is_complex()):
         return
-    if value.device.type == "meta" or getattr(value, "fake_mode", None) is not None:  # no data (scan, meta)
+    if not has_data(value):  # no values to check (scan, meta)
         return
     finite = torch.isfinite(value)
     if bool(finite.all()):

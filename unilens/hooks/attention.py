@@ -20,6 +20,7 @@ from ..arch.structure import (
     find_output_projection,
     is_projection,
     is_quantized,
+    kv_source_layer,
     uses_attention_interface,
 )
 from ..core.accessors import LayerIndexed
@@ -36,8 +37,10 @@ __all__ = [
     "AttentionSetup",
     "HookPoint",
     "UnknownAttentionKeyword",
+    "UnknownForwardKeyword",
     "install_attention_hooks",
     "original_attention",
+    "recompute_attention",
     "request_materialize",
     "unilens_attention_forward",
 ]
@@ -95,8 +98,46 @@ class UnknownAttentionKeyword(TypeError):
     """A model passed the attention function a keyword unilens does not know how to apply."""
 
 
+class UnknownForwardKeyword(UnknownAttentionKeyword):
+    """The caller passed the model's forward a keyword it does not take (transformers hands such keywords on, through
+    ``**kwargs``, down to the attention function, where unilens would otherwise blame the architecture). A subclass
+    of ``UnknownAttentionKeyword``: code catching that still catches it."""
+
+
+# TransformerLens's forward keywords (a likely mix-up, named in the error).
+_TL_FORWARD_KEYWORDS = ("return_type", "loss_per_token", "prepend_bos", "padding_side", "start_at_layer",
+                        "stop_at_layer", "past_kv_cache", "tokens")
+# The keywords the caller gave the model's top-level forward, for the thread running it (set by a pre-hook on the HF
+# model, cleared after it): an unknown keyword the attention receives that the caller gave is the caller's mistake.
+_caller = threading.local()
+
+
+def _remember_caller_keywords(hf_model: nn.Module) -> None:
+    params = inspect.signature(hf_model.forward).parameters.values()
+    named = {p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+
+    def pre(module, args, kwargs):  # only what goes to **kwargs: a named argument the model passes on is its own
+        _caller.keywords = (type(module).__name__, frozenset(k for k in kwargs if k not in named))
+
+    def post(module, args, output):
+        _caller.keywords = None
+
+    hf_model.register_forward_pre_hook(pre, with_kwargs=True)
+    hf_model.register_forward_hook(post, always_call=True)
+
+
 def _check_keywords(module: nn.Module, kwargs: dict[str, Any]) -> None:
     unknown = [k for k, v in kwargs.items() if v is not None and k not in ATTENTION_KEYWORDS]
+    model_name, given = getattr(_caller, "keywords", None) or ("the model", frozenset())
+    from_caller = [k for k in unknown if k in given]
+    if from_caller:
+        tl = [k for k in from_caller if k in _TL_FORWARD_KEYWORDS]
+        raise UnknownForwardKeyword(
+            f"unilens: {', '.join(f'{k}=' for k in from_caller)} is not an argument of {model_name}.forward (it "
+            f"reached {type(module).__name__}'s attention function through **kwargs, unused): remove it from the call"
+            + (f" ({', '.join(f'{k}=' for k in tl)}: TransformerLens's, taken by run_with_hooks / run_with_cache)."
+               if tl else ".")
+        )
     if unknown:
         raise UnknownAttentionKeyword(
             f"unilens: {type(module).__name__} passed {', '.join(f'{k}=' for k in unknown)} to the attention "
@@ -451,6 +492,49 @@ def unilens_attention_forward(
     return hooks.original_function(module, query, key, value, attention_mask, *args, **kwargs)
 
 
+class _Recorder:
+    """Stands in for ``AttentionHooks`` in ``recompute_attention``: every intermediate is kept, none replaced."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, torch.Tensor] = {}
+
+    def point(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        self.values[name] = x
+        return x
+
+
+def recompute_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    *args: Any,
+    **kwargs: Any,
+) -> dict[str, torch.Tensor]:
+    """The intermediates of one attention-function call, recomputed by the hookable eager path from the call's own
+    arguments (the mask the model built for its backend, eager float or sdpa boolean / None, and its keywords:
+    scaling, softcap, sinks, sliding window in the mask, GQA by repeating kv heads): ``queries``, ``keys``,
+    ``values``, ``scores`` ``(batch, heads, query, key)`` (after scale / softcap / mask) and ``probabilities``.
+    Remote mode runs it on the server, on the arguments of the deployment's attention call.
+
+    Example:
+        >>> class M(nn.Module): is_causal = True
+        >>> q = k = v = torch.randn(1, 2, 3, 4)
+        >>> got = recompute_attention(M(), q, k, v, None, scaling=0.5)
+        >>> got["probabilities"].shape, bool(got["probabilities"][0, 0, 0, 1] == 0)  # causal: no look-ahead
+        (torch.Size([1, 2, 3, 3]), True)
+    """
+    if args:
+        raise TypeError(f"{type(module).__name__} passed positional arguments {args!r} after attention_mask to its "
+                        "attention function; unilens recomputes attention from keyword arguments (scaling=, ...).")
+    _check_keywords(module, kwargs)
+    attention_mask, kwargs = _apply_selection(module, query, key, attention_mask, kwargs)
+    recorder = _Recorder()
+    _hookable_eager(module, recorder, query, key, value, attention_mask, **kwargs)  # type: ignore[arg-type]
+    return recorder.values
+
+
 def unilens_mask(*args: Any, config=None, **kwargs: Any):
     """Mask for the `"unilens"` implementation: the mask the ORIGINAL backend would get (sdpa or eager)."""
     original = getattr(config, "_unilens_original_attn_implementation", "sdpa")
@@ -692,7 +776,9 @@ def install_attention_hooks(
             f"attn_implementation={original!r}. Load it with attn_implementation='sdpa' (or 'eager')."
         )
     present = [m for m in attention_modules if m is not None]
-    if original == "sdpa" and any(type(m).__name__ in _INLINE_SDPA_BRANCH_CLASSES for m in present):
+    # (transformers >= 5.25 routes Falcon through the attention interface: no inline branch left, nothing to switch)
+    if original == "sdpa" and any(type(m).__name__ in _INLINE_SDPA_BRANCH_CLASSES and not uses_attention_interface(m)
+                                  for m in present):
         _force_eager(hf_model)
         original, switched = "eager", True
         notes.append("inline sdpa branch bypasses softmax: switched the model to eager")
@@ -731,6 +817,7 @@ def install_attention_hooks(
             if getattr(cfg, "_attn_implementation", None) in (original, None):
                 cfg._unilens_original_attn_implementation = original
         hf_model.set_attn_implementation(IMPLEMENTATION_NAME)
+    _remember_caller_keywords(hf_model)
     return AttentionSetup(original, routes, archs, projections, switched, notes)
 
 
@@ -962,3 +1049,7 @@ class AttentionHookAccessor(LayerIndexed):
                 f"  from the softmax call (torch.nn.functional.softmax / torch.softmax / Tensor.softmax) made inside "
                 f"{hooks.architecture}.forward, routed through the hook while that forward runs"
             )
+        source = kv_source_layer(modules, i) if self.hook_name in ("keys", "values") else None
+        if source is not None:  # KV sharing (Gemma 3n / 4, Kolibri 1.1): this layer has no k / v projections
+            print(f"  layer {i} computes no {self.hook_name}: these are the {self.hook_name} of "
+                  f"{'an earlier layer' if source < 0 else f'layer {source}'} (KV sharing), as layer {i} receives them")

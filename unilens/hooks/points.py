@@ -111,6 +111,11 @@ class PointGroup(nn.Module):
         object.__setattr__(self, "handles", [])
         object.__setattr__(self, "state", {})
 
+    def forward(self, x: Any) -> Any:
+        """The identity: a host that runs all its children in order (an ``nn.Sequential`` MLP, as CTRL's ``ffn``)
+        calls this group last, on its output, which must pass through unchanged."""
+        return x
+
     def run(self, name: str, value: torch.Tensor) -> tuple[torch.Tensor, bool]:
         """``value`` through HookPoint ``name`` if requested: (result, whether it was edited, in place or replaced)."""
         if name not in self.requested:
@@ -716,6 +721,45 @@ def _no_op_hook(module: nn.Module, args: Any, output: Any) -> None:
     return None
 
 
+def _residual_factor(x: torch.Tensor, o: torch.Tensor, y: torch.Tensor) -> float | None:
+    """The factor ``c`` with ``y == x + c * o`` (the layer output ``y`` as the MLP branch's input ``x`` plus ``c`` times
+    the branch's output ``o``: 1 on most models, Granite's ``residual_multiplier``), or None when ``y`` is not that.
+
+    The test is elementwise, against the rounding of the residual add itself, never against a difference: on real
+    weights the residual carries a few huge coordinates (SmolLM2: |x| ~ 2.5e4 from layer 12 on, the MLP output ~ 10),
+    so ``y - x`` loses ~ eps * |x| to cancellation, far more than a tolerance scaled by ``o`` allows. One add in the
+    model's dtype, ``fl(x + fl(c * o))``, is off ``x + c * o`` by at most eps * (|x| + |c * o|) per element (two
+    roundings of at most eps / 2 each); twice that is allowed. A norm after the residual add (post-norm blocks),
+    or any other transform of the sum, is off by the size of the sum itself and fails.
+
+    ``c`` is 1 when that fits; else fitted by least squares with each element weighted by 1 / (|x| + |o|)**2 (its
+    rounding's scale), and the fit's own error bound (from the same per-element bound) is added to the tolerance.
+
+    Example:
+        >>> x, o = torch.tensor([[2.5e4, 1.0, -3.0]]), torch.tensor([[0.3, -7.0, 2.0]])
+        >>> _residual_factor(x, o, x + o), round(_residual_factor(x, o, x + 0.25 * o), 6)
+        (1.0, 0.25)
+        >>> _residual_factor(x, o, (x + o) / 2) is None  # not a residual add: a transform of the sum
+        True
+    """
+    if not (x.is_floating_point() and o.is_floating_point() and y.is_floating_point()):
+        return None
+    eps = torch.finfo(y.dtype).eps
+    x, o, y = (t.reshape(y.shape).double() for t in (x, o, y))
+    if bool(((y - x - o).abs() <= 2 * eps * (x.abs() + o.abs())).all()):
+        return 1.0
+    s = x.abs() + o.abs()  # each element's rounding scale
+    t = torch.where(s > 0, o / s.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(s))
+    denom = float((t * t).sum())
+    if denom == 0.0:
+        return None
+    c = float(((y - x) / s.clamp_min(torch.finfo(torch.float64).tiny) * t).sum()) / denom
+    # |c - c_true| <= sum(|rounding_i| * |t_i| / s_i) / sum(t_i**2) <= eps * max(1, |c|) * sum(|t|) / sum(t**2)
+    c_err = eps * max(1.0, abs(c)) * float(t.abs().sum()) / denom
+    tol = 2 * eps * (x.abs() + abs(c) * o.abs()) + 2 * c_err * o.abs()
+    return c if bool(((y - x - c * o).abs() <= tol).all()) else None
+
+
 def _resid_plan(layer: _LayerView, arch: Any, found_mlp: tuple[str, nn.Module] | None) -> ResidPlan | str:
     if arch.parallel:
         return ("parallel block: the attention and the MLP both read the layer input, so no residual exists between "
@@ -739,19 +783,14 @@ def _resid_plan(layer: _LayerView, arch: Any, found_mlp: tuple[str, nn.Module] |
     if x.numel() != y.numel():
         return "the MLP branch's input and the layer's output differ in size"
     exact = y.dtype in (torch.float32, torch.float64)
-    r = (y - x.reshape(y.shape)).float()  # OPT runs the MLP on flattened tokens (batch * seq, hidden)
     for module in candidates:
         o = calls["outputs"].get(id(module))
         if not isinstance(o, torch.Tensor) or o.numel() != y.numel():
             continue
-        o = o.reshape(y.shape).float()
-        denom = float((o * o).sum())
-        if denom == 0.0:
-            continue
-        factor = float((r * o).sum()) / denom
-        if _same(factor * o, r, exact):
+        factor = _residual_factor(x, o, y)  # OPT runs the MLP on flattened tokens (batch * seq, hidden): reshaped
+        if factor is not None:
             return ResidPlan(layer_module, site, module, factor)
-        if module is mlp_last and _same(o, y, exact):  # the MLP adds the residual itself (Bloom)
+        if module is mlp_last and _same(o.reshape(y.shape), y, exact):  # the MLP adds the residual itself (Bloom)
             return ResidPlan(layer_module, site, module, 0.0)
     return ("the layer output is not the MLP branch's input plus the MLP branch (e.g. a norm after the residual add), "
             "so no editable residual between the branches is known")
@@ -942,16 +981,22 @@ class HookPointAccessor(LayerIndexed):
         (True, 0.0)
     """
 
+    # where the installing setup lives on the model, the refusal it raises, and what it installs (for the message):
+    # unilens.hooks.routing's accessor is this one over the routing setup
+    setup_attribute: str = "_hook_point_setup"
+    unsupported: type[UnsupportedHookPoint] = UnsupportedHookPoint
+    installs: str = "hook points"
+
     def __init__(self, model: Any, point: str):
         super().__init__(model, point)
         self.point = point
 
     def _envoy(self, i: int | None):
-        setup: HookPointSetup | None = self.model.__dict__.get("_hook_point_setup")
+        setup = self.model.__dict__.get(self.setup_attribute)
         if setup is None:
             model_type = getattr(getattr(self.model, "architecture", None), "model_type", "remote")
-            raise UnsupportedHookPoint(self.point, model_type, "hook points are installed on a locally loaded model "
-                                       "only (remote mode has none)")
+            raise self.unsupported(self.point, model_type, f"{self.installs} are installed on a locally loaded model "
+                                   "only (remote mode has none)")
         path = setup.check(self.point, i)
         interleaver = getattr(self.model, "interleaver", None)
         if interleaver is not None and not interleaver.interleaving:

@@ -16,7 +16,9 @@ from ..core.names import (
     CATALOGUE,
     LAYER_NAMES,
     MODEL_NAMES,
+    MODULE,
     POINT,
+    ROUTING,
     RemoteUnsupportedError,
     names_of_kind,
     remote_refusal,
@@ -35,9 +37,13 @@ LAYER_ACCESSORS: tuple[str, ...] = LAYER_NAMES
 MODEL_ACCESSORS: tuple[str, ...] = MODEL_NAMES
 # the LAYER_ACCESSORS that unilens.hooks.points serves (refused per layer with a reason)
 _POINT_NAMES = frozenset(names_of_kind(POINT, per_layer=True))
+# the LAYER_ACCESSORS that unilens.hooks.routing serves (sparse MoE layers only; refused elsewhere with a reason)
+_ROUTING_NAMES = frozenset(names_of_kind(ROUTING, per_layer=True))
 
 # (accessor, layer or None)
 Location = tuple[str, "int | None"]
+# whole-model tensors computed by the unembedding: a read that asks for one runs the forward to its end
+_RUNS_TO_THE_END = ("logits", "next_token_probs")
 
 
 def _label(loc: Location) -> str:
@@ -50,14 +56,10 @@ def _layer_sites(model: "StandardizedModel", i: int) -> dict[str, tuple[str, str
     base = f"{arch.layers_path}.{i}"
     parts = arch.layers[i]
     sub = lambda path, io: (f"{base}.{path}", io) if path is not None else None  # noqa: E731
-    sites: dict[str, tuple[str, str] | None] = {
-        "layers_input": (base, "input"),
-        "layers_output": (base, "output"),
-        "attentions_input": sub(parts.attention, "input"),
-        "attentions_output": sub(parts.attention_out, "output"),
-        "mlps_input": sub(parts.mlp_in, "input"),
-        "mlps_output": sub(parts.mlp_out, "output"),
-    }
+    sites: dict[str, tuple[str, str] | None] = {}
+    for name in names_of_kind(MODULE, per_layer=True):  # site: (role of the module in LayerParts, "input"/"output")
+        role, io = CATALOGUE[name].site
+        sites[name] = (base, io) if role == "layer" else sub(getattr(parts, role), io)
     has = parts.attention is not None and model._attention_modules[i] is not None
     for name in names_of_kind(ATTENTION):
         site = CATALOGUE[name].site
@@ -66,6 +68,10 @@ def _layer_sites(model: "StandardizedModel", i: int) -> dict[str, tuple[str, str
     for point in _POINT_NAMES:
         path = setup.path(point, i) if setup is not None else None
         sites[point] = (path, "output") if path is not None else None
+    routing = model.__dict__.get("_routing_setup")  # unilens.hooks.routing: None where refused (or not installed)
+    for name in _ROUTING_NAMES:
+        path = routing.path(name, i) if routing is not None else None
+        sites[name] = (path, "output") if path is not None else None
     return sites
 
 
@@ -130,6 +136,7 @@ def forward_order(model: "StandardizedModel") -> dict[Location, int]:
             if where is not None and accessor != "attention_head_results":
                 site(where[0], where[1], (accessor, i))
     points = [p for p in HOOK_NAMES if p != "head_results"]
+    routing = model.__dict__.get("_routing_setup")
     try:
         with Probe(hf) as probe:
             # head results are computed in a forward hook of the output projection, after nnsight has seen its output
@@ -140,6 +147,8 @@ def forward_order(model: "StandardizedModel") -> dict[Location, int]:
                     probe.forward_hook(module.get_submodule(name), record(("_projection_output", i)), prepend=True)
             if setup is not None:
                 setup.request_all()
+            if routing is not None:
+                routing.request_all()
             # nnsight hands a module's input and output to the trace from the module's `forward` (its controller sits
             # in the module's __dict__): AFTER every torch forward pre-hook (a hook point served from a pre-hook of that
             # module, e.g. layers_resid_mid from the MLP's pre-hook on OLMo 2, comes first) and BEFORE every forward
@@ -157,6 +166,8 @@ def forward_order(model: "StandardizedModel") -> dict[Location, int]:
                 module.unilens_hooks.clear_requests()
         if setup is not None:
             setup.clear()
+        if routing is not None:
+            routing.clear()
     order: dict[Location, int] = {}
     for rank, loc in enumerate(events):
         if loc[0] == "_projection_output":
@@ -193,6 +204,11 @@ def parse_names(model: "StandardizedModel", names: str | Sequence[str]) -> list[
             refused = remote_refusal(accessor)
             if refused is not None:  # the server's plain model cannot give it: say so, not "no such layer"
                 raise RemoteUnsupportedError(refused)
+            if accessor in names_of_kind(ATTENTION):  # served in a trace, from the deployment's attention call
+                raise RemoteUnsupportedError(
+                    f"{accessor} is read remotely inside a trace (`with model.trace(...)`: model.{accessor}[i]."
+                    "save()), not by name through model.read / cache_activations yet, whose forward order comes "
+                    "from the local hook points.")
         setup = model.__dict__.get("_hook_point_setup")
         if accessor in MODEL_ACCESSORS and not index:
             if setup is not None and accessor.startswith("final_norm_"):
@@ -209,6 +225,9 @@ def parse_names(model: "StandardizedModel", names: str | Sequence[str]) -> list[
         available = availability[accessor]
         if not available and setup is not None and accessor in _POINT_NAMES and n:
             setup.check(accessor, 0)  # refused on every layer: UnsupportedHookPoint says why
+        routing = model.__dict__.get("_routing_setup")
+        if not available and routing is not None and accessor in _ROUTING_NAMES and n:
+            routing.check(accessor, 0)  # no sparse MoE layer serves it: UnsupportedRouting says why
         if index == "*":
             out.extend((accessor, i) for i in available)
             continue
@@ -222,6 +241,8 @@ def parse_names(model: "StandardizedModel", names: str | Sequence[str]) -> list[
         layer %= n
         if layer not in available and setup is not None and accessor in _POINT_NAMES:
             setup.check(accessor, layer)  # UnsupportedHookPoint: why this layer lacks the point
+        if layer not in available and routing is not None and accessor in _ROUTING_NAMES:
+            routing.check(accessor, layer)  # UnsupportedRouting: e.g. a dense layer of an MoE model
         if layer not in available:
             raise ValueError(f"{raw!r}: layer {layer} has no {accessor} (hybrid model); layers that do: {available}.")
         out.append((accessor, layer))
@@ -245,7 +266,9 @@ def read(model: "StandardizedModel", inputs: Any, names: str | Sequence[str],
     follow the forward never reaches the caller. Returns ``{"layers_output.3": tensor, ...}`` in the order asked.
     ``edits``: ``{("layers_output", 3): fn}`` replaces a tensor by ``fn(tensor)`` where the forward computes it
     (in the same forward-order pass; a read of an edited tensor returns the edited value). ``no_grad=False``
-    keeps autograd (e.g. to backpropagate through edits).
+    keeps autograd (e.g. to backpropagate through edits). The forward stops right after the last tensor it reads
+    (``tracer.stop()``): what comes after it, the unembedding included, runs only for ``logits`` /
+    ``next_token_probs`` (and on remote models, whose forward runs on the server as asked).
 
     Example:
         >>> from unilens import StandardizedTransformer
@@ -275,7 +298,9 @@ def read(model: "StandardizedModel", inputs: Any, names: str | Sequence[str],
     saved: dict[Location, Any] = {}  # filled inside the trace: only saved values leave it
     wanted = set(locations)
     visits = sorted(dict.fromkeys([*locations, *edits]), key=lambda loc: order.get(loc, -1))
-    with torch.no_grad() if no_grad else contextlib.nullcontext(), model.trace(inputs, **trace_kwargs):
+    # nothing after the last visit is returned: stop the forward there (nnsight finishes the visit, then unwinds)
+    stop = visits[-1][0] not in _RUNS_TO_THE_END and not model.__dict__.get("_remote_mode")
+    with torch.no_grad() if no_grad else contextlib.nullcontext(), model.trace(inputs, **trace_kwargs) as tracer:
         for loc in visits:
             value = _get(model, loc)
             if loc in edits:
@@ -286,6 +311,8 @@ def read(model: "StandardizedModel", inputs: Any, names: str | Sequence[str],
             if loc in wanted:
                 saved[loc] = value.save()
         saved = _nnsight_save(saved)  # a remote request returns saved names only: the dict itself
+        if stop:
+            tracer.stop()
     return {(a if i is None else f"{a}.{i}"): saved[(a, i)] for a, i in locations}
 
 

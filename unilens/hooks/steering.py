@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import torch
 
 from ..core.protocol import StandardizedModel
-from ..core.tensors import NonFiniteValueError, _has_negative, last_real_positions
+from ..core.tensors import NonFiniteValueError, _has_negative, has_data, last_real_positions
 
 __all__ = [
     "NonFiniteSteeringError",
@@ -246,6 +246,8 @@ def position_mask(model: StandardizedModel, out: torch.Tensor, positions: Positi
         [0.0, 1.0]
     """
     mask = model.attention_mask  # this forward's mask (read after the layer output: nnsight's order)
+    if not has_data(out):  # model.scan's fake tensors: shapes only, no positions to check or choose
+        return out.new_ones(*out.shape[:2], 1)
     chosen = positions_in_batch(mask, tuple(out.shape[:2]), positions, batch_index)
     return chosen.to(out.device, out.dtype)[..., None]
 

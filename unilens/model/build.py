@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from nnsight import LanguageModel
+from nnsight import TransformersModel
 from torch import nn
 
 from ..arch.discovery import (
@@ -32,11 +32,13 @@ from ..compat.nnterp import (
     check_model_renaming,
     get_ignores,
     nnsight_aliases,
+    nnterp_paths,
     resolve_rename_options,
 )
 from ..core.traces import TraceGate
 from ..hooks.attention import AttentionSetup, install_attention_hooks
 from ..hooks.points import HookPointSetup, install_hook_points
+from ..hooks.routing import RoutingSetup, install_routing
 from .validation import validate_model
 
 __all__ = ["Parts", "attach", "finish_local", "local_parts"]
@@ -59,6 +61,7 @@ class Parts:
     attention_setup: AttentionSetup | None = None
     hook_point_setup: HookPointSetup | None = None
     rename_config: Any = None
+    routing_setup: RoutingSetup | None = None  # sparse MoE routing hook points (unilens.hooks.routing)
 
 
 def local_parts(
@@ -100,11 +103,14 @@ def local_parts(
     # oracle forward runs the model's original attention, where no hook point can be served
     attention_setup = install_attention_hooks(hf_model, attention_modules, always_materialize=False)
     hook_point_setup = install_hook_points(hf_model, arch, attention_modules, unflatten_tokens)
+    routing_setup = install_routing(hf_model, arch)
     if remember_batch is not None:  # a root pre-hook runs in the model thread before any layer
         hf_model.register_forward_pre_hook(remember_batch, with_kwargs=True)
     prepare_dispatched(hf_model)  # device_map / offload_folder: see unilens.arch.offload
     rename = get_rename_dict(hf_model, nnsight_aliases(rename_config, user_rename), architecture=arch)
-    return Parts(hf_model, tok, arch, rename, attention_modules, attention_setup, hook_point_setup, rename_config)
+    rename = nnterp_paths(hf_model, arch, rename)  # nnterp's tree too: model.model.layers, model.model.ln_final
+    return Parts(hf_model, tok, arch, rename, attention_modules, attention_setup, hook_point_setup, rename_config,
+                 routing_setup)
 
 
 def attach(model: Any, parts: Parts, padding_side: str | None = None) -> None:
@@ -124,7 +130,9 @@ def attach(model: Any, parts: Parts, padding_side: str | None = None) -> None:
     object.__setattr__(model, "_trace_reads", [])
     # one trace of this model at a time across threads (unilens.core.traces): nnsight's interleaver is per model
     object.__setattr__(model, "_trace_gate", TraceGate())
-    LanguageModel.__init__(model, parts.module, tokenizer=parts.tokenizer, rename=parts.rename)
+    # nnsight's TransformersModel on the text-generation pipeline (what the deprecated LanguageModel pinned)
+    TransformersModel.__init__(model, parts.module, tokenizer=parts.tokenizer, rename=parts.rename,
+                               task="text-generation")
     if padding_side is not None:  # nnsight sets left padding on causal models; honour the user's choice
         model.tokenizer.padding_side = padding_side
     # set after nnsight's __init__: envoys route unknown attributes to the module tree
@@ -133,6 +141,7 @@ def attach(model: Any, parts: Parts, padding_side: str | None = None) -> None:
     object.__setattr__(model, "_attention_modules", parts.attention_modules)
     object.__setattr__(model, "_attention_setup", parts.attention_setup)
     object.__setattr__(model, "_hook_point_setup", parts.hook_point_setup)
+    object.__setattr__(model, "_routing_setup", parts.routing_setup)
     object.__setattr__(model, "rename_config", parts.rename_config)
     model._build_accessors()
 

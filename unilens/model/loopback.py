@@ -11,7 +11,6 @@ import io
 import linecache
 import sys
 import threading
-import warnings
 from typing import Any, Iterator
 
 import torch
@@ -95,7 +94,8 @@ def _without_unilens() -> Iterator[None]:
 
 
 class Loopback:
-    """An offline stand-in for an NDIF deployment: a plain ``nnsight.LanguageModel`` over its own copy of the weights.
+    """An offline stand-in for an NDIF deployment: a plain ``nnsight.TransformersModel`` (the
+    text-generation task, as NDIF deploys causal LMs) over its own copy of the weights.
 
     Requests reach it the way they reach NDIF: the client serializes the traced block
     (``RequestModel.serialize``), the server deserializes it against its own model's persistent objects and runs
@@ -117,7 +117,7 @@ class Loopback:
     """
 
     def __init__(self, source: Any, tokenizer: Any = None, attn_implementation: str | None = None, **kwargs: Any):
-        from nnsight import LanguageModel
+        from nnsight import TransformersModel
         from transformers import PreTrainedModel
 
         if isinstance(source, PreTrainedModel):
@@ -133,9 +133,7 @@ class Loopback:
             tokenizer = tokenizer if tokenizer is not None else loaded_tok
         if attn_implementation is not None:
             hf.set_attn_implementation(attn_implementation)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # LanguageModel's deprecation notice: the alias NDIF keys models by
-            self.server = LanguageModel(hf, tokenizer=tokenizer)
+        self.server = TransformersModel(hf, tokenizer=tokenizer, task="text-generation")
         self.requests = 0  # requests served
         self.last_payload_bytes = 0
         self._stuck: threading.Thread | None = None  # a cancelled job still inside one long call

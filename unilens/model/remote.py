@@ -6,20 +6,24 @@ from __future__ import annotations
 import ast
 import contextlib
 import copy
+import copyreg
+import functools
 import io
 import json
 import math
 import pickle
 import sys
+import threading
 import time
 import types
 import warnings
+import weakref
 import zipfile
 from collections import OrderedDict
 from typing import Any, Iterator
 
 import torch
-from nnsight import LanguageModel
+from nnsight import TransformersModel
 from nnsight.intervention.backends.remote import RemoteBackend
 from nnsight.schema.response import ResponseModel, Status
 from transformers import AutoTokenizer, PretrainedConfig, PreTrainedModel
@@ -27,20 +31,26 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.utils import ModelOutput
 
 from ..arch.discovery import discover, get_rename_dict, probe_dataflow, probe_parallel
+from ..arch.structure import find_output_projection, is_projection, is_quantized, uses_attention_interface
+from ..core.accessors import LayerIndexed
 from ..core.names import (
+    ATTENTION,
     CATALOGUE,
     NO_HOOK_POINTS,
     POINT,
     RemoteUnsupportedError,
+    names_of_kind,
     remote_refusal,
 )
+from ..hooks.attention import _output_projection_weight, recompute_attention
 from .build import Parts
 from .loopback import Loopback, RemoteTimeoutError, _fresh_class_trackers
-from .validation import ValidationError, _tol
+from .validation import ValidationError, _tol, residual_pairs
 
 # The columns of remote mode's support table (docs/remote.md): every standardized name but the hook points, which
 # are one column ("hook_points").
 REMOTE_TABLE_NAMES: tuple[str, ...] = tuple(n for n, e in CATALOGUE.items() if e.kind != POINT)
+_ATTENTION_NAMES = frozenset(names_of_kind(ATTENTION))  # served remotely, read-only
 
 __all__ = [
     "DEFAULT_REMOTE_TIMEOUT",
@@ -73,7 +83,7 @@ def refused_name(name: str) -> bool:
 
     Example:
         >>> refused_name("attention_scores"), refused_name("layers_output"), refused_name("mlps_pre_activation")
-        (True, False, True)
+        (False, False, True)
     """
     return remote_refusal(name) is not None
 
@@ -82,8 +92,8 @@ def refusal(name: str) -> str:
     """The message for a refused accessor / method ``name`` in remote mode.
 
     Example:
-        >>> "hook points" in refusal("attention_probabilities")
-        True
+        >>> refusal("mlps_pre_activation").split(":")[0]
+        'mlps_pre_activation is refused in remote mode'
     """
     if name in _LOCAL_ONLY_METHODS:
         return (f"model.{name} is not available in remote mode: {_LOCAL_ONLY_METHODS[name]}. Use it on a model "
@@ -106,22 +116,28 @@ class RefusedAccessor:
 def check_block(model: Any, tracer: Any) -> None:
     """Refuse, before serialization, a traced block that uses a feature the server's plain model lacks.
 
-    Walks the block's syntax (``tracer.node``) for attributes (or strings) named like a refused accessor
-    (``attention_*``, ``unilens_hooks``); raises ``RemoteUnsupportedError`` naming the first one and why. A name the
-    block only computes at run time is refused on the server by the same accessor (same message).
+    Walks the block's syntax (``tracer.node``) for attributes (or strings) named like a refused accessor (hook
+    points, ``unilens_hooks``) and for assignments to an attention name (read-only remotely); raises
+    ``RemoteUnsupportedError`` naming the first one and why. A name the block only computes at run time is refused on
+    the server by the same accessor (same message).
 
     Example:
         >>> import ast
-        >>> class T: node = ast.parse("p = model.attention_probabilities[0].save()")
+        >>> class T: node = ast.parse("p = model.mlps_pre_activation[0].save()")
         >>> try:
         ...     check_block(None, T())
         ... except RemoteUnsupportedError as err:
         ...     print(str(err).split(":")[0])
-        attention_probabilities is refused in remote mode
+        mlps_pre_activation is refused in remote mode
     """
     node = getattr(tracer, "node", None)
     if node is None:
         return
+    for sub in ast.walk(node):  # model.attention_probabilities[i] = ...: attention is read-only remotely
+        if isinstance(sub, ast.Subscript) and isinstance(sub.ctx, ast.Store) and isinstance(sub.value, ast.Attribute) \
+                and sub.value.attr in _ATTENTION_NAMES:
+            raise RemoteUnsupportedError(_ASSIGN_REFUSAL.format(name=sub.value.attr)
+                                         + f" (line {getattr(sub, 'lineno', '?')} of the traced block)")
     for sub in ast.walk(node):  # model.attention_scores, or getattr(model, "attention_scores")
         name = sub.attr if isinstance(sub, ast.Attribute) else None
         if isinstance(sub, ast.Constant) and isinstance(sub.value, str):
@@ -155,6 +171,40 @@ def _cached_sources() -> Iterator[None]:
         yield
     finally:
         inspect.getsourcelines = original
+
+
+def _reduce_cached_property(prop: functools.cached_property) -> tuple:
+    """A ``functools.cached_property`` of a class that travels by value, rebuilt from its function: pickled as is
+    it would carry its ``RLock`` (Python 3.11), which cannot be pickled, and every request would fail."""
+    return functools.cached_property, (prop.func,), {"attrname": prop.attrname, "__doc__": prop.__doc__}
+
+
+def _reduce_empty(value: Any) -> tuple:
+    """A module-level ``threading.local`` or weak-keyed cache that travels with by-value code: a new, empty one on
+    the server (per-thread / per-live-object bookkeeping of this process means nothing there; it cannot be pickled
+    as is)."""
+    return type(value), ()
+
+
+@contextlib.contextmanager
+def _picklable_class_attributes() -> Iterator[None]:
+    """While inside, pickling (nnsight's request serialization) rebuilds ``cached_property`` attributes of by-value
+    classes from their function instead of failing on their lock, and sends a ``threading.local`` or a weak-keyed
+    cache as a new, empty one."""
+    reducers = {functools.cached_property: _reduce_cached_property, threading.local: _reduce_empty,
+                weakref.WeakKeyDictionary: _reduce_empty, weakref.WeakValueDictionary: _reduce_empty,
+                weakref.WeakSet: _reduce_empty}
+    previous = {cls: copyreg.dispatch_table.get(cls) for cls in reducers}
+    for cls, reduce in reducers.items():
+        copyreg.pickle(cls, reduce)
+    try:
+        yield
+    finally:
+        for cls, before in previous.items():
+            if before is None:
+                copyreg.dispatch_table.pop(cls, None)
+            else:
+                copyreg.dispatch_table[cls] = before
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -416,8 +466,15 @@ class _RemoteBackend:
     def __call__(self, tracer: Any) -> Any:
         check_block(self.model, tracer)
         _return_filled_containers(tracer)
-        with _cached_sources():
-            return self._send(tracer)
+        with _cached_sources(), _picklable_class_attributes():
+            try:
+                return self._send(tracer)
+            except NotImplementedError as err:
+                # raised on the server by a by-value copy of RemoteUnsupportedError (the loopback and the dry run
+                # hand it back as is): the caller catches this process's class
+                if type(err).__name__ != RemoteUnsupportedError.__name__ or isinstance(err, RemoteUnsupportedError):
+                    raise
+                raise RemoteUnsupportedError(str(err)) from None
 
     def _send(self, tracer: Any) -> Any:
         if isinstance(self.target, Loopback):
@@ -618,23 +675,25 @@ def validate_remote(model: Any, text: str = "The quick brown fox jumps over the 
     ids = model.tokenizer(text, return_tensors="pt")["input_ids"][:, :12]
     n = model.num_layers
     with torch.no_grad(), model.trace(ids, output_hidden_states=True):
+        embedded = model.token_embeddings.save()  # the embedding module's output (Mamba-style hidden states)
         first = model.layers_input[0].save()
         outputs = [model.layers_output[i] for i in range(n)]
         outputs = nnsight_save(outputs)
         lens = model.project_on_vocab(outputs[-1]).save() if model.architecture.head_chain is not None else None
-        reference = model.output.save()
-    hidden = reference.hidden_states
+        # the two fields only: the output also holds the model's cache (a recurrent state object on Mamba-style
+        # models), which the reply's safe loader does not unpickle
+        hidden = model.output.hidden_states.save()
+        logits = model.output.logits.save()
     errors: dict[str, float] = {}
     first, outputs, lens = first.detach(), [o.detach() for o in outputs], None if lens is None else lens.detach()
     if hidden is not None:  # the server ran its forward with autograd on: compare values, not graphs
         hidden = [h.detach() for h in hidden]
-    logits = reference.logits.detach()
+    logits = logits.detach()
     if hidden is None or len(hidden) != n + 1:
         raise ValidationError(f"{model.architecture.model_type}: the server returned "
                               f"{None if hidden is None else len(hidden)} hidden states for {n} discovered layers.")
-    errors["layers_input[0] vs hidden_states[0]"] = float((first - hidden[0]).abs().max())
-    for i in range(n - 1):
-        errors[f"layers_output[{i}] vs hidden_states[{i + 1}]"] = float((outputs[i] - hidden[i + 1]).abs().max())
+    for check, (ours, theirs) in residual_pairs(hidden, first, outputs, embedded.detach(), _tol(logits.dtype)).items():
+        errors[check] = float((ours - theirs).abs().max())
     if lens is not None:
         errors["project_on_vocab(layers_output[-1]) vs logits"] = float((lens - logits).abs().max())
     tol = _tol(logits.dtype) * max(1.0, float(logits.abs().max()))
@@ -665,15 +724,21 @@ def remote_support(model: Any) -> dict[str, str]:
         >>> from unilens import StandardizedTransformer
         >>> from unilens.testing import tiny_model
         >>> support = remote_support(StandardizedTransformer(*tiny_model("llama"), check=False))
-        >>> support["layers_output"], support["attention_probabilities"].split(":")[0]
-        ('supported', 'refused')
+        >>> support["layers_output"], support["attention_probabilities"], support["hook_points"].split(":")[0]
+        ('supported', 'supported', 'refused')
     """
     arch = model.architecture
+    plans = getattr(model, "attention_plans", None)  # given (the docs table) or read from the model's accessor
+    plans = plans if plans is not None else getattr(getattr(model, "attention_probabilities", None), "plans", None)
+    if plans is None:  # a local model: plan from its own modules (the same code as the server's)
+        plans = attention_plans(model, arch, model.num_heads)
     out: dict[str, str] = {}
     for name in REMOTE_TABLE_NAMES:
         entry = CATALOGUE[name]
         if entry.remote is not None:
             out[name] = "refused: " + entry.remote
+        elif entry.kind == ATTENTION:
+            out[name] = _attention_support(entry.site, [plans[i] for i in arch.attention_layers])
         elif name.startswith("attentions") and not arch.attention_layers:
             out[name] = "n/a: no softmax attention layer"
         elif name == "mlps_input" and not any(p.mlp_in for p in arch.layers):
@@ -686,6 +751,24 @@ def remote_support(model: Any) -> dict[str, str]:
             out[name] = "supported"
     out["hook_points"] = "refused: " + NO_HOOK_POINTS  # one column for every TransformerLens-style hook point
     return out
+
+
+def _attention_support(site: str, plans: list[dict[str, Any]]) -> str:
+    """The support-table cell of attention hook point ``site`` over the plans of the layers with attention."""
+    if not plans:
+        return "n/a: no softmax attention layer"
+    refused = [p["refused"] for p in plans if p["route"] is None]
+    if refused:
+        return "refused: " + refused[0]
+    if site in ("queries", "keys", "values") and all(p["route"] == "softmax" for p in plans):
+        return "n/a: " + _QKV_INLINE
+    missing = [p.get("heads_refused") for p in plans if "projection" not in p]
+    if site in ("heads", "head_results") and missing:
+        return "n/a: " + missing[0]
+    unsplit = [p["results_refused"] for p in plans if "results_refused" in p]
+    if site == "head_results" and unsplit:
+        return "n/a: " + unsplit[0]
+    return "supported"
 
 
 def remote_parts(
@@ -749,6 +832,203 @@ def remote_parts(
 
 
 # ------------------------------------------------------------------------------------------------------------------
+# Attention in remote mode: read from the deployment's own attention call
+# ------------------------------------------------------------------------------------------------------------------
+
+# the attention implementations whose masks the recomputation reads (eager: additive float; sdpa: boolean or None)
+_RECOMPUTABLE = ("eager", "sdpa")
+_SOFTMAX_OPS = ("F_softmax_", "torch_softmax_", "torch_nn_functional_softmax_", "nn_functional_softmax_")
+_SDPA_OPS = ("torch_nn_functional_scaled_dot_product_attention_", "F_scaled_dot_product_attention_")
+_QKV_INLINE = ("the class computes q/k/v inline (no attention-interface call), so rotated queries / keys / values "
+               "are not exposed (locally neither)")
+
+
+def _ops(names: tuple[str, ...], prefixes: tuple[str, ...]) -> list[str]:
+    return [n for n in names if n.startswith(prefixes) and n.rpartition("_")[2].isdigit()]
+
+
+def _envoy_path(root: Any, path: str) -> Any:
+    """The nnsight envoy at a dotted module path under ``root`` (an index for a digit)."""
+    envoy = root
+    for part in path.split("."):
+        envoy = envoy[int(part)] if part.isdigit() else getattr(envoy, part)
+    return envoy
+
+
+def attention_plan(envoy: Any, heads: int) -> dict[str, Any]:
+    """Where remote mode reads one attention module's tensors on the server: the nnsight ``.source`` operations of
+    its forward that compute them, found on the client from the module's code (``envoy``: its nnsight envoy; no
+    weights needed, the meta structure serves). ``heads``: the number of query heads.
+
+    ``route`` is ``"interface"`` (the class calls transformers' attention function: ``call`` names that call, whose
+    arguments are q / k / v and the mask the model built, and whose second output is the probabilities under eager),
+    ``"softmax"`` (inline attention: ``softmax`` names the softmax call, ``sdpa`` a direct
+    ``scaled_dot_product_attention`` call an sdpa deployment makes instead), or ``None`` with ``refused`` saying why.
+    ``projection`` (the output projection, whose input is z) serves ``attention_heads`` and
+    ``attention_head_results``; else ``heads_refused`` (and ``results_refused``) say why not.
+
+    Example:
+        >>> from unilens import StandardizedTransformer
+        >>> from unilens.testing import tiny_model
+        >>> model = StandardizedTransformer(*tiny_model("llama"), check=False)
+        >>> plan = attention_plan(model.attentions[0], model.num_heads)
+        >>> plan["route"], plan["call"], plan["projection"]
+        ('interface', 'attention_interface_1', 'o_proj')
+    """
+    module = envoy._module
+    compiled = envoy.source.compiled
+    lines = compiled.source.splitlines()
+    plan: dict[str, Any] = {"route": None, "heads": int(heads)}
+    if uses_attention_interface(module):
+        calls = [n for n in _ops(compiled.names, ("attention_interface_",))
+                 if "attention_interface(" in lines[compiled.lines[n] - 1]
+                 and "get_interface" not in lines[compiled.lines[n] - 1]]
+        if len(calls) == 1:
+            plan.update(route="interface", call=calls[0])
+        else:
+            plan["refused"] = (f"{type(module).__name__}.forward calls its attention function {len(calls)} times "
+                               f"({calls}); unilens reads attention remotely from exactly one call")
+    else:
+        softmax, sdpa = _ops(compiled.names, _SOFTMAX_OPS), _ops(compiled.names, _SDPA_OPS)
+        alibi = getattr(getattr(module, "config", None), "alibi", None)
+        if alibi is not None and len(softmax) == 2 and len(sdpa) in (0, 2):
+            # Falcon: one branch with rotary positions, one with ALiBi; the config says which one runs
+            pick = 1 if alibi else 0
+            softmax, sdpa = [softmax[pick]], sdpa[pick:pick + 1]
+        if len(softmax) == 1 and len(sdpa) <= 1:
+            plan.update(route="softmax", softmax=softmax[0], sdpa=sdpa[0] if sdpa else None)
+        else:
+            plan["refused"] = (f"{type(module).__name__}.forward makes {len(softmax)} softmax and {len(sdpa)} "
+                               "scaled_dot_product_attention calls; unilens cannot tell which computes attention")
+    try:
+        name, projection = find_output_projection(module)
+    except ValueError as err:
+        plan["heads_refused"] = str(err)
+    else:
+        plan["projection"] = name
+        if not is_projection(projection) or is_quantized(projection):
+            plan["results_refused"] = (f"its output projection {name!r} is not a linear map of z (it mixes in other "
+                                       "inputs), so z does not split into per-head results")
+    return plan
+
+
+def attention_plans(root: Any, arch: Any, heads: int) -> list[dict[str, Any]]:
+    """``attention_plan`` of every layer of a model (``root``: an nnsight envoy of the HF model, ``arch`` its
+    ``Architecture``); a layer without softmax attention gets a plan that refuses with the reason."""
+    return [attention_plan(_envoy_path(root, f"{arch.layers_path}.{i}.{p.attention}"), heads)
+            if p.attention is not None else
+            {"route": None, "refused": f"layer {i} has no softmax attention (layers with attention: "
+                                       f"{arch.attention_layers})"}
+            for i, p in enumerate(arch.layers)]
+
+
+def _implementation(module: Any) -> str | None:
+    """The attention implementation the server's module runs (its config's, as transformers dispatches on it)."""
+    return getattr(getattr(module, "config", None), "_attn_implementation", None)
+
+
+class RemoteAttention(LayerIndexed):
+    """``model.attention_<name>[i]`` in remote mode: read inside the trace, on the server, from the attention code the
+    deployment runs (nothing of unilens is installed there).
+
+    - probabilities under eager attention: the second output of the model's attention-function call (what HF returns
+      as attention weights), or the inline softmax's output (Bloom, Falcon);
+    - otherwise (sdpa: no probabilities exist) q / k / v, scores and probabilities are recomputed on the server by
+      ``unilens.hooks.attention.recompute_attention`` (the local hookable path) from that call's own arguments: the
+      mask the model built (causal, padding, sliding window), scaling, softcap, sinks, GQA;
+    - heads (z): the output projection's input, per head; head results: z times that projection's weight per head.
+
+    Read-only: assigning an attention tensor remotely is refused before the request is sent (``check_block``).
+
+    Example:
+        >>> from unilens import StandardizedTransformer
+        >>> from unilens.testing import tiny_model
+        >>> hf, tok = tiny_model("llama")
+        >>> remote = StandardizedTransformer(hf, tokenizer=tok, remote=Loopback(tiny_model("llama")[0], tok))
+        >>> with remote.trace("The cat sat"):
+        ...     probs = remote.attention_probabilities[1].save()  # (batch, heads, query, key)
+        >>> probs.shape[1] == remote.num_heads, bool(torch.allclose(probs.sum(-1), torch.ones(1)))
+        (True, True)
+    """
+
+    def __init__(self, model: Any, site: str, plans: list):
+        LayerIndexed.__init__(self, model, f"attention_{site}")
+        self.site, self.plans = site, plans
+
+    def _refuse(self, i: int, reason: str) -> None:
+        raise RemoteUnsupportedError(f"{self._label(i)} is not available remotely for this "
+                                     f"{self._model.architecture.model_type} model: {reason}.")
+
+    def _get(self, i: int) -> torch.Tensor:
+        plan = self.plans[i]
+        if plan.get("route") is None:
+            self._refuse(i, plan["refused"])
+        if not self._model.interleaver.interleaving:  # on the client: the body runs on the server, in a trace
+            raise ValueError(f"{self._label(i)} can only be read inside `with model.trace(...)`: outside one there is "
+                             "no forward to take it from.")
+        self._model._note_read(self._name, i)
+        attention = self._model.attentions[i]
+        if self.site in ("heads", "head_results"):
+            return self._heads(i, plan, attention)
+        implementation = _implementation(attention._module)
+        if plan["route"] == "interface":
+            call = getattr(attention.source, plan["call"])
+            if self.site == "probabilities" and implementation == "eager":
+                return call.output[1]  # eager attention returns its probabilities: (batch, heads, query, key)
+            if implementation not in _RECOMPUTABLE:
+                self._refuse(i, f"the deployment runs {implementation!r} attention, whose mask unilens cannot read "
+                                "to recompute it (eager and sdpa deployments are served)")
+            args, kwargs = call.inputs  # (module, query, key, value, attention_mask), scaling= ...
+            return recompute_attention(*args, **kwargs)[self.site]
+        if self.site in ("queries", "keys", "values"):
+            self._refuse(i, _QKV_INLINE)
+        if plan["sdpa"] is not None and implementation == "sdpa":  # the inline class calls sdpa itself (Falcon)
+            args, kwargs = getattr(attention.source, plan["sdpa"]).inputs
+            query, key, value = args[:3]
+            mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
+            values = recompute_attention(attention._module, query, key, value, mask, scaling=kwargs.get("scale"),
+                                         is_causal=bool(kwargs.get("is_causal", False)))
+            return values[self.site]
+        softmax = getattr(attention.source, plan["softmax"])
+        if self.site == "scores":
+            args, _ = softmax.inputs
+            return args[0]  # (batch, heads, query, key), what the model's softmax reads
+        return softmax.output
+
+    def _heads(self, i: int, plan: dict, attention: Any) -> torch.Tensor:
+        if "projection" not in plan:
+            self._refuse(i, plan["heads_refused"])
+        if self.site == "head_results" and "results_refused" in plan:
+            self._refuse(i, plan["results_refused"])
+        projection = attention
+        for part in plan["projection"].split("."):
+            projection = getattr(projection, part)
+        z = projection.input  # (batch, seq, heads * head_dim)
+        z = z.reshape(*z.shape[:-1], plan["heads"], z.shape[-1] // plan["heads"])  # (batch, seq, heads, head_dim)
+        if self.site == "heads":
+            return z
+        weight = _output_projection_weight(projection._module, plan["heads"]).to(z.device, z.dtype)
+        return torch.einsum("...hd,hdm->...hm", z, weight)  # (batch, seq, heads, hidden)
+
+    def _set(self, i: int, value: Any) -> None:
+        raise RemoteUnsupportedError(_ASSIGN_REFUSAL.format(name=self._label(i)))
+
+
+_ASSIGN_REFUSAL = ("{name} cannot be assigned in remote mode: remote mode reads attention from the deployment's "
+                   "own attention call, which runs unchanged (no unilens hook point exists on the server to write "
+                   "into). Edit attention on a local model, or assign a module output (attentions_output[i]).")
+
+
+def remote_attention_accessors(model: Any) -> dict[str, RemoteAttention]:
+    """The attention accessors of a remote-mode model, one per attention name of the catalogue, over one plan per
+    layer (``attention_plans``)."""
+    # attention-free stacks (Mamba, RWKV) have no head count: every layer's plan refuses with the reason
+    heads = model.num_heads if model.architecture.attention_layers else 0
+    plans = attention_plans(model, model.architecture, heads)
+    return {name: RemoteAttention(model, CATALOGUE[name].site, plans) for name in names_of_kind(ATTENTION)}
+
+
+# ------------------------------------------------------------------------------------------------------------------
 # The remote-mode capability of the model class
 # ------------------------------------------------------------------------------------------------------------------
 
@@ -784,6 +1064,8 @@ class RemoteMode:
             # per-layer names are instance attributes; whole-model ones (final_norm_*) are properties, refused there
             if entry.remote is not None and (entry.per_layer or name in self.__dict__):
                 object.__setattr__(self, name, RefusedAccessor(name))
+        for name, accessor in remote_attention_accessors(self).items():  # read from the deployment's attention
+            object.__setattr__(self, name, accessor)
         if check:
             validate_remote(self)
         else:
@@ -797,7 +1079,7 @@ class RemoteMode:
         self._trace_reads.clear()
         handle = self._module.register_forward_pre_hook(self._remember_batch, with_kwargs=True)
         try:
-            return LanguageModel.interleave(self, fn, *args, **kwargs)
+            return TransformersModel.interleave(self, fn, *args, **kwargs)
         finally:
             handle.remove()
 
@@ -812,7 +1094,7 @@ class RemoteMode:
             raise ValueError(f"trace(remote={kwargs['remote']!r}) on a model loaded locally: load it in remote mode "
                              "instead, StandardizedTransformer(repo_id, remote=True) (or remote='local' with a loaded "
                              "model object), so unilens builds the view a server's plain model can serve.")
-        return LanguageModel.trace(self, *inputs, **kwargs)
+        return TransformersModel.trace(self, *inputs, **kwargs)
 
     def session(self, *args: Any, **kwargs: Any) -> Any:
         """nnsight's ``session``; in remote mode the whole session is one request to the model's server
@@ -821,13 +1103,13 @@ class RemoteMode:
         if target is not None and kwargs.get("backend") is None:
             options = _remote_options(kwargs, self.__dict__.get("_remote_timeout", DEFAULT_REMOTE_TIMEOUT))
             kwargs["backend"] = remote_backend(self, target, **options)
-        return LanguageModel.session(self, *args, **kwargs)
+        return TransformersModel.session(self, *args, **kwargs)
 
     def _remoteable_class(self) -> type:
         """NDIF serves plain nnsight deployments: the model key names nnsight's class (unilens ships by value)."""
-        return LanguageModel._remoteable_class(self)
+        return TransformersModel
 
     def __getstate__(self) -> dict:
-        state = LanguageModel.__getstate__(self)
+        state = TransformersModel.__getstate__(self)
         state.pop("_remote_target", None)  # the client's connection (a loopback server holds a whole model)
         return state

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import difflib
 import os
+import warnings
 from typing import Any, Sequence
 
 import torch
 from greenlet import getcurrent
-from nnsight import LanguageModel
+from torch._subclasses.fake_tensor import unset_fake_temporarily
+from nnsight import TransformersModel
 from nnsight.tracing.tracer import WithBlockNotFoundError
 from transformers import PreTrainedModel
 
@@ -23,15 +25,17 @@ from ..arch.weights import WeightViews
 from ..compat.nnterp import get_num_attention_heads
 from ..compat.nnterp_methods import NnterpMethods
 from ..compat.tl import TLMethods
+from ..compat.tl_model import HookedTransformer
 from ..core.accessors import LayerModules, LayerTensors
 from ..core import config as hf_config
 from ..core.config import context_length
-from ..core.names import ATTENTION, CATALOGUE, LAYER_NAMES, MODULE
-from ..core.tensors import _check_ids_shape, _check_inputs, _check_shape, last_real_positions
+from ..core.names import ATTENTION, CATALOGUE, LAYER_NAMES, MODULE, ROUTING
+from ..core.tensors import _check_ids_shape, _check_inputs, _check_shape, has_data, last_real_positions
 from ..core.traces import GuardedTracer
 from ..hooks.attention import AttentionHookAccessor
 from ..hooks.points import HookPointAccessor, UnsupportedHookPoint
 from ..hooks.reads import ReadOrderError, _OutOfOrderError, explain_out_of_order, read
+from ..hooks.routing import RoutingAccessor
 from ..hooks.steering import add_to_residual, check_steering_vector, position_mask
 from .build import attach, finish_local, local_parts
 from .remote import RemoteMode, RemoteUnsupportedError, refusal, remote_parts, remote_timeout_option
@@ -42,7 +46,7 @@ __all__ = ["ReadOrderError", "StandardizedTransformer", "load_default"]
 _CATALOGUE_NAMES = tuple(CATALOGUE)
 
 
-class StandardizedTransformer(RemoteMode, TLMethods, NnterpMethods, LanguageModel):
+class StandardizedTransformer(RemoteMode, TLMethods, NnterpMethods, TransformersModel):
     """Any HuggingFace causal LM under one set of names, wrapped by nnsight (the model's own code runs).
 
     ``model`` is a hub id (read from the local cache), a local folder, a ``.gguf`` file, or a loaded
@@ -148,10 +152,10 @@ class StandardizedTransformer(RemoteMode, TLMethods, NnterpMethods, LanguageMode
             >>> ids.shape[-1] - len(model.tokenizer("The cat").input_ids)
             2
         """
-        method = LanguageModel.generate.__wrapped__  # nnsight's @traceable, inlined: capture() looks 2 frames up
+        method = TransformersModel.generate.__wrapped__  # nnsight's @traceable, inlined: capture() looks 2 frames up
         gate = self.__dict__.get("_trace_gate")
         if gate is None:
-            return LanguageModel.generate(self, *inputs, **kwargs)
+            return TransformersModel.generate(self, *inputs, **kwargs)
         gate.enter(self.concurrent_traces)  # while another thread traces, its interleaver is not ours to join
         try:
             if self.interleaver.interleaving:  # inside this thread's trace: nnsight runs the method directly
@@ -171,10 +175,10 @@ class StandardizedTransformer(RemoteMode, TLMethods, NnterpMethods, LanguageMode
         thread while a trace runs, it waits for that trace to end instead of feeding it values."""
         gate = self.__dict__.get("_trace_gate")
         if gate is None:
-            return LanguageModel.__call__(self, *args, **kwargs)
+            return TransformersModel.__call__(self, *args, **kwargs)
         gate.enter(self.concurrent_traces)
         try:
-            return LanguageModel.__call__(self, *args, **kwargs)
+            return TransformersModel.__call__(self, *args, **kwargs)
         finally:
             gate.exit()
 
@@ -182,9 +186,9 @@ class StandardizedTransformer(RemoteMode, TLMethods, NnterpMethods, LanguageMode
         """nnsight's fallback to the HF module; a name neither has gets a suggestion among the standardized names
         and the model's public attributes (``model.layer_output`` -> did you mean 'layers_output'?)."""
         if name.startswith("_"):
-            return LanguageModel.__getattr__(self, name)
+            return TransformersModel.__getattr__(self, name)
         try:
-            return LanguageModel.__getattr__(self, name)
+            return TransformersModel.__getattr__(self, name)
         except AttributeError:
             if hasattr(type(self), name):  # a property that failed inside: not a misspelling
                 raise
@@ -211,7 +215,8 @@ class StandardizedTransformer(RemoteMode, TLMethods, NnterpMethods, LanguageMode
         try:
             return super().interleave(fn, *args, **kwargs)
         except _OutOfOrderError as err:
-            message = explain_out_of_order(self, str(err), list(self._trace_reads))
+            with unset_fake_temporarily():  # under model.scan: the explaining probe runs on real tensors
+                message = explain_out_of_order(self, str(err), list(self._trace_reads))
             if message is None:
                 raise
             raise ReadOrderError(message) from err
@@ -223,6 +228,9 @@ class StandardizedTransformer(RemoteMode, TLMethods, NnterpMethods, LanguageMode
             hook_point_setup = self.__dict__.get("_hook_point_setup")
             if hook_point_setup is not None:  # the torch hooks of requested hook points live for one trace
                 hook_point_setup.clear()
+            routing_setup = self.__dict__.get("_routing_setup")
+            if routing_setup is not None:  # likewise the routing hook points' (unilens.hooks.routing)
+                routing_setup.clear()
             if gate is not None:
                 gate.exit()
 
@@ -270,7 +278,7 @@ class StandardizedTransformer(RemoteMode, TLMethods, NnterpMethods, LanguageMode
         ids or a tokenizer output) so a bad one gets a one-line error. (Not an override of ``trace`` itself: nnsight
         finds the ``with`` block from the frame that called it.)"""
         _check_inputs(inputs)
-        return LanguageModel._batch_size(self, *inputs, **kwargs)  # no zero-argument super(): runs on NDIF too
+        return TransformersModel._batch_size(self, *inputs, **kwargs)  # no zero-argument super(): runs on NDIF too
 
     def _check_ids(self, ids: Any, mask: Any) -> None:
         """Refuse token ids the model would misread: empty prompts, non-integer ids, ids outside the vocabulary."""
@@ -282,7 +290,9 @@ class StandardizedTransformer(RemoteMode, TLMethods, NnterpMethods, LanguageMode
         if ids.numel() == 0 or ids.shape[-1] == 0:
             raise ValueError("the input is empty (0 tokens): an empty prompt gives the model nothing to read; pass "
                              "at least one token of text.")
-        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == ids.shape[0]:
+        if not has_data(ids):  # model.scan's fake tensors (shapes only): the checks below read values
+            return
+        if has_data(mask) and mask.dim() == 2 and mask.shape[0] == ids.shape[0]:
             empty = (~mask.bool().any(dim=-1)).nonzero().flatten().tolist()
             if empty:
                 rows = f"; rows {empty}" if len(empty) > 1 else ""
@@ -308,9 +318,19 @@ class StandardizedTransformer(RemoteMode, TLMethods, NnterpMethods, LanguageMode
         self._last_batch.update({"input_ids": ids, "attention_mask": mask})
 
     def _check_context(self, ids: Any, mask: Any) -> None:
-        """Refuse inputs longer than the model's context (positions it has no embedding / was not trained for)."""
+        """Refuse inputs longer than the model's context (positions it has no embedding / was not trained for), and
+        inputs a model would run in chunks (each layer called once per chunk: a read would see the first only)."""
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+            return
+        chunk = hf_config.config_value(self.config, *hf_config.CHUNK_KEYS)
+        if isinstance(chunk, int) and 0 < chunk < ids.shape[-1]:
+            raise ValueError(
+                f"the input has {ids.shape[-1]} tokens but this {self.architecture.model_type} model runs inputs longer "
+                f"than {chunk} tokens in chunks, each layer once per chunk, so its tensors would hold the first chunk "
+                f"only; raise model.config.max_inference_chunksize to at least {ids.shape[-1]} or shorten the input."
+            )
         limit = context_length(self.config)
-        if limit is None or not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+        if limit is None:
             return
         # a 2D mask wider than the input also covers a key/value cache
         tokens = mask.shape[-1] if isinstance(mask, torch.Tensor) and mask.dim() == 2 else ids.shape[-1]
@@ -335,7 +355,13 @@ class StandardizedTransformer(RemoteMode, TLMethods, NnterpMethods, LanguageMode
         """The nnsight envoy of the module at a dotted path (original HF names, independent of renames)."""
         envoy = self
         for part in path.split("."):
-            envoy = envoy[int(part)] if part.isdigit() else getattr(envoy, part)
+            if part.isdigit():
+                envoy = envoy[int(part)]
+                continue
+            # nnsight serves .input / .output on every envoy: a submodule with such a name (RWKV's attention.output)
+            # is reached as "E_<name>"
+            renamed = getattr(envoy, f"E_{part}", None)
+            envoy = renamed if renamed is not None else getattr(envoy, part)
         return envoy
 
     def _layer_envoy(self, i: int):
@@ -343,6 +369,12 @@ class StandardizedTransformer(RemoteMode, TLMethods, NnterpMethods, LanguageMode
 
     def _sub_envoy(self, i: int, path: str | None, what: str):
         if path is None:
+            if what == "token mixer":
+                raise ArchitectureError(
+                    f"layer {i} of this {self.architecture.model_type} model has no single token mixer (it has none, "
+                    "or several in parallel whose outputs are summed, e.g. attention + Mamba); read attentions_output "
+                    f"or the mixer module's output through model.layers[{i}] instead."
+                )
             raise ArchitectureError(
                 f"layer {i} of this {self.architecture.model_type} model has no {what} "
                 f"(layers with attention: {self.architecture.attention_layers})."
@@ -364,9 +396,10 @@ class StandardizedTransformer(RemoteMode, TLMethods, NnterpMethods, LanguageMode
 
         envoys = {"layer": self._layer_envoy, "attention": part("attention", "attention"),
                   "attention_out": part("attention_out", "attention"), "mlp_in": part("mlp_in", "MLP"),
-                  "mlp_out": part("mlp_out", "MLP")}
+                  "mlp_out": part("mlp_out", "MLP"), "mixer": part("mixer", "token mixer"),
+                  "mixer_out": part("mixer_out", "token mixer"), "mixer_projection": part("mixer_projection", "token mixer")}
         # outputs some models modify in place after returning them: read as copies (Architecture.mutated_in_place)
-        in_place_kind = {"layer": "layer", "attention_out": "attention", "mlp_out": "mlp"}
+        in_place_kind = {"layer": "layer", "attention_out": "attention", "mlp_out": "mlp", "mixer_out": "attention"}
         accessors: dict[str, Any] = {"attentions": LayerModules(self, "attentions", envoys["attention"]),
                                      "mlps": LayerModules(self, "mlps", mlp_module)}
         for name in LAYER_NAMES:
@@ -377,6 +410,8 @@ class StandardizedTransformer(RemoteMode, TLMethods, NnterpMethods, LanguageMode
                 accessors[name] = LayerTensors(self, name, envoys[where], io, kind)
             elif entry.kind == ATTENTION:  # unilens.hooks.attention
                 accessors[name] = AttentionHookAccessor(self, entry.site)
+            elif entry.kind == ROUTING:  # unilens.hooks.routing (sparse MoE blocks)
+                accessors[name] = RoutingAccessor(self, name)
             else:  # POINT: unilens.hooks.points (pre-rotary q/k, per-head inputs, MLP neurons, resid_mid, norms)
                 accessors[name] = HookPointAccessor(self, name)
         for name, accessor in accessors.items():
@@ -411,6 +446,24 @@ class StandardizedTransformer(RemoteMode, TLMethods, NnterpMethods, LanguageMode
     def head_dim(self) -> int:
         value = hf_config.head_dim(self.module_accessor.model.config)  # None: the config states none
         return value if value is not None else self.hidden_size // self.num_heads
+
+    @property
+    def tl(self) -> HookedTransformer:
+        """This model seen as TransformerLens's ``HookedTransformer`` (TL 4.3 bridge semantics: ``model.tl(text)``
+        returns logits, ``model.tl.cfg``, ``model.tl.blocks[i].attn.hook_z.add_hook(...)``, stacked ``W_Q``...);
+        one view per model (its hooks persist until ``reset_hooks``). ``unilens.compat.tl_model``.
+
+        Example:
+            >>> from unilens.testing import tiny_model
+            >>> model = StandardizedTransformer(*tiny_model("llama"), check=False)
+            >>> model.tl("Hello world").shape[-1] == model.tl.cfg.d_vocab
+            True
+        """
+        view = self.__dict__.get("_tl_view")
+        if view is None:
+            view = HookedTransformer(self)
+            object.__setattr__(self, "_tl_view", view)
+        return view
 
     @property
     def weights(self):
@@ -510,7 +563,8 @@ class StandardizedTransformer(RemoteMode, TLMethods, NnterpMethods, LanguageMode
     def _last_positions(self, per_token: torch.Tensor) -> torch.Tensor:
         """Select each row's last real (non-padding) position of a ``(batch, seq, ...)`` tensor."""
         mask = self.attention_mask  # this forward's rows (an invoke's own)
-        if mask is None or mask.dim() != 2 or bool(mask[:, -1].all()):
+        # no padding on the right (or model.scan's fake mask, shapes only): the last position is the last real one
+        if mask is None or mask.dim() != 2 or not has_data(mask) or bool(mask[:, -1].all()):
             return per_token[:, -1]
         last = last_real_positions(mask)
         return per_token[torch.arange(per_token.shape[0], device=per_token.device), last.to(per_token.device)]
@@ -527,7 +581,7 @@ class StandardizedTransformer(RemoteMode, TLMethods, NnterpMethods, LanguageMode
     def device(self) -> torch.device | None:
         """Where nnsight moves a trace's inputs: its own rule (the first parameter's device), except when accelerate
         offloaded that parameter (``meta`` until its module runs): then the embedding's execution device."""
-        device = LanguageModel.device.fget(self)  # no zero-argument super(): runs on NDIF too (shipped by value)
+        device = TransformersModel.device.fget(self)  # no zero-argument super(): runs on NDIF too (shipped by value)
         if device is not None and device.type == "meta" and not self.__dict__.get("_remote_mode"):
             if getattr(self.module_accessor.get_embed_tokens(), "_hf_hook", None) is not None:  # accelerate's hook
                 return self.input_device
@@ -640,20 +694,27 @@ class StandardizedTransformer(RemoteMode, TLMethods, NnterpMethods, LanguageMode
     ) -> None:
         """Inside a trace: add ``factor * steering_vector`` to ``layers_output`` of each layer in ``layers``.
 
-        ``positions`` (alias ``token_positions``) and ``batch_index`` restrict where it is added. A negative int
-        counts from each row's last real token, whatever the padding side (``-1``: the last real token).
+        ``token_positions`` and ``batch_index`` restrict where it is added. A negative int counts from each row's
+        last real token, whatever the padding side (``-1``: the last real token). ``positions`` is nnterp's
+        deprecated name for ``token_positions`` (a DeprecationWarning; both at once is a ValueError, as in nnterp).
 
         Example:
             >>> from unilens.testing import tiny_model
             >>> model = StandardizedTransformer(*tiny_model("llama"))
             >>> v = torch.randn(model.hidden_size)
             >>> with model.trace("The capital of France is"):
-            ...     model.steer(layers=[0, 1], steering_vector=v, factor=4.0, positions=-1)
+            ...     model.steer(layers=[0, 1], steering_vector=v, factor=4.0, token_positions=-1)
             ...     logits = model.logits.save()
             >>> logits.shape[0]
             1
         """
-        if token_positions is not None:
+        if positions is not None:
+            if token_positions is not None:
+                raise ValueError("steer: Cannot specify both `positions` (deprecated) and `token_positions`; pass "
+                                 "token_positions only.")
+            warnings.warn("steer: `positions` is deprecated, use `token_positions` instead.", DeprecationWarning,
+                          stacklevel=2)
+        else:
             positions = token_positions
         layer_list = [layers] if isinstance(layers, int) else list(layers)
         # before any forward: a vector not (hidden_size,), or with NaN / inf (unless model.allow_nonfinite), is refused
@@ -671,6 +732,9 @@ class StandardizedTransformer(RemoteMode, TLMethods, NnterpMethods, LanguageMode
             f"StandardizedTransformer({arch.model_type}: {self.num_layers} layers, hidden {self.hidden_size}, "
             f"{self.num_heads} heads, vocab {self.vocab_size}; layers at {arch.layers_path})"
         )
+
+
+HookedTransformer.model_class = StandardizedTransformer  # what HookedTransformer.from_pretrained loads
 
 
 def load_default(**kwargs: Any) -> StandardizedTransformer:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 
 from ..core.protocol import StandardizedModel
 from ..hooks.attention import original_attention
 
-__all__ = ["ValidationError", "ValidationReport", "validate_model", "hf_reference_forward", "PROBE_TEXT"]
+__all__ = ["ValidationError", "ValidationReport", "validate_model", "hf_reference_forward", "residual_pairs", "PROBE_TEXT"]
 
 PROBE_TEXT = "The quick brown fox jumps over the lazy dog"
 
@@ -71,6 +72,38 @@ def _scaled(err: float, ref: torch.Tensor, tol: float) -> float:
     return err / (tol * max(1.0, float(ref.float().abs().max())))
 
 
+def residual_pairs(hidden_states: Sequence[torch.Tensor], first_input: torch.Tensor, outputs: Sequence[torch.Tensor],
+                   embedding_output: torch.Tensor | None, tol: float) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The residual checks as (standardized tensor, HF's tensor) pairs, under HF's convention for
+    ``output_hidden_states`` (used by the local and the remote load check).
+
+    Most families return ``(embeddings, layer 0 output, ..., layer n-2 output, final state)``. The Mamba family and
+    RWKV return ``(layer 0 output, ..., layer n-1 output, final normed state)``: no embeddings entry. Which one a
+    model uses is read off its first entry: the layer stack's input, or the first layer's output. Under the second,
+    every layer's output is paired with its own entry and ``layers_input[0]`` with HF's input-embedding output, so
+    both conventions check every layer against the model's own numbers.
+
+    Example:
+        >>> x, y = torch.zeros(1, 2, 4), torch.ones(1, 2, 4)
+        >>> list(residual_pairs((x, y), x, [y], None, 1e-4))  # standard: embeddings first
+        ['layers_input[0] vs hidden_states[0]']
+        >>> list(residual_pairs((y, y), x, [y], x, 1e-4))     # Mamba-style: layer outputs first
+        ['layers_input[0] vs input embeddings output', 'layers_output[0] vs hidden_states[0]']
+    """
+    def close(a: torch.Tensor, b: torch.Tensor) -> bool:
+        return _scaled(_max_err(a, b), b, tol) <= 1
+
+    if embedding_output is None or close(first_input, hidden_states[0]) or not close(outputs[0], hidden_states[0]):
+        pairs = {"layers_input[0] vs hidden_states[0]": (first_input, hidden_states[0])}
+        for i in range(len(outputs) - 1):  # the last HF state may already be normed: checked through the logits
+            pairs[f"layers_output[{i}] vs hidden_states[{i + 1}]"] = (outputs[i], hidden_states[i + 1])
+        return pairs
+    pairs = {"layers_input[0] vs input embeddings output": (first_input, embedding_output)}
+    for i in range(len(outputs)):
+        pairs[f"layers_output[{i}] vs hidden_states[{i}]"] = (outputs[i], hidden_states[i])
+    return pairs
+
+
 @torch.no_grad()
 def validate_model(model: StandardizedModel, text: str = PROBE_TEXT, raise_on_error: bool = True) -> ValidationReport:
     """Compare the standardized residual stream and logits with HF ``output_hidden_states`` on ``text``.
@@ -94,8 +127,13 @@ def validate_model(model: StandardizedModel, text: str = PROBE_TEXT, raise_on_er
     ids = enc["input_ids"][:, :12].to(device)
     # the oracle runs the model's own attention implementation, not unilens's: a model whose code branches on the
     # implementation's name (sparse-attention masks applied only for "eager" / "sdpa") must compute the same
-    with original_attention(hf):
-        reference = hf(input_ids=ids, output_hidden_states=True)
+    embedded: list[torch.Tensor] = []  # HF's own input-embedding output (a plain torch hook: independent of nnsight)
+    handle = hf.get_input_embeddings().register_forward_hook(lambda module, args, out: embedded.append(out))
+    try:
+        with original_attention(hf):
+            reference = hf(input_ids=ids, output_hidden_states=True)
+    finally:
+        handle.remove()
     hidden_states = reference.hidden_states
     n = model.num_layers
     dtype = reference.logits.dtype
@@ -117,11 +155,10 @@ def validate_model(model: StandardizedModel, text: str = PROBE_TEXT, raise_on_er
             saved["lens"] = model.project_on_vocab(outputs[-1]).save()
         saved["logits"] = model.logits.save()
     first_input, lens, logits = saved["first_input"], saved.get("lens"), saved["logits"]
-    report.errors["layers_input[0] vs hidden_states[0]"] = _scaled(_max_err(first_input, hidden_states[0]), hidden_states[0], tol)
-    for i in range(n - 1):
-        report.errors[f"layers_output[{i}] vs hidden_states[{i + 1}]"] = _scaled(
-            _max_err(outputs[i], hidden_states[i + 1]), hidden_states[i + 1], tol
-        )
+    for check, (ours, theirs) in residual_pairs(
+        hidden_states, first_input, outputs, embedded[0] if embedded else None, tol
+    ).items():
+        report.errors[check] = _scaled(_max_err(ours, theirs), theirs, tol)
     report.errors["logits vs HF logits"] = _scaled(_max_err(logits, reference.logits), reference.logits, tol)
     if lens is not None:
         report.errors["project_on_vocab(layers_output[-1]) vs logits"] = _scaled(

@@ -258,6 +258,9 @@ def main_cache(
     progress: bool = True,
     generate_tokens: int = 0,
     load: Callable[..., StandardizedTransformer] | None = None,
+    context_size: int | None = None,
+    prepend_bos: bool = True,
+    exclude_sinks: bool = False,
 ) -> ActivationStore:
     """CLI entry: read texts from ``texts_path``, load ``model_source`` (default: the embedded SmolLM2), cache.
 
@@ -291,6 +294,8 @@ def main_cache(
         return cache_activations(
             model, texts, names, out_dir, batch_size=batch_size, max_length=max_length, dtype=dtype,
             shard_tokens=shard_tokens, progress=progress, generate_tokens=generate_tokens,
+            **({"context_size": context_size, "prepend_bos": prepend_bos, "exclude_sinks": exclude_sinks}
+               if context_size is not None else {}),
         )  # fmt: skip
     finally:
         if started:
@@ -339,6 +344,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--generate-tokens", type=_non_negative_int, default=0, help="also store up to this many "
                    "greedily generated tokens per text, read during generation (KV cache on)")
+    p.add_argument("--context-size", type=_positive_int, default=None, help="pack the texts into contexts of this "
+                   "many tokens, SAELens's way (BOS first, BOS between texts) and run the model on them")
+    p.add_argument("--no-bos", action="store_true", help="with --context-size: no BOS at the start of a context")
+    p.add_argument("--exclude-sinks", action="store_true", help="with --context-size: no rows for each context's "
+                   "first token and the separators")
     return p
 
 
@@ -364,7 +374,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         store = main_cache(
             args.texts, args.names, args.out_dir, args.model, args.batch_size, args.max_length,
             shard_tokens=args.shard_tokens, dtype=args.dtype, progress=not args.no_progress,
-            generate_tokens=args.generate_tokens,
+            generate_tokens=args.generate_tokens, context_size=args.context_size, prepend_bos=not args.no_bos,
+            exclude_sinks=args.exclude_sinks,
         )  # fmt: skip
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

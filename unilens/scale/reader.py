@@ -265,9 +265,12 @@ class ActivationStore:
 
     def __repr__(self) -> str:
         m = self.manifest
+        packing = m.get("packing")
+        units = (f"{m['inputs']['num_cached_texts']} texts" if packing is None else
+                 f"{packing['num_contexts']} contexts of {packing['context_size']}")  # fmt: skip
         return (
             f"ActivationStore({self.path}: {m['model']['model_type']}, {len(self)} tokens from "
-            f"{m['inputs']['num_cached_texts']} texts, {len(m['names'])} names, {len(m['shards'])} shards)"
+            f"{units}, {len(m['names'])} names, {len(m['shards'])} shards)"
         )
 
 

@@ -8,7 +8,10 @@ Two ways to feed a sparse autoencoder (or any probe) from an `unilens.cache.Acti
   training ranks).
 - `export_to_datasets`: the store as a ``datasets.Dataset`` saved with ``save_to_disk``, in the layout SAELens's
   ``CacheActivationsRunner`` writes and its trainer reads (``cached_activations_path``): one column per hook with
-  ``Array2D(shape=(context_size, d_in))`` rows, plus ``token_ids`` ``(context_size,)`` int32.
+  ``Array2D(shape=(context_size, d_in))`` rows, plus ``token_ids`` ``(context_size,)`` int32. A store cached
+  with ``cache_activations(..., context_size=n)`` (texts packed into contexts with BOS and separators, SAELens's
+  caching) exports to the very rows SAELens caches for the same texts; columns can carry HF module paths
+  (``column_names="hf"``: ``model.layers.3``) or TransformerLens hook names (``"transformer_lens"``).
 
 Stream semantics (``shuffle=True``): one pass reads every row exactly once. Shards are the unit of work: the
 pass's shard order is a permutation drawn from ``(seed, epoch)``; the shards of that order go round-robin to the
@@ -50,6 +53,9 @@ TRANSFORMER_LENS_HOOKS: dict[str, str] = {
     "mlps_output": "blocks.{i}.hook_mlp_out",
     "attention_heads": "blocks.{i}.attn.hook_z",  # (heads, head_dim) flattened to heads * head_dim, as SAELens
 }
+
+
+_HF_OUTPUTS_WORDS = ("layers_output.<i>", "attentions_output.<i>", "mlps_output.<i>")
 
 
 def transformer_lens_hook_name(name: str) -> str:
@@ -203,7 +209,7 @@ def _datasets():
 def export_to_datasets(
     store: ActivationStore | str | os.PathLike,
     out_dir: str | os.PathLike,
-    context_size: int,
+    context_size: int | None = None,
     names: str | Sequence[str] | None = None,
     column_names: Mapping[str, str] | str | None = None,
     dtype: str | None = None,
@@ -213,17 +219,22 @@ def export_to_datasets(
     """Write ``store`` as a Hugging Face ``datasets.Dataset`` (``save_to_disk``) in SAELens's cached-activation
     layout; returns a summary ``{"path", "contexts", "tokens", "dropped_tokens", "columns", "bytes"}``.
 
-    Rows of the store (real tokens, texts in order, each text's tokens in order) are packed into contexts of
-    ``context_size`` consecutive tokens (a context may span two texts, as SAELens's own token packing does); the
-    last ``len(store) % context_size`` tokens do not fill a context and are left out (``dropped_tokens``). One
+    Rows of the store (in store order) are grouped into contexts of ``context_size`` consecutive rows; the last
+    ``len(store) % context_size`` rows do not fill a context and are left out (``dropped_tokens``). For a store
+    cached with ``context_size=n`` (packed contexts, SAELens's caching) ``context_size`` defaults to ``n``: each
+    exported context is one context the model ran, row for row what SAELens's ``CacheActivationsRunner`` writes
+    for the same texts. For a store of one text per row, a context is consecutive tokens of the texts, which a
+    context may span (no BOS or separator is added: the model ran each text alone). One
     column per name, ``Array2D(shape=(context_size, d_in))`` with ``d_in`` the row's size (a ``(heads, d)`` row
     is flattened to ``heads * d``); ``token_ids`` ``(context_size,)`` int32; with ``metadata=True`` also
-    ``text_index`` and ``position`` ``(context_size,)`` int64. ``column_names``: ``{name: column}``, or
-    ``"transformer_lens"`` for SAELens / TransformerLens hook names (``blocks.3.hook_resid_post``, see
-    `TRANSFORMER_LENS_HOOKS`); default: the store's names. ``dtype``: ``"float32"`` / ``"float16"`` (default: the
-    store's; a bfloat16 store is written as float32, exactly, since Arrow has no bfloat16). Memory: one store
-    shard plus one context. Point SAELens at it with ``cached_activations_path=out_dir``, ``hook_name=<column>``,
-    ``context_size=context_size``, ``d_in=d_in``.
+    ``text_index`` and ``position`` ``(context_size,)`` int64. ``column_names``: ``{name: column}``; ``"hf"`` for
+    the HF module path of a module's output (``model.layers.3``: what SAELens's runner hooks on a model loaded with
+    ``model_class_name="AutoModelForCausalLM"``, for ``layers_output``, ``attentions_output`` and ``mlps_output``);
+    ``"transformer_lens"`` for TransformerLens hook names (``blocks.3.hook_resid_post``, see
+    `TRANSFORMER_LENS_HOOKS`: SAELens on a ``HookedTransformer``); default: the store's names. ``dtype``:
+    ``"float32"`` / ``"float16"`` (default: the store's; a bfloat16 store is written as float32, exactly, since
+    Arrow has no bfloat16). Memory: one store shard plus one context. Point SAELens at it with
+    ``cached_activations_path=out_dir``, ``hook_name=<column>``, ``context_size=context_size``, ``d_in=d_in``.
 
     Example:
         >>> import tempfile
@@ -242,6 +253,12 @@ def export_to_datasets(
     datasets = _datasets()
     store = store if isinstance(store, ActivationStore) else ActivationStore(store)
     names = _check_names(store, names)
+    packing = store.manifest.get("packing")
+    if context_size is None:
+        if packing is None:
+            raise ValueError("context_size is needed for a store of one text per row (cached without context_size): "
+                             "pass the context size SAELens is to train with, e.g. context_size=128.")  # fmt: skip
+        context_size = int(packing["context_size"])
     if not isinstance(context_size, int) or isinstance(context_size, bool) or context_size < 1:
         raise ValueError(f"context_size must be an int >= 1, got {context_size!r}.")
     if len(store) < context_size:
@@ -251,13 +268,24 @@ def export_to_datasets(
         columns = {name: name for name in names}
     elif column_names == "transformer_lens":
         columns = {name: transformer_lens_hook_name(name) for name in names}
+    elif column_names == "hf":
+        modules = store.manifest.get("hf_modules")
+        if modules is None:
+            raise ValueError("this store does not record HF module paths (an older unilens wrote it): pass "
+                             "column_names={name: 'model.layers.3', ...} by hand.")  # fmt: skip
+        missing = [n for n in names if n not in modules]
+        if missing:
+            raise ValueError(f"{missing} are not the output of one HF module, so SAELens has no hook name for them; "
+                             f"names that are: {[n for n in names if n in modules] or list(modules)} "
+                             f"({', '.join(_HF_OUTPUTS_WORDS)}).")  # fmt: skip
+        columns = {name: modules[name] for name in names}
     elif isinstance(column_names, Mapping):
         missing = [n for n in names if n not in column_names]
         if missing:
             raise ValueError(f"column_names has no column for {missing}; give one per name, or leave it None.")
         columns = {name: str(column_names[name]) for name in names}
     else:
-        raise ValueError(f"column_names must be None, 'transformer_lens' or a dict, got {column_names!r}.")
+        raise ValueError(f"column_names must be None, 'hf', 'transformer_lens' or a dict, got {column_names!r}.")
     reserved = set(_META) & set(columns.values())
     if reserved or len(set(columns.values())) != len(columns):
         raise ValueError(f"column names must be distinct and not {list(_META)}: {columns}.")

@@ -65,6 +65,23 @@ for the whole job. Shard bytes depend only
 on the inputs and arguments, so the store is byte-identical to a one-process run; a relaunch after a crash of any
 rank keeps every recorded shard and computes the rest.
 
+Packed contexts (``context_size=n``, SAELens's caching): the texts are tokenized without special tokens and packed,
+in order, into contexts of exactly ``n`` tokens, SAELens's ``ActivationsStore`` rules: a context starts with BOS
+(``prepend_bos=True``; not added where the next text token is BOS itself), a text joining an open context is
+preceded by the separator (``separator="bos"``, or ``"eos"``, ``"sep"``, a token id, ``None``; not added where the
+text starts with it), a text longer than the room left runs on into the next context (which starts with BOS, no
+separator), a separator that takes a context's last slot ends it, and the last context, unless full, is dropped
+(``packing.dropped_tokens`` in the manifest counts its text tokens). The model runs on the contexts, ``batch_size``
+per forward, with no padding, so every token sees its context as SAELens's model sees it. The store's units are
+the contexts: ``text_index`` is a row's context and ``position`` its position there; every token of a context
+is a row, BOS and separators included (SAELens keeps them), unless ``exclude_sinks=True``, which drops the rows of
+each context's first token and of the separators packing inserted (they still run: the other rows are unchanged).
+The manifest records the packing (``"packing"``) and ``export_to_datasets`` then writes one context per row.
+
+Early stop: a forward stops right after the last requested name is read (a hook raising, or nnsight's
+``tracer.stop()``): for ``layers_output.3`` of a 30-layer model, 4 layers run and no unembedding; only ``logits``
+runs the model to its end.
+
 Generation (``generate_tokens=n``): each text is continued greedily by the model's own ``generate`` (KV cache on)
 and the activations of every token fed through the model are read during generation, step by step (one text per
 ``generate`` call): a text's rows are its prompt tokens, then up to ``n`` generated tokens (fewer when the model

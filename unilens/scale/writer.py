@@ -15,7 +15,7 @@ import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 import numpy as np
 import torch
@@ -28,8 +28,8 @@ from ..core.distributed import (
     rank_world,
 )
 from ..core.names import HEADS_FIRST, PROBS
-from .capture import _generate_steps, _per_token, _probe_rows, _run_batch
-from .plan import _batches, _pad_id, _plan_shards, _tokenize, _Tokens
+from .capture import _generate_steps, _hf_modules, _per_token, _probe_rows, _run_batch
+from .plan import _batches, _pack, _pad_id, _plan_shards, _tokenize, _Tokens
 from .reader import ActivationStore, _signature
 from .shard_file import (
     _atomic_write,
@@ -100,6 +100,10 @@ def cache_activations(
     shard_tokens: int | None = None,
     progress: bool = True,
     generate_tokens: int = 0,
+    context_size: int | None = None,
+    prepend_bos: bool = True,
+    separator: int | Literal["bos", "eos", "sep"] | None = "bos",
+    exclude_sinks: bool = False,
 ) -> ActivationStore:
     """Run ``model`` over ``texts`` and store the per-token activations ``names`` in ``out_dir`` (resumable).
 
@@ -117,6 +121,16 @@ def cache_activations(
     ``generate_tokens=n``: also store up to ``n`` greedily generated tokens per text, read during generation
     (`unilens.scale.store`; not for ``attention_probabilities``).
 
+    ``context_size=n`` (SAELens's caching, `unilens.scale.store`'s "Packed contexts"): the texts, tokenized without
+    special tokens, are packed into contexts of exactly ``n`` tokens, each starting with BOS (``prepend_bos``), texts
+    in one context separated by ``separator`` (default BOS, as SAELens; ``None``: none), the last unfilled context
+    dropped; the model runs on the contexts (``batch_size`` contexts per forward, no padding) and every token of a
+    context is a row (``text_index`` = the context's index, ``position`` = the position in the context).
+    ``exclude_sinks=True`` stores no row for each context's first token and the separators packing inserted (the
+    attention sinks, whose norm dwarfs the others'); by default they are kept, as SAELens keeps them.
+
+    The forward stops right after the last module a name is read from (the unembedding runs only for ``"logits"``).
+
     Under an initialized ``torch.distributed`` process group every rank must make the same call (same model,
     texts, arguments): shards are split over ranks, rank 0 writes the manifest, every rank returns the store.
 
@@ -131,12 +145,13 @@ def cache_activations(
         True
     """
     texts = _check_arguments(texts, batch_size, max_length, shard_tokens, generate_tokens)
+    packing = _check_packing(context_size, prepend_bos, separator, exclude_sinks, max_length, generate_tokens)
     store_dtype = _parse_dtype(dtype)
     resolved = _check_names(model, names, generate_tokens)
     lock = _lock(Path(out_dir))  # before the inputs are tokenized: a second writer is refused at once
     try:
         run = _plan_run(model, texts, resolved, Path(out_dir), batch_size, max_length, store_dtype, shard_tokens,
-                        generate_tokens)  # fmt: skip
+                        generate_tokens, packing)  # fmt: skip
         done = _resume(run)
         written = _compute_shards(run, done, progress)
         return _finish(run, done, written)
@@ -243,6 +258,30 @@ def _check_arguments(texts: Sequence[str], batch_size: int, max_length: int | No
     return texts
 
 
+def _check_packing(context_size: int | None, prepend_bos: bool, separator: Any, exclude_sinks: bool,
+                   max_length: int | None, generate_tokens: int) -> dict[str, Any] | None:  # fmt: skip
+    """The packing arguments of `_pack` (None: one text per forward row), once checked."""
+    if context_size is None:
+        given = [name for name, value, default in (("prepend_bos", prepend_bos, True), ("separator", separator, "bos"),
+                                                   ("exclude_sinks", exclude_sinks, False)) if value != default]
+        if given:
+            raise CacheError(f"{', '.join(given)} only apply to packed contexts: pass context_size too.")
+        return None
+    if not isinstance(context_size, int) or isinstance(context_size, bool) or context_size < 1:
+        raise CacheError(f"context_size must be a positive int or None, got {context_size!r}.")
+    if max_length is not None:
+        raise CacheError("max_length and context_size cannot be combined: packed texts are not truncated (a long "
+                         "text runs on into the next context); leave max_length out.")  # fmt: skip
+    if generate_tokens:
+        raise CacheError("generate_tokens and context_size cannot be combined: generation continues one text, not a "
+                         "packed context.")  # fmt: skip
+    if separator is not None and not (isinstance(separator, int) and not isinstance(separator, bool)) \
+            and separator not in ("bos", "eos", "sep"):
+        raise CacheError(f"separator must be 'bos', 'eos', 'sep', a token id or None, got {separator!r}.")
+    return {"context_size": context_size, "prepend_bos": bool(prepend_bos), "separator": separator,
+            "exclude_sinks": bool(exclude_sinks)}  # fmt: skip
+
+
 def _check_names(model: "StandardizedTransformer", names: str | Sequence[str], generate_tokens: int) -> list[_Name]:
     """The names resolved (`_resolve_names`), once checked against ``generate_tokens``."""
     resolved = _resolve_names(model, names)
@@ -260,10 +299,17 @@ def _check_names(model: "StandardizedTransformer", names: str | Sequence[str], g
 def _plan_run(
     model: "StandardizedTransformer", texts: list[str], resolved: list[_Name], out_dir: Path, batch_size: int,
     max_length: int | None, store_dtype: torch.dtype | None, shard_tokens: int | None, generate_tokens: int,
+    packing: dict[str, Any] | None = None,
 ) -> _Run:
-    """Tokenize the texts, probe every name's row shape, plan the shards (``shard_tokens``, or about
+    """Tokenize (and pack) the texts, probe every name's row shape, plan the shards (``shard_tokens``, or about
     `_DEFAULT_SHARD_BYTES` per shard) and build the manifest's header."""
-    tokens = _tokenize(model.tokenizer, texts, max_length)
+    if packing is None:
+        tokens = _tokenize(model.tokenizer, texts, max_length)
+    else:
+        tokens = _pack(model.tokenizer, texts, **packing)
+        if not len(tokens.text_index) and len(tokens.skipped) < len(texts):
+            raise CacheError(f"the texts hold {tokens.packing['dropped_tokens']} tokens, fewer than one context of "
+                             f"{packing['context_size']}: pass more text or a smaller context_size.")  # fmt: skip
     if tokens.skipped:
         if len(tokens.skipped) == len(texts):
             raise CacheError("every text is empty (or tokenizes to no token): nothing to cache.")
@@ -273,7 +319,7 @@ def _plan_run(
             stacklevel=3,  # the caller of cache_activations
         )
     pad_id = _pad_id(model.tokenizer)
-    key_length = max_length if max_length is not None else int(np.diff(tokens.offsets).max())
+    key_length = max_length if max_length is not None else int(np.diff(tokens.offsets).max())  # packed: context
     rank, world = rank_world()
     # The probe forward (row shapes) is the first batch this rank computes on a fresh store where the shard plan is
     # known before it (shard_tokens given, no generation): its activations are kept for that shard, not recomputed
@@ -285,7 +331,7 @@ def _plan_run(
         if fresh and not (out_dir / _shard_name(fresh[0])).exists():  # (a resumed store may have it: a short probe)
             first_shard = fresh[0]
             probe = [tokens.of(k) for k in _batches(tokens, *plan[first_shard], batch_size)[0]]
-    rows_spec, probed = _probe_rows(model, resolved, probe, key_length, pad_id)
+    rows_spec, probed = _probe_rows(model, resolved, probe, key_length, pad_id, packed=packing is not None)
     if store_dtype is not None:
         for spec in rows_spec.values():
             spec["dtype"] = _dtype_name(store_dtype)
@@ -310,7 +356,7 @@ def _plan_run(
             "dtype": None if store_dtype is None else _dtype_name(store_dtype),
             "shard_tokens": shard_tokens,
             "key_length": key_length if any(n.layout == PROBS for n in resolved) else None,
-            "padding": "right",
+            "padding": "right" if packing is None else "none",
             **({"generate_tokens": generate_tokens} if generate_tokens else {}),
         },
         "inputs": {
@@ -321,6 +367,8 @@ def _plan_run(
             "skipped_texts": tokens.skipped,
             "truncated_texts": tokens.truncated,
         },
+        **({"packing": tokens.packing} if tokens.packing is not None else {}),
+        "hf_modules": _hf_modules(model, resolved),
         "num_shards": len(plan),
         "versions": dict(_versions()),
     }
@@ -396,7 +444,7 @@ def _compute_shards(run: _Run, done: dict[int, dict[str, Any]], progress: bool) 
         )
     delay = float(os.environ.get(_DELAY_ENV, "0") or 0)
     done_tokens = sum(e["rows"][1] - e["rows"][0] for e in done.values())
-    upper = int(run.tokens.offsets[-1]) + run.generate_tokens * len(run.tokens.text_index)  # generation: at most
+    upper = int(run.tokens.row_offsets[-1]) + run.generate_tokens * len(run.tokens.text_index)  # generation: at most
     bar = RankProgress(upper, done_tokens, progress, desc="caching activations")
     written: dict[int, dict[str, Any]] = {}
 
@@ -459,7 +507,8 @@ def _shard_to_temp(run: _Run, k: int, file: str, specs: dict[str, tuple[torch.dt
         size, digest = _write_shard(path, tensors, run.shard_metadata(k))
         return size, digest, n_rows
     reuse, run.probed = (run.probed if k == run.first_shard else None), None  # the probe ran its first batch
-    shard = _ShardFile(path, specs, run.tokens.offsets[a : b + 1] - run.tokens.offsets[a], run.shard_metadata(k))
+    shard = _ShardFile(path, specs, run.tokens.row_offsets[a : b + 1] - run.tokens.row_offsets[a],
+                       run.shard_metadata(k))  # fmt: skip
     try:
         _compute_shard(run.model, run.names, run.tokens, a, b, run.batch_size, run.key_length, run.pad_id, shard, bar,
                        delay, reuse)  # fmt: skip
@@ -467,7 +516,7 @@ def _shard_to_temp(run: _Run, k: int, file: str, specs: dict[str, tuple[torch.dt
         shard.abort()
         raise
     size, digest = shard.finish()
-    return size, digest, int(run.tokens.offsets[b] - run.tokens.offsets[a])
+    return size, digest, int(run.tokens.row_offsets[b] - run.tokens.row_offsets[a])
 
 
 def _compute_shard(
@@ -484,34 +533,47 @@ def _compute_shard(
     delay: float,
     first_batch: tuple[dict[str, torch.Tensor], torch.Tensor] | None = None,
 ) -> None:
-    """Write the activations of kept texts ``a..b-1`` into ``shard``, rows in text then position order.
-    ``first_batch``: the ``(saved, mask)`` of the shard's first batch, when the probe ran it already."""
-    start = int(tokens.offsets[a])
+    """Write the activations of units (kept texts, or packed contexts) ``a..b-1`` into ``shard``, rows in unit then
+    position order. ``first_batch``: the ``(saved, mask)`` of the shard's first batch, when the probe ran it already."""
+    start = int(tokens.row_offsets[a])
     by_key = {name.key: name for name in names}
+    packed = tokens.packing is not None
     for i, batch in enumerate(_batches(tokens, a, b, batch_size)):
         # text k's real tokens are the first length(k) positions of its row (right padding) and rows
         # offsets[k] - start .. + length(k) of the shard; each text is in one batch, so every row is written once
-        spans = [(j, int(tokens.offsets[k]) - start, tokens.length(k)) for j, k in enumerate(batch)]
-        width = max(length for _, _, length in spans)
+        spans = [(j, int(tokens.row_offsets[k]) - start, tokens.length(k)) for j, k in enumerate(batch)]
+        width = max(tokens.length(k) for k in batch)
+        keep = None
+        if packed:  # contexts of one length, in order (`_batches`): the batch's rows are one run of the shard
+            if batch != list(range(batch[0], batch[0] + len(batch))):
+                raise CacheError(f"internal error: packed batch {batch[:4]}... is not consecutive contexts")
+            rows = int(tokens.row_offsets[batch[-1] + 1] - tokens.row_offsets[batch[0]])
+            spans = [(0, spans[0][1], rows)]
+            if tokens.keep is not None:
+                keep = torch.from_numpy(tokens.keep[tokens.offsets[batch[0]] : tokens.offsets[batch[-1] + 1]])
+                keep = keep.view(len(batch), width)  # (batch, context): the tokens that get a row
 
         def store(key: str, value: torch.Tensor) -> None:
-            value = _per_token(by_key[key], value, len(spans), width, key_length)
+            value = _per_token(by_key[key], value, len(batch), width, key_length)  # (batch, width, *row)
+            if packed:  # (1, rows, *row): the batch's rows, in context then position order
+                value = (value.flatten(0, 1) if keep is None else value[keep]).unsqueeze(0)
             shard.write_texts(key, value, spans)
 
         if i == 0 and first_batch is not None:
             saved, _ = first_batch
         else:  # names read by a hook are stored during the forward
-            saved, _ = _run_batch(model, names, [tokens.of(k) for k in batch], pad_id, consume=store)
+            saved, _ = _run_batch(model, names, [tokens.of(k) for k in batch], pad_id, consume=store, packed=packed)
         for key, value in saved.items():  # names read through a trace (every name of the probe's batch)
             store(key, value)
         if bar is not None:
             bar.update(sum(length for _, _, length in spans))
         if delay:
             time.sleep(delay)
-    lengths = np.diff(tokens.offsets[a : b + 1])
-    shard.write("token_ids", 0, torch.from_numpy(tokens.ids[start : int(tokens.offsets[b])]))
-    shard.write("text_index", 0, torch.from_numpy(np.repeat(tokens.text_index[a:b], lengths)))
-    shard.write("position", 0, torch.from_numpy(np.concatenate([np.arange(n) for n in lengths]).astype(np.int64)))
+    ids, position = tokens.kept_positions(a, b)
+    shard.write("token_ids", 0, torch.from_numpy(ids))
+    rows_per_unit = np.diff(tokens.row_offsets[a : b + 1])
+    shard.write("text_index", 0, torch.from_numpy(np.repeat(tokens.text_index[a:b], rows_per_unit)))
+    shard.write("position", 0, torch.from_numpy(position))
 
 
 def _compute_shard_generated(
@@ -614,6 +676,9 @@ def _prepare_out_dir(run: _Run) -> dict[int, dict[str, Any]]:
     damage = str(problem).removesuffix(f": {_MANIFEST_REPAIR}.")  # what is wrong with the manifest, no repair
     if problem is None:
         theirs = {k: v for k, v in existing.items() if k not in ("complete", "shards", _MANIFEST_CHECKSUM)}
+        if "hf_modules" not in theirs and "hf_modules" in run.header:  # written before stores recorded it: resumed
+            run.header.pop("hf_modules")  # as it is (the header, and so the run digest its shards carry, unchanged)
+            run._digest = None
         if existing["format_version"] < 4:
             return _legacy_store(run, existing, theirs)
         diffs = _differences(theirs, run.header)
@@ -710,7 +775,7 @@ def _adopt(run: _Run, k: int, name: str) -> tuple[dict[str, Any] | None, str]:
     if meta[_META_STORE] != run.digest:
         return None, "other"
     a, b = run.plan[k]
-    rows = digests.rows if run.generate_tokens else int(run.tokens.offsets[b] - run.tokens.offsets[a])
+    rows = digests.rows if run.generate_tokens else int(run.tokens.row_offsets[b] - run.tokens.row_offsets[a])
     head = _shard_layout(run.specs(), rows, {**run.shard_metadata(k), _META_DATA: digests.data_digest})[3]
     if meta.get(_META_SHARD) != str(k) or meta.get(_META_DATA) != digests.data_digest or head != digests.head:
         return None, "damaged"
@@ -726,7 +791,8 @@ def _legacy_store(run: _Run, existing: dict[str, Any], theirs: dict[str, Any]) -
     very call (compared with that fingerprint), verified and returned as it is; an incomplete one is refused (its
     shards cannot be shown to come from this model's weights, so resuming could mix two models)."""
     version = existing["format_version"]
-    legacy = {k: v for k, v in run.header.items() if k != "numerics"}
+    legacy = {k: v for k, v in run.header.items()
+              if k not in ("numerics", "hf_modules")}  # what formats 1-3 recorded  # fmt: skip
     legacy.update(format_version=version, model=_legacy_identity(run.model))
     diffs = _differences(theirs, legacy)
     if diffs:
@@ -756,7 +822,7 @@ def _expected_entry(k: int, plan: list[tuple[int, int]], tokens: "_Tokens", rows
         "file": _shard_name(k), "texts": [int(tokens.text_index[a]), int(tokens.text_index[b - 1]) + 1],
     }  # fmt: skip
     if rows:
-        entry["rows"] = [int(tokens.offsets[a]), int(tokens.offsets[b])]
+        entry["rows"] = [int(tokens.row_offsets[a]), int(tokens.row_offsets[b])]
     return entry
 
 
