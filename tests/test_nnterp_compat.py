@@ -414,8 +414,9 @@ class WrongProbs(AttnProbFunction):
 
 # Types whose attention computes softmax(scores) inline in its own forward (the operation whose output is the
 # probabilities, and the dropout module applied to them, if any); every other named type calls an attention function
-# (transformers' AttentionInterface), whose eager source that model never runs under unilens.
-OWN_PROB_SOURCE = {"bloom": ("self_attention_dropout_0", "attention_dropout"), "falcon": ("F_softmax_0", None)}
+# (transformers' AttentionInterface), whose eager source that model never runs under unilens. Falcon computed
+# softmax inline until transformers 5.25, which moved it to the attention interface.
+OWN_PROB_SOURCE = {"bloom": ("self_attention_dropout_0", "attention_dropout")}
 
 
 @pytest.mark.parametrize("model_type", ZOO_REQUIRED)

@@ -568,12 +568,13 @@ def test_refused_arguments_leave_no_folder_and_no_lock(model, tmp_path):
 
 
 def _as_format_3(out: Path, model) -> dict:
-    """Rewrite ``out``'s manifest as store format 3 wrote it: a sampled weight fingerprint, no numerics, no manifest
-    checksum."""
+    """Rewrite ``out``'s manifest as store format 3 wrote it: a sampled weight fingerprint, no numerics, no HF module
+    paths, no manifest checksum."""
     manifest = json.loads((out / "manifest.json").read_text())
     manifest["format_version"] = 3
     manifest["model"] = store_format._legacy_identity(model)
     del manifest["numerics"]
+    manifest.pop("hf_modules", None)
     _write_manifest(out, manifest, checksum=False)
     return manifest
 

@@ -415,6 +415,7 @@ def _batch(model: Any, prompts: str | Sequence[str]) -> tuple[Any, torch.Tensor 
     not readable from the model inside the trace); a StandardizedTransformer tokenizes and tracks it itself."""
     if _is_standardized(model):
         return prompts, None
+    _hf_module(model)  # an nnsight model, or a TypeError that says what to pass
     enc = model.tokenizer([prompts] if isinstance(prompts, str) else list(prompts), padding=True,
                           return_tensors="pt")
     batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
