@@ -40,7 +40,7 @@ def _close(a, b, tol=1e-5):
 dims = st.integers(min_value=1, max_value=6)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40, deadline=None, derandomize=True)  # the same examples every run (a deterministic suite)
 @given(lead=st.lists(st.integers(1, 3), max_size=2), l=dims, m=dims, r=dims, k=dims, seed=st.integers(0, 2**16))
 def test_factored_matrix_products_equal_explicit_ones(lead, l, m, r, k, seed):
     g = torch.Generator().manual_seed(seed)
