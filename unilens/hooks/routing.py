@@ -47,8 +47,7 @@ from torch.overrides import TorchFunctionMode
 from ..arch.probe import Probe
 from ..core.names import ROUTING, names_of_kind
 from ..core.tensors import _first
-from .attention import HookPoint
-from .points import HookPointAccessor, UnsupportedHookPoint
+from .points import HookPointAccessor, PointGroup, UnsupportedHookPoint
 
 __all__ = [
     "ROUTING_NAMES",
@@ -71,31 +70,16 @@ class UnsupportedRouting(UnsupportedHookPoint):
     """A routing tensor this model (or layer) does not have; the message names it, the model type and why."""
 
 
-class RoutingGroup(nn.Module):
+class RoutingGroup(PointGroup):
     """The ``unilens_routing`` child of a sparse MoE block: one identity ``HookPoint`` per routing name it serves,
-    the names requested by the running trace, the torch hook handles serving them and per-forward state.
+    the names requested by the running trace, the torch hook handles serving them and per-forward state (the
+    mechanism of ``unilens.hooks.points.PointGroup``, under its own name in the module tree).
 
     Example:
         >>> group = RoutingGroup(["router_logits", "expert_indices"])
         >>> sorted(name for name, _ in group.named_children())
         ['expert_indices', 'router_logits']
     """
-
-    def __init__(self, names: list[str]):
-        super().__init__()
-        for name in names:
-            self.add_module(name, HookPoint())
-        object.__setattr__(self, "requested", set())
-        object.__setattr__(self, "handles", [])
-        object.__setattr__(self, "state", {})
-
-    def run(self, name: str, value: torch.Tensor) -> tuple[torch.Tensor, bool]:
-        """``value`` through HookPoint ``name`` if requested: (result, whether it was edited, in place or replaced)."""
-        if name not in self.requested:
-            return value, False
-        snapshot = value.clone()
-        out = getattr(self, name)(value)
-        return out, out is not value or not torch.equal(out, snapshot)
 
 
 @dataclass
