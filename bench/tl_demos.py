@@ -408,7 +408,10 @@ def worker(side: str, cells_path: str, result_path: str, timeout: float, threads
     cells = json.loads(Path(cells_path).read_text())
     results: list[dict[str, Any]] = []
 
+    fired: list[bool] = []  # whether this cell's alarm went off
+
     def on_alarm(signum, frame):
+        fired.append(True)
         raise CellTimeout(f"cell ran past {timeout:.0f} s")
 
     signal.signal(signal.SIGALRM, on_alarm)
@@ -419,6 +422,7 @@ def worker(side: str, cells_path: str, result_path: str, timeout: float, threads
             record["reason"] = cell["skip"]
         else:
             start = time.perf_counter()
+            fired.clear()
             signal.setitimer(signal.ITIMER_REAL, timeout)
             try:
                 outcome = shell.run_cell(cell["source"], store_history=True)
@@ -428,6 +432,10 @@ def worker(side: str, cells_path: str, result_path: str, timeout: float, threads
             finally:
                 signal.setitimer(signal.ITIMER_REAL, 0)
             record["seconds"] = round(time.perf_counter() - start, 2)
+            if error is not None and fired and not isinstance(error, CellTimeout):
+                # the alarm fired inside library code that turned CellTimeout into another exception on its way out
+                # (nnsight's traceback filter raised a TypeError): the cell ran out of time
+                error = CellTimeout(f"cell ran past {timeout:.0f} s (surfaced as {type(error).__name__}: {error})")
             if error is None:
                 record["status"] = "ok"
             else:

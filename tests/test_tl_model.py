@@ -317,6 +317,40 @@ def test_backward_hooks_give_autograd_gradients():
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("name", ["blocks.1.attn.hook_q", "blocks.1.attn.hook_k", "blocks.1.ln1.hook_scale",
+                                  "blocks.1.ln2.hook_normalized", "blocks.1.mlp.hook_pre", "blocks.1.mlp.hook_post",
+                                  "blocks.1.hook_resid_mid"])
+def test_backward_hooks_on_hook_points_see_the_gradient(kind, name):
+    """Points the model never computes from (q split into heads, a norm's scale) get their gradient all the same
+    (the forward runs through them under autograd), and the forward's numbers stay the model's bitwise."""
+    view = _view(kind)
+    ids = view.to_tokens(PROMPT)
+    with torch.no_grad():
+        plain = view(ids)
+    seen, grads = {}, {}
+    view.add_hook(name, lambda x, hook: seen.update(x=x.detach().clone()))
+    view.add_hook(name, lambda g, hook: grads.update(g=g.clone()), dir="bwd")
+    logits = view(ids)
+    assert torch.equal(logits, plain)  # routing the gradient changes no number of the forward
+    logits[0, -1].logsumexp(-1).backward()
+    view.reset_hooks()
+    assert "g" in grads, f"the backward hook on {name} never ran"
+    # oracle: the same forward with the point's value replaced by a leaf, and autograd's gradient of that leaf
+    leaf = seen["x"].clone().requires_grad_(True)
+    out = view.run_with_hooks(ids, fwd_hooks=[(name, lambda x, hook: leaf)])
+    (expect,) = torch.autograd.grad(out[0, -1].logsumexp(-1), [leaf])
+    assert grads["g"].shape == expect.shape
+    _close(grads["g"], expect)
+    assert grads["g"].abs().sum() > 0
+
+
+def test_backward_hooks_on_per_head_inputs_are_refused():
+    view = _view("llama")
+    with pytest.raises(KeyError, match="per-head attention inputs"):
+        view.add_hook("blocks.0.hook_q_input", lambda g, hook: None, dir="bwd")
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_generate_text_in_text_out_greedy_equals_argmax_loop(kind):
     view = _view(kind)
     text = view.generate(PROMPT, max_new_tokens=4, do_sample=False, verbose=False, stop_at_eos=False)

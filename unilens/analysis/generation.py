@@ -159,7 +159,7 @@ def generate(
     steering = [steer] if isinstance(steer, Steering) else list(steer)
     for k, s in enumerate(steering):
         check_steering_vector(s.vector, model.hidden_size, f"generate: steer[{k}] (layers {s.layers})", s.factor,
-                              s.allow_nonfinite)
+                              s.allow_nonfinite, streams=model.architecture.residual_streams)
     locations = parse_names(model, capture) if capture else []
     order = forward_order(model)
     # Steering writes layers_output; a read of the same layer's output must come after the write, and reads of

@@ -43,7 +43,8 @@ def steer_all(
     layers = _layer_list(model, list(vectors)) if vectors else []
     by_layer = dict(zip(layers, vectors.values()))
     for key, vector in vectors.items():
-        check_steering_vector(vector, model.hidden_size, f"steer_all: vectors[{key}]", factor, allow_nonfinite)
+        check_steering_vector(vector, model.hidden_size, f"steer_all: vectors[{key}]", factor, allow_nonfinite,
+                              streams=model.architecture.residual_streams)
     batch = _encode(model, prompts)
     # every row / position checked on this batch's mask before the forward (the trace checks it again per layer)
     positions_in_batch(batch["attention_mask"].cpu(), tuple(batch["input_ids"].shape), positions, batch_rows,

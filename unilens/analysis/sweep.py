@@ -31,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers.cache_utils import Cache, DynamicCache
 
-from ..core.tensors import _first
+from ..core.tensors import _first, _with_first  # a namedtuple output (Reformer's layers) stays one
 from .arguments import Metric, check_metric
 
 __all__ = [
@@ -247,10 +247,6 @@ class CorruptedRun:
             for layer, layer_pairs in zip(cache.layers, per_layer):
                 layer.batch_select_indices(torch.tensor(layer_pairs, dtype=torch.long))
         return {self.cache_key: cache, "use_cache": True}
-
-
-def _with_first(output: Any, first: torch.Tensor) -> Any:
-    return (first, *output[1:]) if isinstance(output, tuple) else first
 
 
 class Sweep:

@@ -3,7 +3,7 @@
 The rules, in order of trust:
 
 * embeddings and unembedding come from the model's own ``get_input_embeddings()`` /
-  ``get_output_embeddings()``;
+  ``get_output_embeddings()`` (the one table of a one-codebook audio LM's per-codebook list: ``token_table``);
 * the decoder-layer list is the ``nn.ModuleList`` holding the most parameters (MoE expert lists live
   *inside* layers, so they always hold fewer);
 * inside a layer, the attention module is the shallowest module whose class name says "Attention"
@@ -30,8 +30,15 @@ import torch
 from nnsight.intervention.envoy import Envoy
 from torch import nn
 
+from ..core.layouts import LEADING_STREAM, SEQ_FIRST, ResidualLayout
 from .probe import Probe, probe_ids
-from .structure import computes_softmax_attention, find_output_projection, is_projection, owns_projection
+from .structure import (
+    computes_softmax_attention,
+    find_output_projection,
+    is_projection,
+    owns_projection,
+    token_table,
+)
 
 __all__ = [
     "Architecture",
@@ -41,6 +48,9 @@ __all__ = [
     "discover",
     "NO_POSITION_EMBEDDING",
     "probe_position_embedding",
+    "probe_residual_layout",
+    "probe_prefix_positions",
+    "probe_residual_streams",
 ]
 
 # The one reason given for ``position_embeddings`` on every model without such a tensor (the same sentence on all).
@@ -139,6 +149,31 @@ class Architecture:
     # the learned absolute position embedding whose output is added to the token embeddings before layer 0 (GPT-2's
     # ``transformer.wpe``); None on rotary / ALiBi models. Found by probe_position_embedding.
     position_embed_path: str | None = None
+    # positions the model prepends to the input inside its forward (CPM-Ant's learned prompt): every per-layer tensor
+    # has prefix_positions + seq positions, the prepended ones first, while HF's hidden states, attentions and logits
+    # keep the input's (the last seq). Found by probe_prefix_positions.
+    prefix_positions: int = 0
+    # how the residual stream lies in the layers' tensors: (batch, seq, hidden), XLNet's (seq, batch, hidden) or
+    # ProphetNet's main stream before its n-gram streams (unilens.core.layouts). Found by probe_residual_layout.
+    residual_layout: ResidualLayout = field(default_factory=ResidualLayout)
+    # where a layer is no one module but the i-th entries of parallel lists run by the model's forward loop (XLM:
+    # attentions, layer_norm1, ffns, layer_norm2): the list whose entries' input is the layers' input, while
+    # ``layers_path`` is the list whose entries' output is their output. None: ``layers_path``'s entries are layers
+    layer_input_path: str | None = None
+    # why the attention accessors cannot serve the attention this model has (XLNet's relative attention projects with
+    # raw weight tensors; XLM's attentions sit in a list beside the layer-output list): set by discovery, None where
+    # they can or where the model has no softmax attention (then its absence is the reason)
+    attention_refusal: str | None = None
+    # hidden-wide residual streams side by side in the layers' tensors: hyper-connections (Qwen4-Exp) run the layers on
+    # (batch, seq, streams * hidden), the token embeddings repeated once per stream, and a module of the head
+    # (model.hyper_connection_mixer) merges them before the unembedding. layers_input / layers_output are the whole
+    # tensor, as in HF's hidden states; project_on_vocab takes that width. Found by probe_residual_streams.
+    residual_streams: int = 1
+    # the keyword argument of a layer's forward that carries the residual stream (the previous layer's layers_output)
+    # where it is not the layer's first input: Reformer's reversible layers are called as
+    # layer(prev_attn_output=..., hidden_states=...), the other stream first. None: the first input. Found by
+    # probe_residual_streams.
+    layer_input_argument: str | None = None
 
     def __post_init__(self):
         if not self.head_chain and self.final_norm_path:
@@ -152,6 +187,15 @@ class Architecture:
     def attention_layers(self) -> list[int]:
         """Indices of layers that have softmax attention (all of them except on hybrid models)."""
         return [i for i, p in enumerate(self.layers) if p.attention is not None]
+
+    @property
+    def layer_input_refusal(self) -> str | None:
+        """Why ``layers_input`` cannot be assigned on this model (parallel layer lists), or None where it can."""
+        if self.layer_input_path is None:
+            return None
+        return (f"its layers are parallel module lists combined in the model's forward loop, which adds the output of "
+                f"{self.layer_input_path}[i] to its own copy of the residual stream, so a write to that module's input "
+                "would reach the attention branch only; assign layers_output[i - 1] instead")
 
     @classmethod
     def from_model(cls, model: nn.Module) -> "Architecture":
@@ -182,6 +226,30 @@ def _find_layers(model: nn.Module) -> str:
             "layers; pass a transformers causal LM (AutoModelForCausalLM)."
         )
     return best
+
+
+def _parallel_lists(model: nn.Module, layers_path: str) -> tuple[str, str | None]:
+    """``(layers_path, layer_input_path)`` where each layer is no one module but the i-th entries of parallel lists
+    that the model's forward loop combines (XLM: ``attentions``, ``layer_norm1``, ``ffns``, ``layer_norm2``): the
+    biggest list's entries hold no token mixer, and a list beside it, as long, holds the attentions. The layer's
+    output is then the last registered list's entry output (XLM's ``layer_norm2[i]``: post-norm, the residual), its
+    input the first one's entry input; a structural guess, checked at load against HF's hidden states. Elsewhere
+    ``(layers_path, None)``.
+    """
+    parent_path, _, _ = layers_path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    stack = model.get_submodule(layers_path)
+    lists = [(name, child) for name, child in parent.named_children()
+             if isinstance(child, nn.ModuleList) and len(child) == len(stack)]
+    entry = stack[0]
+    mlp_parts = _find_mlp(entry, None)
+    holds_mixer = _find_attention(entry) is not None or _find_mixer(entry, None, mlp_parts) is not None
+    attentions = [name for name, child in lists
+                  if _ATTENTION_CLASS.search(type(child[0]).__name__) and owns_projection(child[0])]
+    if len(lists) < 2 or holds_mixer or not attentions:
+        return layers_path, None
+    prefix = f"{parent_path}." if parent_path else ""
+    return prefix + lists[-1][0], prefix + lists[0][0]
 
 
 def _find_attention(layer: nn.Module) -> str | None:
@@ -280,16 +348,19 @@ def discover(model: nn.Module) -> Architecture:
         )
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", type(model).__name__)
-    embed = model.get_input_embeddings()
     lm_head = model.get_output_embeddings()
     if lm_head is None:
         raise ArchitectureError(
             f"{type(model).__name__} ({model_type}) has no output embeddings (lm_head): it is not a causal "
             "language model. Load it with AutoModelForCausalLM."
         )
+    try:  # a one-codebook audio LM keeps its one embedding / head in a per-codebook ModuleList (MusicGen)
+        embed, lm_head = token_table(model.get_input_embeddings()), token_table(lm_head)
+    except ValueError as err:
+        raise ArchitectureError(f"{type(model).__name__} ({model_type}) has {err}") from None
     embed_path = _path_of(model, embed)
     lm_head_path = _path_of(model, lm_head)
-    layers_path = _find_layers(model)
+    layers_path, layer_input_path = _parallel_lists(model, _find_layers(model))
     layers = model.get_submodule(layers_path)
     parts = []
     for layer in layers:
@@ -313,7 +384,27 @@ def discover(model: nn.Module) -> Architecture:
         lm_head_path=lm_head_path,
         layers=parts,
         logit_postprocessing=post,
+        layer_input_path=layer_input_path,
+        attention_refusal=_attention_refusal(layers, parts, layers_path, layer_input_path),
     )
+
+
+def _attention_refusal(layers: nn.ModuleList, parts: list[LayerParts], layers_path: str,
+                       layer_input_path: str | None) -> str | None:
+    """Why the model's attention is out of the attention accessors' reach though it has one (``Architecture.
+    attention_refusal``), or None."""
+    if any(p.attention is not None for p in parts):
+        return None
+    if layer_input_path is not None:
+        return (f"the attentions are the list {layer_input_path}, beside the layer-output list {layers_path} (parallel "
+                "lists combined in the model's forward loop), so no layer module holds them; hook "
+                f"{layer_input_path}[i] directly")
+    for layer, p in zip(layers, parts):
+        mixer = layer.get_submodule(p.mixer) if p.mixer is not None else None
+        if mixer is not None and _ATTENTION_CLASS.search(type(mixer).__name__) and not owns_projection(mixer):
+            return (f"its attention ({type(mixer).__name__}) projects queries, keys and values with raw weight "
+                    "tensors, not Linear modules, and unilens's attention hooks sit on those projections")
+    return None
 
 
 def apply_logit_postprocessing(logits: torch.Tensor, post: dict[str, float]) -> torch.Tensor:
@@ -581,8 +672,17 @@ def probe_dataflow(model: nn.Module, arch: Architecture) -> None:
     * branch modules that add the residual themselves (Bloom's attention and MLP end in ``dropout_add(x,
       residual)``): their standardized output moves to their last projection, so ``attentions_output`` /
       ``mlps_output`` are the branch, never branch + residual;
-    * the learned absolute position embedding, if any (``probe_position_embedding``).
+    * the learned absolute position embedding, if any (``probe_position_embedding``);
+    * positions the model prepends to the input inside its forward, if any (``probe_prefix_positions``), first:
+      the final norm's output feeds the unembedding at the input's positions only;
+    * how the residual stream lies in the layers' tensors (``probe_residual_layout``), first: the head is found
+      from the last layer's residual stream;
+    * several residual streams per layer: side by side in its tensor (hyper-connections), or the residual stream
+      passed to a layer as another argument than its first (Reformer's reversible layers) (``probe_residual_streams``).
     """
+    probe_residual_layout(model, arch)
+    probe_residual_streams(model, arch)
+    probe_prefix_positions(model, arch)
     layers_prefix = arch.layers_path + "."
     norms = {
         name: m
@@ -649,23 +749,30 @@ def probe_dataflow(model: nn.Module, arch: Architecture) -> None:
     if not unembed_input:
         raise ArchitectureError(f"{arch.model_type}: the unembedding {arch.lm_head_path} did not run in a forward pass.")
     target = unembed_input[-1]
-    final = last_layer_output[-1] if last_layer_output else None
-    # the final norm reads the last layer's output and its output is what the unembedding reads
+    final = arch.residual_layout.to_residual(last_layer_output[-1]) if last_layer_output else None
+    # the final norm reads the last layer's output and its output is what the unembedding reads (at the input's
+    # positions: a model that prepends positions of its own drops them before its position-wise head, CPM-Ant)
+    p = arch.prefix_positions
+
+    def kept(t: torch.Tensor) -> torch.Tensor:
+        return t[:, p:] if p and t.dim() >= 2 else t
+
     feeding = [
         n for n, out in outputs.items()
-        if not n.startswith("branch:") and isinstance(out, torch.Tensor) and _same(out, target)
+        if not n.startswith("branch:") and isinstance(out, torch.Tensor) and _same(kept(out), target)
         and final is not None and isinstance(norm_inputs.get(n), torch.Tensor) and _same(norm_inputs[n], final)
     ]
     if feeding:
         arch.final_norm_path, arch.head_chain = feeding[-1], [feeding[-1]]
-    elif final is not None and _same(target, final):
+    elif final is not None and _same(target, kept(final)):
         arch.final_norm_path, arch.head_chain = None, []
     else:
         arch.final_norm_path = None
         try:
             arch.head_chain = _head_chain(head_calls, final, target, arch)
         except ArchitectureError as err:  # the residual view stays valid; only project_on_vocab is refused
-            arch.head_chain, arch.head_error = None, str(err)
+            arch.head_chain, arch.head_error = None, (_other_stream_head(arch, target)
+                                                      or _wider_head(arch, final, target) or str(err))
     arch.mutated_in_place = {key for key, (tensor, version) in versions.items() if tensor._version != version}
     for key, path in branches.items():
         branch = outputs.get("branch:" + key)
@@ -684,6 +791,189 @@ def probe_dataflow(model: nn.Module, arch: Architecture) -> None:
             elif key == "mlp" and p.mlp_out == path:
                 p.mlp_out = last[0]
     probe_position_embedding(model, arch)
+
+
+@torch.no_grad()
+def probe_prefix_positions(model: nn.Module, arch: Architecture) -> int:
+    """Positions the model prepends to its input inside the forward, found by data flow (sets and returns
+    ``arch.prefix_positions``).
+
+    CPM-Ant prepends its learned prompt: its layers see ``prompt_length + seq`` positions, and HF keeps the last
+    ``seq`` in its hidden states, attentions and logits. A prefix of ``p`` positions qualifies when layer 0's input
+    has ``p`` more positions than the input ids, and its first ``p`` stay the same when every token changes (the
+    model's own positions, not the input's) while the others change.
+
+    Example:
+        >>> from unilens.testing import tiny_model
+        >>> hf, _ = tiny_model("cpmant")
+        >>> probe_prefix_positions(hf, discover(hf)) == hf.config.prompt_length
+        True
+        >>> llama, _ = tiny_model("llama")
+        >>> probe_prefix_positions(llama, discover(llama))
+        0
+    """
+    arch.prefix_positions = 0
+    seen: list[torch.Tensor | None] = []
+
+    def on_layer(mod, args, kwargs):
+        x = _first_tensor(args) if args else kwargs.get("hidden_states")
+        seen.append(x.detach().clone() if isinstance(x, torch.Tensor) else None)
+
+    ids = probe_ids(model)
+    with Probe(model) as probe:
+        probe.pre_hook(model.get_submodule(arch.layers_path)[0], on_layer, with_kwargs=True, stop=True)
+        for other in (False, True):
+            probe.run(probe_ids(model, other=other))
+    if len(seen) != 2 or seen[0] is None or seen[1] is None or seen[0].dim() != 3 or seen[0].shape != seen[1].shape:
+        return 0
+    extra = seen[0].shape[1] - ids.shape[-1]  # (batch, positions, hidden)
+    if extra > 0 and torch.equal(seen[0][:, :extra], seen[1][:, :extra]) and not torch.equal(
+        seen[0][:, extra:], seen[1][:, extra:]
+    ):
+        arch.prefix_positions = extra
+    return arch.prefix_positions
+
+
+@torch.no_grad()
+def probe_residual_streams(model: nn.Module, arch: Architecture) -> int:
+    """Layers that carry several residual streams, found by data flow (sets ``arch.residual_streams`` and
+    ``arch.layer_input_argument``; returns the number of streams side by side).
+
+    * side by side in one tensor: layer 0's input is ``(batch, seq, k * hidden)``, k equal copies of a hidden-wide
+      tensor (hyper-connections, Qwen4-Exp: every stream starts as the token embeddings). ``layers_output`` is then
+      the whole tensor, as HF's hidden states are, and project_on_vocab takes it (the head merges the streams);
+    * one per argument: layer 1 receives layer 0's output (its first tensor, HF's hidden state) through a keyword
+      argument other than its first input (Reformer's reversible layers, ``layer(prev_attn_output=...,
+      hidden_states=...)``): ``layer_input_argument`` names it, so ``layers_input[i]`` is the stream that
+      ``layers_output[i - 1]`` is, and a write to either reaches the same argument.
+
+    Example:
+        >>> from unilens.testing import tiny_model
+        >>> hf, _ = tiny_model("qwen4_exp_text")
+        >>> arch = discover(hf)
+        >>> probe_residual_streams(hf, arch), arch.layer_input_argument
+        (2, None)
+        >>> hf, _ = tiny_model("reformer")
+        >>> arch = discover(hf)
+        >>> probe_residual_streams(hf, arch), arch.layer_input_argument
+        (1, 'hidden_states')
+    """
+    arch.residual_streams, arch.layer_input_argument = 1, None
+    if arch.layer_input_path is not None or not arch.residual_layout.is_standard:
+        return 1  # parallel layer lists (XLM) or another layout (XLNet, ProphetNet): one stream in its own place
+    layers = model.get_submodule(arch.layers_path)
+    inputs: list[tuple[tuple, dict]] = []  # (args, kwargs) of layer 0, then of layer 1
+    first_output: list[torch.Tensor | None] = []
+
+    def on_input(mod, args, kwargs) -> None:
+        inputs.append((args, dict(kwargs)))
+
+    def on_output(mod, args, out) -> None:
+        first_output.append(_first_tensor(out))
+
+    with Probe(model) as probe:
+        probe.pre_hook(layers[0], on_input, with_kwargs=True)
+        probe.forward_hook(layers[0], on_output)
+        if len(layers) > 1:
+            probe.pre_hook(layers[1], on_input, with_kwargs=True, stop=True)
+        probe.run()
+    if not inputs:
+        return 1
+    args, kwargs = inputs[0]
+    x = _first_tensor(args) if args else _first_tensor(list(kwargs.values()))  # (batch, seq, k * hidden)
+    table = getattr(model.get_submodule(arch.embed_path), "weight", None)
+    hidden = table.shape[-1] if isinstance(table, torch.Tensor) else None
+    if hidden and isinstance(x, torch.Tensor) and x.dim() == 3 and x.shape[-1] > hidden and x.shape[-1] % hidden == 0:
+        streams = x.unflatten(-1, (x.shape[-1] // hidden, hidden))  # (batch, seq, k, hidden)
+        if all(torch.equal(streams[..., 0, :], streams[..., k, :]) for k in range(1, streams.shape[-2])):
+            arch.residual_streams = streams.shape[-2]
+    if len(inputs) < 2 or not first_output or first_output[0] is None:
+        return arch.residual_streams
+    out, (args, kwargs) = first_output[0], inputs[1]
+    first = _first_tensor(args) if args else _first_tensor(list(kwargs.values()))
+    if isinstance(first, torch.Tensor) and _same(first, out):
+        return arch.residual_streams  # the usual case: the residual stream is the first input
+    arch.layer_input_argument = next(
+        (name for name, value in kwargs.items() if isinstance(value, torch.Tensor) and _same(value, out)), None
+    )
+    return arch.residual_streams
+
+
+def _wider_head(arch: Architecture, final: torch.Tensor | None, unembed_input: torch.Tensor) -> str | None:
+    """Why project_on_vocab is refused where the unembedding reads a wider tensor than the last layer's output and no
+    module takes one to the other (Reformer: its final norm and unembedding read both reversible streams, concatenated
+    by functional code, while the layer's output is one of them, HF's hidden state), else None."""
+    if final is None or final.shape[-1] == unembed_input.shape[-1]:
+        return None
+    return (f"{arch.model_type}: the unembedding ({arch.lm_head_path}) reads a {unembed_input.shape[-1]}-wide tensor "
+            f"that the model's forward builds from more than the last layer's {final.shape[-1]}-wide output (HF's "
+            "hidden state), e.g. another residual stream concatenated beside it, with no module that merges them, so "
+            "project_on_vocab of a layer's output cannot reproduce the model's logits; read model.logits.")
+
+
+def _other_stream_head(arch: Architecture, unembed_input: torch.Tensor) -> str | None:
+    """Why project_on_vocab is refused where the layers carry several streams and the unembedding reads another
+    one than the residual stream (ProphetNet's logits are its first n-gram prediction stream's), else None."""
+    if arch.residual_layout.kind != LEADING_STREAM:
+        return None
+    return (f"{arch.model_type}: the unembedding ({arch.lm_head_path}) reads the layers' other streams (input shape "
+            f"{tuple(unembed_input.shape)}: the prediction streams after the first, residual one), not the residual "
+            "stream, so project_on_vocab of a layer's output cannot reproduce the model's logits; read model.logits.")
+
+
+@torch.no_grad()
+def probe_residual_layout(model: nn.Module, arch: Architecture) -> ResidualLayout:
+    """How the residual stream lies in the layers' tensors, found by data flow (sets and returns
+    ``arch.residual_layout``; ``unilens.core.layouts``).
+
+    On the probe ids ``(1, 4)``, a layer 0 input of shape ``(1, 4, hidden)`` is the standardized view. Any other
+    3-D shape that fits a known layout (``(4, 1, hidden)``: sequence first; ``(1, k * 4, hidden)``: k streams along
+    the sequence) is taken only when that layout's view of it is exactly HF's ``hidden_states[0]`` (HF's own
+    reading of its layers' tensors); else the layout stays ``batch_first`` and the load check reports what differs.
+
+    Example:
+        >>> from unilens.testing import tiny_model
+        >>> hf, _ = tiny_model("xlnet")
+        >>> probe_residual_layout(hf, discover(hf)).kind
+        'seq_first'
+        >>> llama, _ = tiny_model("llama")
+        >>> probe_residual_layout(llama, discover(llama)).kind
+        'batch_first'
+    """
+    arch.residual_layout = ResidualLayout()
+    first = model.get_submodule(arch.layer_input_path or arch.layers_path)[0]
+    seen: list[torch.Tensor | None] = []
+
+    def on_layer(mod, args, kwargs):
+        seen.append(_first_tensor(args) if args else _first_tensor(list(kwargs.values())))
+
+    ids = probe_ids(model)  # (1, 4)
+    batch, seq = ids.shape
+    with Probe(model) as probe:
+        probe.pre_hook(first, on_layer, with_kwargs=True, stop=True)
+        probe.run(ids)
+    x = seen[0] if seen else None
+    if x is None or x.dim() != 3 or tuple(x.shape[:2]) == (batch, seq):
+        return arch.residual_layout  # the usual (batch, seq, hidden), or a tensor no layout describes
+    candidates = []
+    if tuple(x.shape[:2]) == (seq, batch):
+        candidates.append(ResidualLayout(SEQ_FIRST))
+    if x.shape[0] == batch and x.shape[1] > seq and x.shape[1] % seq == 0:
+        candidates.append(ResidualLayout(LEADING_STREAM, streams=x.shape[1] // seq))
+    if not candidates:
+        return arch.residual_layout
+    try:
+        hidden_states = model(input_ids=ids, output_hidden_states=True).hidden_states
+    except Exception:  # noqa: BLE001 - no hidden states to read the layout from: the load check will tell
+        return arch.residual_layout
+    if not hidden_states or not isinstance(hidden_states[0], torch.Tensor):
+        return arch.residual_layout
+    for layout in candidates:
+        view = layout.to_residual(x)
+        if view.shape == hidden_states[0].shape and torch.equal(view, hidden_states[0]):
+            arch.residual_layout = layout
+            break
+    return arch.residual_layout
 
 
 def _position_candidates(model: nn.Module, arch: Architecture) -> list[str]:

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .offload import module_device
+from .structure import token_table
 
 __all__ = ["PROBE_LENGTH", "Probe", "StopForward", "probe_ids"]
 
@@ -49,7 +50,7 @@ def probe_ids(model: nn.Module, length: int = PROBE_LENGTH, other: bool = False)
         >>> probe_ids(hf).tolist(), probe_ids(hf, other=True).tolist()
         ([[3, 10, 17, 24]], [[26, 61, 96, 131]])
     """
-    embed = model.get_input_embeddings()
+    embed = token_table(model.get_input_embeddings())  # a one-codebook audio LM's ModuleList: its one table
     vocab = embed.weight.shape[0]
     ids = (torch.arange(length, device=module_device(embed)).unsqueeze(0) * 7 + 3) % vocab  # accelerate's execution
     return (ids * 5 + 11) % vocab if other else ids  # device under device_map

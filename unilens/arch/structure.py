@@ -6,6 +6,7 @@
 - ``computes_softmax_attention``: an attention module with a probability matrix (not a linear / recurrent mixer).
 - ``find_output_projection``: the projection fed by the per-head outputs z inside an attention module.
 - ``kv_source_layer``: the layer whose keys and values a KV-sharing layer attends to.
+- ``token_table``: the one token embedding / unembedding table (a one-codebook audio LM keeps it in a ModuleList).
 """
 
 from __future__ import annotations
@@ -47,6 +48,36 @@ def is_quantized(module: nn.Module) -> bool:
 def owns_projection(module: nn.Module) -> bool:
     """Whether one of ``module``'s direct children is a projection."""
     return any(is_projection(c) for c in module.children())
+
+
+def token_table(tables: nn.Module) -> nn.Module:
+    """The one token table behind a model's ``get_input_embeddings()`` / ``get_output_embeddings()``.
+
+    Usually the module itself. Audio-code LMs keep one table per codebook in an ``nn.ModuleList`` (MusicGen: one
+    embedding and one ``lm_head`` per codebook; the codebooks' embeddings are summed per position, and the heads'
+    logits stacked into the batch, ``(batch * num_codebooks, seq, vocab)``). With a single codebook the input is
+    plain ``(batch, seq)`` codes and the logits are that one head's: its table is the model's embedding /
+    unembedding. With several, no single table pairs with the ``(batch, seq, hidden)`` residual stream: ValueError.
+
+    Example:
+        >>> token_table(nn.ModuleList([nn.Linear(4, 8)]))
+        Linear(in_features=4, out_features=8, bias=True)
+        >>> token_table(nn.ModuleList([nn.Linear(4, 8), nn.Linear(4, 8)]))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: 2 token tables (one per audio codebook, an nn.ModuleList): ...
+    """
+    if not isinstance(tables, nn.ModuleList):
+        return tables
+    if len(tables) == 1:
+        return tables[0]
+    k = len(tables)
+    raise ValueError(
+        f"{k} token tables (one per audio codebook, an nn.ModuleList): the model reads (batch * {k}, seq) codes, sums "
+        f"the {k} embeddings per position and stacks the {k} heads' logits into the batch, so no single embedding / "
+        "unembedding pairs with the (batch, seq, hidden) residual stream; unilens serves a one-codebook model only "
+        "(config num_codebooks=1)."
+    )
 
 
 # Output projection names, tried in order before falling back to "the last Linear/Conv1D child".

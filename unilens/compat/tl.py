@@ -132,6 +132,11 @@ def _forward_batch(model, input: Any, prepend_bos: bool | None, padding_side: st
     return batch, extra
 
 
+# The per-head copies of the attention's input (hook_attn_in / hook_q_input / ...): no gradient reaches them.
+_PER_HEAD_INPUTS = ("attention_inputs_per_head", "attention_queries_input", "attention_keys_input",
+                    "attention_values_input")
+
+
 def _check_hooks(model: "StandardizedModel", infos: list[HookPointInfo], backward: bool) -> None:
     for info in infos:
         if info.layout == RESID_DIFF:
@@ -141,6 +146,10 @@ def _check_hooks(model: "StandardizedModel", infos: list[HookPointInfo], backwar
                 "difference of two residual tensors. Edit the module's output (blocks.{i}.attn.hook_out / "
                 "mlp.hook_out) or the residual (hook_resid_mid / hook_resid_post) instead."
             )
+        if backward and info.accessor in _PER_HEAD_INPUTS:
+            raise TLNameError(f"{info.name}: backward hooks are not supported on the per-head attention inputs (the "
+                              "model never computes from these copies unless one is edited, so no gradient reaches "
+                              "them); hook blocks.{i}.hook_resid_pre, or the q / k / v of the heads, instead.")
         if backward and info.source is not None:
             raise TLNameError(f"{info.name}: backward hooks are not supported on this name (it is computed from the "
                               "residual stream, not a tensor of the forward); hook blocks.{i}.hook_resid_mid instead.")

@@ -40,28 +40,12 @@ KNOWN_LIMITATIONS: dict[str, str] = {
     "dory": "looped (recurrent-depth) model: its middle layers run n_recurrent_loops times per forward, so a layer "
             "index names no single residual stream",
     # more positions than tokens, or several streams
-    "cpmant": "CPM-Ant prepends its learned prompt (prompt_length positions) inside the forward: the layers see "
-              "more positions than the input has tokens, and HF's outputs keep only the last ones",
-    "prophetnet": "ProphetNet's decoder runs a main stream and n-gram prediction streams concatenated along the "
-                  "sequence (3 x the tokens per layer), so a layer's output is no single residual stream",
-    "reformer": "reversible residual layers (RevNet): two residual streams per layer, concatenated in HF's hidden "
-                "states (2 x hidden); LSH attention hashes keys into buckets, so no (query, key) probability map",
-    "xlnet": "XLNet runs its layers on (seq, batch, hidden) tensors with a content and a query stream, and its "
-             "relative attention projects with raw parameters (no Linear): no standardized residual or attention",
-    "xlm": "XLM keeps its layers as parallel lists (attentions, layer_norm1, ffns, layer_norm2) combined in the "
-           "model's forward loop: no module is a decoder layer whose output is the residual stream",
-    # hyper-connections: several residual streams per token
-    "qwen4_exp": "hyper-connections: every layer carries 2 residual streams side by side (2 x hidden wide), merged "
-                 "by model.hyper_connection_mixer only before the final norm, so a layer's output is not one "
-                 "hidden-wide residual stream and project_on_vocab cannot take it",
-    "qwen4_exp_text": "hyper-connections: every layer carries 2 residual streams side by side (2 x hidden wide), "
-                      "merged by model.hyper_connection_mixer only before the final norm, so a layer's output is "
-                      "not one hidden-wide residual stream and project_on_vocab cannot take it",
-    # the vocabulary side
-    "musicgen": "one lm_head per audio codebook (a ModuleList): logits are per codebook over audio codes, so there "
-                "is no single unembedding to project the residual stream with",
-    "musicgen_melody": "one lm_head per audio codebook (a ModuleList): logits are per codebook over audio codes, so "
-                       "there is no single unembedding to project the residual stream with",
+    # the residual stream matches (HF's hidden states: the reversible layers' hidden_states stream); the attention
+    # probabilities do not exist as a (query, key) map
+    "reformer": "attention probabilities: its LSH attention hashes keys into random buckets and its local attention "
+                "scores each chunk against neighbouring chunks (exp(scores - logsumexp), no softmax call), so no "
+                "(query, key) map; padded batches also fail inside transformers (ReformerModel's chunk padding "
+                "breaks on the position_ids a padded trace passes)",
     # not buildable or not runnable alone
     "gemma3n": "its vision tower is a timm model: building it needs timm and pillow, which unilens does not depend "
                "on (gemma3n_text, the language model alone, is supported)",
@@ -138,8 +122,8 @@ def check_model_type(model_type: str) -> SupportRow:
     layers = model.architecture.attention_layers
     row.attention_layers = len(layers)
     row.other_mixer_layers = sum(p.mixer is not None and p.mixer != p.attention for p in model.architecture.layers)
-    if not layers:
-        row.attention_probs = "unsupported: no softmax attention"
+    if not layers:  # no softmax attention, or one the accessors cannot reach (Architecture.attention_refusal)
+        row.attention_probs = f"unsupported: {model.architecture.attention_refusal or 'no softmax attention'}"
         return row
     enc = model.tokenizer(PROMPTS, return_tensors="pt", padding=True)
     reference = _hf_attentions(model_type, enc)
@@ -161,7 +145,9 @@ def check_model_type(model_type: str) -> SupportRow:
         return row
     mask = enc["attention_mask"].bool()
     err = 0.0
+    p = model.architecture.prefix_positions  # HF's maps keep the input's queries and keys (CPM-Ant drops its prompt)
     for ours, theirs in zip(probs, reference):
+        ours = ours[..., p:, p:]
         if ours.shape != theirs.shape:
             row.attention_probs = f"mismatch: shape {tuple(ours.shape)} vs HF {tuple(theirs.shape)}"
             return row

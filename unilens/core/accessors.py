@@ -12,8 +12,9 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from .layouts import ResidualLayout
 from .protocol import StandardizedModel
-from .tensors import _check_shape, _first, layer_index
+from .tensors import _check_shape, _first, _with_first, layer_index
 
 __all__ = ["LayerIndexed", "LayerModules", "LayerTensors"]
 
@@ -89,7 +90,13 @@ class LayerIndexed:
 class LayerTensors(LayerIndexed):
     """``model.<name>[i]``: read (``.save()``) or assign one standardized tensor of layer ``i`` inside a trace.
 
-    The tensor is always the plain ``(batch, seq, hidden)`` tensor, never the module's tuple.
+    The tensor is always the plain ``(batch, seq, hidden)`` tensor, never the module's tuple. ``layout`` says how the
+    residual stream lies in a layer's own tensor (``unilens.core.layouts``: XLNet's ``(seq, batch, hidden)``,
+    ProphetNet's main stream before its n-gram streams); reads return the standardized view and writes put it back
+    in place. ``read_only``: why the tensor cannot be assigned (a write is refused with it). ``argument``: the keyword
+    argument of the module's forward holding an input tensor where it is not the first input (Reformer's layers take
+    the other reversible stream first: ``Architecture.layer_input_argument``). An output's own type is kept on a
+    write (a namedtuple stays one).
 
     Example:
         >>> from unilens import StandardizedTransformer
@@ -102,33 +109,57 @@ class LayerTensors(LayerIndexed):
     """
 
     def __init__(
-        self, model: "StandardizedModel", name: str, envoy_of: Callable[[int], Any], io: str, kind: str = ""
+        self, model: "StandardizedModel", name: str, envoy_of: Callable[[int], Any], io: str, kind: str = "",
+        layout: ResidualLayout | None = None, read_only: str | None = None, argument: str | None = None,
     ):
         super().__init__(model, name)
         self._envoy_of, self._io = envoy_of, io
         self._copy = io == "output" and kind in model.architecture.mutated_in_place
+        self._layout = layout or ResidualLayout()
+        self._read_only = read_only
+        self._argument = argument if io == "input" else None
+
+    def _input(self, envoy: Any) -> torch.Tensor:
+        """The module's input tensor: its first input, or the keyword argument ``argument``."""
+        if self._argument is None:
+            return envoy.input
+        _, kwargs = envoy.inputs
+        return kwargs[self._argument]
+
+    def _write_input(self, envoy: Any, value: torch.Tensor) -> None:
+        if self._argument is None:
+            envoy.input = value
+            return
+        args, kwargs = envoy.inputs
+        envoy.inputs = (args, {**kwargs, self._argument: value})
+
+    def _standard(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The module's tensor as ``(batch, seq, hidden)``: tokens unflattened, the residual stream's layout undone."""
+        return self._layout.to_residual(self._model._unflatten_tokens(tensor))
 
     def _get(self, i: int) -> torch.Tensor:
         self._model._note_read(self._name, i)
         envoy = self._envoy_of(i)
-        value = _first(envoy.output if self._io == "output" else envoy.input)
-        value = self._model._unflatten_tokens(value)
+        value = self._standard(_first(envoy.output if self._io == "output" else self._input(envoy)))
         return value.clone() if self._copy else value
 
     def _set(self, i: int, value: torch.Tensor) -> None:
         self._model._note_read(self._name, i)
-        envoy = self._envoy_of(i)
         label = self._label(i)
+        if self._read_only is not None:
+            raise TypeError(f"{label} cannot be assigned on this {self._model.architecture.model_type} model: "
+                            f"{self._read_only}")
+        envoy = self._envoy_of(i)
         if self._io == "input":
-            current = envoy.input
-            _check_shape(label, value, self._model._unflatten_tokens(current), self._allow_nonfinite())
-            envoy.input = value.reshape(current.shape)
+            current = self._input(envoy)
+            _check_shape(label, value, self._standard(current), self._allow_nonfinite())
+            self._write_input(envoy, self._layout.to_module(value, current).reshape(current.shape))
             return
         current = envoy.output
         first = _first(current)
-        _check_shape(label, value, self._model._unflatten_tokens(first), self._allow_nonfinite())
-        value = value.reshape(first.shape)
-        envoy.output = (value, *current[1:]) if isinstance(current, tuple) else value
+        _check_shape(label, value, self._standard(first), self._allow_nonfinite())
+        value = self._layout.to_module(value, first).reshape(first.shape)
+        envoy.output = _with_first(current, value)
 
 
 class LayerModules(LayerIndexed):

@@ -13,6 +13,23 @@ def _first(value: Any) -> torch.Tensor:
     return value[0] if isinstance(value, (tuple, list)) else value
 
 
+def _with_first(value: Any, first: torch.Tensor) -> Any:
+    """A module output with its first element (``_first``) replaced by ``first``, of the output's own type: a
+    namedtuple stays one (Reformer's layers return ``ReformerOutput``, read by field name), a tuple a tuple.
+
+    Example:
+        >>> from collections import namedtuple
+        >>> Out = namedtuple("Out", ["hidden_states", "attn_output"])
+        >>> _with_first(Out(1, 2), 5)
+        Out(hidden_states=5, attn_output=2)
+        >>> _with_first((1, 2), 5), _with_first(1, 5)
+        ((5, 2), 5)
+    """
+    if hasattr(value, "_fields"):  # a namedtuple: its fields by name
+        return value._replace(**{value._fields[0]: first})
+    return (first, *value[1:]) if isinstance(value, tuple) else first
+
+
 def last_real_positions(mask: torch.Tensor) -> torch.Tensor:
     """Index of each row's last real (non-padding) token, ``(batch,)``, from an attention mask ``(batch, seq)``.
 

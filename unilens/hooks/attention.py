@@ -951,6 +951,9 @@ class AttentionHookAccessor(LayerIndexed):
         module = modules[self._index(i)]
         if module is None:
             with_attn = [j for j, m in enumerate(modules) if m is not None]
+            refusal = getattr(getattr(self.model, "architecture", None), "attention_refusal", None)
+            if refusal is not None:  # it has one, out of the hooks' reach (XLNet, XLM)
+                raise IndexError(f"layer {i}'s attention on {self._arch_name()} is not served: {refusal}.")
             raise IndexError(
                 f"layer {i} of {self._arch_name()} has no softmax attention (hybrid model); "
                 f"layers with attention: {with_attn}"

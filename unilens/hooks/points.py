@@ -56,8 +56,9 @@ from ..arch.structure import is_projection
 from ..arch.weights import _FUSED_QKV, _SEPARATE_QKV, layer_weights
 from ..core.accessors import LayerIndexed
 from ..core.config import NORM_EPS_KEYS, text_config
+from ..core.layouts import ResidualLayout
 from ..core.names import hook_point_sites
-from ..core.tensors import _first
+from ..core.tensors import _check_shape, _first
 from .attention import HookPoint
 
 __all__ = [
@@ -123,6 +124,30 @@ class PointGroup(nn.Module):
         snapshot = value.clone()
         out = getattr(self, name)(value)
         return out, out is not value or not torch.equal(out, snapshot)
+
+    def routes_grad(self, name: str, value: torch.Tensor) -> bool:
+        """Whether the forward must compute from point ``name``'s (unedited) output so that its gradient exists.
+
+        A point's tensor is often a view or a recomputation the model itself never uses (q split into heads, a norm's
+        scale), so a backward hook on it, or nnsight's ``.grad`` of it, would see no gradient. When the point is
+        requested under autograd, its host splices the output back in, with the model's own values bitwise
+        (a copy, or ``_GradientThrough`` where it is a recomputation), so the rest of the
+        forward, and the backward, run through the point."""
+        return name in self.requested and torch.is_grad_enabled() and value.requires_grad
+
+
+class _GradientThrough(torch.autograd.Function):
+    """``value`` (the model's own tensor, exactly) whose gradient goes to ``through`` (the same values recomputed
+    from hook points) instead of ``value``'s own graph: the backward runs through the points, the forward's numbers
+    stay the model's."""
+
+    @staticmethod
+    def forward(ctx: Any, value: torch.Tensor, through: torch.Tensor) -> torch.Tensor:
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, torch.Tensor]:
+        return None, grad
 
 
 def _replace_first(value: Any, new: torch.Tensor) -> Any:
@@ -808,12 +833,15 @@ def _register_norm(plan: NormPlan, setup: HookPointSetup) -> None:
         x = args[0]
         xc, var, scale = plan.statistics(x)  # (batch, seq, hidden), (batch, seq, 1), (batch, seq, 1)
         scale, scale_edited = group.run("scale", scale)
-        normalized = xc / scale if scale_edited else xc * torch.rsqrt(var + plan.eps)
+        scale_grad = group.routes_grad("scale", scale)
+        normalized = xc / scale if scale_edited or scale_grad else xc * torch.rsqrt(var + plan.eps)
         normalized, normalized_edited = group.run("normalized", normalized)
-        if not (scale_edited or normalized_edited):
-            return None
         out = _first(output)
-        return _replace_first(output, plan.affine(normalized).to(out.dtype))
+        if scale_edited or normalized_edited:
+            return _replace_first(output, plan.affine(normalized).to(out.dtype))
+        if scale_grad or group.routes_grad("normalized", normalized):  # the model's values, the points' gradient
+            return _replace_first(output, _GradientThrough.apply(out, plan.affine(normalized).to(out.dtype)))
+        return None
 
     group.handles.append(plan.module.register_forward_hook(post))
 
@@ -827,13 +855,14 @@ def _register_mlp(plan: MlpPlan, setup: HookPointSetup) -> None:
         shaped = unflatten(out)  # (batch, seq, d_mlp) or (batch, seq, 2 * d_mlp)
         if plan.fused_halves is None:
             new, edited = group.run("pre", shaped)
-            return _replace_first(output, new.reshape(out.shape)) if edited else None
+            spliced = edited or (new is not out and group.routes_grad("pre", new))  # a copy: the same values
+            return _replace_first(output, new.reshape(out.shape)) if spliced else None
         d = shaped.shape[-1] // 2
         first, second = shaped[..., :d], shaped[..., d:]
         gate, up = (first, second) if plan.fused_halves == "gate_up" else (second, first)
         gate, gate_edited = group.run("pre", gate)
         up, up_edited = group.run("pre_linear", up)
-        if not (gate_edited or up_edited):
+        if not (gate_edited or up_edited or group.routes_grad("pre", gate) or group.routes_grad("pre_linear", up)):
             return None
         halves = (gate, up) if plan.fused_halves == "gate_up" else (up, gate)
         return _replace_first(output, torch.cat(halves, dim=-1).reshape(out.shape))
@@ -841,12 +870,14 @@ def _register_mlp(plan: MlpPlan, setup: HookPointSetup) -> None:
     def up_post(module, args, output):
         out = _first(output)
         new, edited = group.run("pre_linear", unflatten(out))
-        return _replace_first(output, new.reshape(out.shape)) if edited else None
+        spliced = edited or (new is not out and group.routes_grad("pre_linear", new))
+        return _replace_first(output, new.reshape(out.shape)) if spliced else None
 
     def down_pre(module, args):
         x = args[0]
         new, edited = group.run("post", unflatten(x))
-        return (new.reshape(x.shape), *args[1:]) if edited else None
+        spliced = edited or (new is not x and group.routes_grad("post", new))
+        return (new.reshape(x.shape), *args[1:]) if spliced else None
 
     group.handles.append(plan.gate.register_forward_hook(gate_post))
     if plan.up is not None and plan.up is not plan.gate:
@@ -863,8 +894,10 @@ def _register_resid(plan: ResidPlan, setup: HookPointSetup) -> None:
         x = args[0] if args else kwargs["hidden_states"]
         shaped = setup.unflatten(x)  # (batch, seq, hidden)
         new, edited = group.run("resid_mid", shaped)
-        if not edited or new is shaped:  # edited in place: the residual the layer adds later is this same tensor
-            return None
+        if new is x or not (edited or group.routes_grad("resid_mid", new)):
+            return None  # x itself: edited in place, or read where the forward's graph already runs through it
+        if new is shaped and not group.routes_grad("resid_mid", new):
+            return None  # edited in place through a view: the residual the layer adds later is this same tensor
         new = new.reshape(x.shape)
         group.state["delta"] = new - x
         if key is None:
@@ -944,7 +977,7 @@ def _register_attention(plan: AttentionPlan, setup: HookPointSetup) -> None:
                 rows = part.rows
                 heads4 = new[..., rows].unflatten(-1, (part.heads, part.head_dim)).transpose(1, 2)
                 heads4, edited = group.run(name, heads4)  # (batch, heads, seq, head_dim)
-                if edited:
+                if edited or group.routes_grad(name, heads4):  # routed: a copy of the same values
                     if new is out:
                         new = out.clone()
                     new[..., rows] = heads4.transpose(1, 2).flatten(start_dim=-2).to(out.dtype)
@@ -1006,11 +1039,22 @@ class HookPointAccessor(LayerIndexed):
         self.model._note_read(self.point, i)
         return self.model._envoy_at(path)
 
+    def _layout(self) -> ResidualLayout:
+        """The layers' layout (``unilens.core.layouts``): a per-layer point is served as ``(batch, seq, ...)`` like
+        every tensor of the layers (XLNet runs them sequence first, ProphetNet on its main and n-gram streams)."""
+        return getattr(getattr(self.model, "architecture", None), "residual_layout", None) or ResidualLayout()
+
     def _get(self, i: int) -> torch.Tensor:
-        return self._envoy(i).output
+        return self._layout().to_residual(self._envoy(i).output)
 
     def _set(self, i: int, value: torch.Tensor) -> None:
-        self._assign(self._envoy(i), self._label(i), value)
+        layout, envoy = self._layout(), self._envoy(i)
+        if layout.is_standard:
+            self._assign(envoy, self._label(i), value)
+            return
+        current = envoy.output  # in the layers' layout: the edit goes back in place
+        _check_shape(self._label(i), value, layout.to_residual(current), self._allow_nonfinite())
+        envoy.output = layout.to_module(value, current)
 
     def get(self) -> torch.Tensor:
         """The whole-model point (``final_norm_*``)."""

@@ -57,9 +57,11 @@ def _layer_sites(model: "StandardizedModel", i: int) -> dict[str, tuple[str, str
     parts = arch.layers[i]
     sub = lambda path, io: (f"{base}.{path}", io) if path is not None else None  # noqa: E731
     sites: dict[str, tuple[str, str] | None] = {}
+    # where the layers are parallel lists (XLM), a layer's input is the first list's entry's (layer_input_path)
+    base_in = f"{arch.layer_input_path}.{i}" if arch.layer_input_path is not None else base
     for name in names_of_kind(MODULE, per_layer=True):  # site: (role of the module in LayerParts, "input"/"output")
         role, io = CATALOGUE[name].site
-        sites[name] = (base, io) if role == "layer" else sub(getattr(parts, role), io)
+        sites[name] = ((base_in if io == "input" else base), io) if role == "layer" else sub(getattr(parts, role), io)
     has = parts.attention is not None and model._attention_modules[i] is not None
     for name in names_of_kind(ATTENTION):
         site = CATALOGUE[name].site

@@ -45,11 +45,13 @@ class NonFiniteSteeringError(NonFiniteValueError):
 
 
 def check_steering_vector(vector: Any, hidden_size: int, where: str, factor: Any = 1.0,
-                          allow_nonfinite: bool = False) -> None:
+                          allow_nonfinite: bool = False, streams: int = 1) -> None:
     """Refuse a steering ``vector`` that is not a ``(hidden_size,)`` tensor (leading dimensions, which broadcast
     over ``(batch, seq)``, are allowed), a ``factor`` that is not a real number,
     and (unless ``allow_nonfinite``) NaN / inf in either, naming ``where`` (e.g. ``"steer_all: vectors[3]"``) and the
-    first bad index. Runs on concrete tensors, before any forward.
+    first bad index. Runs on concrete tensors, before any forward. ``streams``: the residual streams side by side in
+    ``layers_output`` (``Architecture.residual_streams``, hyper-connections): the vector is then
+    ``(streams * hidden_size,)``, one part per stream, as wide as what it is added to.
 
     Example:
         >>> check_steering_vector(torch.ones(4), 4, "steer: layer 0")
@@ -57,13 +59,20 @@ def check_steering_vector(vector: Any, hidden_size: int, where: str, factor: Any
         Traceback (most recent call last):
         ...
         unilens.hooks.steering.NonFiniteSteeringError: steer: the steering vector has 1 NaN / inf value (of 4), ...
+        >>> check_steering_vector(torch.ones(4), 4, "steer", streams=2)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: steer: a steering vector must have shape (8,) (this model's residual stream: 2 streams of hidden ...
     """
+    width = hidden_size * streams
     if not isinstance(vector, torch.Tensor):
-        raise TypeError(f"{where}: a steering vector must be a torch.Tensor of shape ({hidden_size},), got "
+        raise TypeError(f"{where}: a steering vector must be a torch.Tensor of shape ({width},), got "
                         f"{type(vector).__name__}; e.g. torch.tensor(values).")
-    if tuple(vector.shape[-1:]) != (hidden_size,):  # (hidden,); leading dimensions broadcast over (batch, seq)
-        raise ValueError(f"{where}: a steering vector must have shape ({hidden_size},) (the model's hidden size), "
-                         f"got {tuple(vector.shape)}.")
+    if tuple(vector.shape[-1:]) != (width,):  # (width,); leading dimensions broadcast over (batch, seq)
+        size = ("the model's hidden size" if streams == 1 else
+                f"this model's residual stream: {streams} streams of hidden size {hidden_size} side by side; "
+                f"v.repeat({streams}) adds a ({hidden_size},) v to every stream")
+        raise ValueError(f"{where}: a steering vector must have shape ({width},) ({size}), got {tuple(vector.shape)}.")
     if isinstance(factor, bool) or not (isinstance(factor, numbers.Real) or (
             isinstance(factor, torch.Tensor) and factor.numel() == 1 and not factor.is_complex())):
         raise TypeError(f"{where}: factor must be a number (int or float), got {type(factor).__name__} {factor!r:.40}.")

@@ -45,7 +45,7 @@ from ..core.names import (
 from ..hooks.attention import _output_projection_weight, recompute_attention
 from .build import Parts
 from .loopback import Loopback, RemoteTimeoutError, _fresh_class_trackers
-from .validation import ValidationError, _tol, residual_pairs
+from .validation import ValidationError, _tol, hf_positions, residual_pairs
 
 # The columns of remote mode's support table (docs/remote.md): every standardized name but the hook points, which
 # are one column ("hook_points").
@@ -648,7 +648,7 @@ def remote_architecture(structure: Any) -> Any:
     if kept == arch.num_layers:
         return found
     for name in ("parallel", "final_norm_path", "head_chain", "head_error", "mutated_in_place",
-                 "position_embed_path"):
+                 "position_embed_path", "prefix_positions", "residual_streams", "layer_input_argument"):
         setattr(arch, name, copy.deepcopy(getattr(found, name)))
     moved = {(b.attention, b.mlp, b.mlp_in, b.mlp_out): a for b, a in zip(before, found.layers)}
     for i, part in enumerate(arch.layers):  # the probes moved a branch's output to its last projection: same there
@@ -686,6 +686,8 @@ def validate_remote(model: Any, text: str = "The quick brown fox jumps over the 
         logits = model.output.logits.save()
     errors: dict[str, float] = {}
     first, outputs, lens = first.detach(), [o.detach() for o in outputs], None if lens is None else lens.detach()
+    p = model.architecture.prefix_positions  # HF keeps the input's positions only (validate_model)
+    first, outputs, lens = hf_positions(first, p), [hf_positions(o, p) for o in outputs], hf_positions(lens, p)
     if hidden is not None:  # the server ran its forward with autograd on: compare values, not graphs
         hidden = [h.detach() for h in hidden]
     logits = logits.detach()

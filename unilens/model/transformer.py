@@ -367,6 +367,12 @@ class StandardizedTransformer(RemoteMode, TLMethods, NnterpMethods, Transformers
     def _layer_envoy(self, i: int):
         return self._envoy_at(self.architecture.layers_path)[i]
 
+    def _layer_input_envoy(self, i: int):
+        """The envoy whose input is layer ``i``'s input: the layer's, or where the layers are parallel lists (XLM)
+        the first list's entry (``Architecture.layer_input_path``)."""
+        path = self.architecture.layer_input_path
+        return self._envoy_at(path)[i] if path is not None else self._layer_envoy(i)
+
     def _sub_envoy(self, i: int, path: str | None, what: str):
         if path is None:
             if what == "token mixer":
@@ -375,6 +381,10 @@ class StandardizedTransformer(RemoteMode, TLMethods, NnterpMethods, Transformers
                     "or several in parallel whose outputs are summed, e.g. attention + Mamba); read attentions_output "
                     f"or the mixer module's output through model.layers[{i}] instead."
                 )
+            refusal = self.architecture.attention_refusal if what == "attention" else None
+            if refusal is not None:  # it has one, out of reach (XLNet, XLM): say why
+                raise ArchitectureError(f"layer {i}'s attention on this {self.architecture.model_type} model is not "
+                                        f"served: {refusal}.")
             raise ArchitectureError(
                 f"layer {i} of this {self.architecture.model_type} model has no {what} "
                 f"(layers with attention: {self.architecture.attention_layers})."
@@ -407,7 +417,14 @@ class StandardizedTransformer(RemoteMode, TLMethods, NnterpMethods, Transformers
             if entry.kind == MODULE:
                 where, io = entry.site
                 kind = in_place_kind.get(where, "") if io == "output" else ""
-                accessors[name] = LayerTensors(self, name, envoys[where], io, kind)
+                # every tensor inside the layers shares their layout (unilens.core.layouts: XLNet's (seq, batch,
+                # hidden), ProphetNet's main stream first): served as (batch, seq, ...) and written back in place
+                envoy_of, refusal, argument = envoys[where], None, None
+                if (where, io) == ("layer", "input"):  # XLM's parallel layer lists: read where the layer starts
+                    envoy_of, refusal = self._layer_input_envoy, arch.layer_input_refusal
+                    argument = arch.layer_input_argument  # Reformer: hidden_states=
+                accessors[name] = LayerTensors(self, name, envoy_of, io, kind, arch.residual_layout, refusal,
+                                               argument=argument)
             elif entry.kind == ATTENTION:  # unilens.hooks.attention
                 accessors[name] = AttentionHookAccessor(self, entry.site)
             elif entry.kind == ROUTING:  # unilens.hooks.routing (sparse MoE blocks)
@@ -425,6 +442,20 @@ class StandardizedTransformer(RemoteMode, TLMethods, NnterpMethods, Transformers
     @property
     def hidden_size(self) -> int:
         return int(self.module_accessor.get_embed_tokens().weight.shape[-1])
+
+    @property
+    def residual_width(self) -> int:
+        """The width of the residual stream's tensors (``layers_input`` / ``layers_output``, what ``project_on_vocab``
+        takes): ``hidden_size``, times the streams side by side where the layers carry several (hyper-connections:
+        Qwen4-Exp's ``hc_count``, ``Architecture.residual_streams``), as HF's hidden states are.
+
+        Example:
+            >>> from unilens.testing import tiny_model
+            >>> model = StandardizedTransformer(*tiny_model("llama"), check=False)
+            >>> model.residual_width == model.hidden_size
+            True
+        """
+        return self.hidden_size * self.architecture.residual_streams
 
     @property
     def vocab_size(self) -> int:
@@ -649,7 +680,7 @@ class StandardizedTransformer(RemoteMode, TLMethods, NnterpMethods, Transformers
             >>> lens.shape[-1] == model.vocab_size
             True
         """
-        self._check_hidden("project_on_vocab", hidden_state)
+        self._check_hidden("project_on_vocab", hidden_state, self.residual_width)
         h = hidden_state
         arch = self.architecture
         if arch.head_chain is None:
@@ -658,15 +689,19 @@ class StandardizedTransformer(RemoteMode, TLMethods, NnterpMethods, Transformers
             h = self._envoy_at(path)(h)
         return apply_logit_postprocessing(self._envoy_at(arch.lm_head_path)(h), arch.logit_postprocessing)
 
-    def _check_hidden(self, what: str, hidden_state: Any) -> None:
-        """Refuse a hidden state that is not a ``(..., hidden_size)`` tensor (one line naming the hidden size)."""
+    def _check_hidden(self, what: str, hidden_state: Any, width: int | None = None) -> None:
+        """Refuse a hidden state that is not a ``(..., width)`` tensor (default: the hidden size), in one line naming
+        the width and, on a model whose layers carry several residual streams side by side, why it is wider."""
+        width = self.hidden_size if width is None else width
         if not isinstance(hidden_state, torch.Tensor):
-            raise TypeError(f"{what} takes a hidden-state tensor (..., {self.hidden_size}), got "
-                            f"{type(hidden_state).__name__}.")
-        if hidden_state.dim() == 0 or hidden_state.shape[-1] != self.hidden_size:
-            raise ValueError(f"{what}: the hidden state has shape {tuple(hidden_state.shape)}, but this model's hidden "
-                             f"size is {self.hidden_size}: pass (..., {self.hidden_size}), e.g. "
-                             "model.layers_output[i].")
+            raise TypeError(f"{what} takes a hidden-state tensor (..., {width}), got {type(hidden_state).__name__}.")
+        if hidden_state.dim() == 0 or hidden_state.shape[-1] != width:
+            streams = width // self.hidden_size
+            size = (f"hidden size is {width}" if streams == 1 else
+                    f"residual stream is {streams} streams of hidden size {self.hidden_size} side by side "
+                    f"(hyper-connections), {width} wide, which the model's head merges")
+            raise ValueError(f"{what}: the hidden state has shape {tuple(hidden_state.shape)}, but this model's {size}: "
+                             f"pass (..., {width}), e.g. model.layers_output[i].")
 
     def skip_layer(self, layer: int, skip_with: torch.Tensor | None = None) -> None:
         """Inside a trace: make layer ``layer`` output its input (or ``skip_with``)."""
@@ -718,7 +753,8 @@ class StandardizedTransformer(RemoteMode, TLMethods, NnterpMethods, Transformers
             positions = token_positions
         layer_list = [layers] if isinstance(layers, int) else list(layers)
         # before any forward: a vector not (hidden_size,), or with NaN / inf (unless model.allow_nonfinite), is refused
-        check_steering_vector(steering_vector, self.hidden_size, "steer", factor, self.allow_nonfinite)
+        check_steering_vector(steering_vector, self.hidden_size, "steer", factor, self.allow_nonfinite,
+                              streams=self.architecture.residual_streams)
 
         def where(model: Any, out: torch.Tensor) -> torch.Tensor:  # this forward's rows and positions
             return position_mask(model, out, positions, batch_index)

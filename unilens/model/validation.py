@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 
 from ..core.protocol import StandardizedModel
 from ..hooks.attention import original_attention
 
-__all__ = ["ValidationError", "ValidationReport", "validate_model", "hf_reference_forward", "residual_pairs", "PROBE_TEXT"]
+__all__ = ["ValidationError", "ValidationReport", "validate_model", "hf_reference_forward", "residual_pairs", "PROBE_TEXT",
+           "hf_positions", "same_random_draws"]
 
 PROBE_TEXT = "The quick brown fox jumps over the lazy dog"
 
@@ -44,6 +46,29 @@ def hf_reference_forward(hf_model, encoding, **kwargs):
     return hf_model(**encoding, **extra, **kwargs)
 
 
+@contextmanager
+def same_random_draws(device: torch.device, seed: int = 0) -> Iterator[None]:
+    """Run the block from a fixed random state (the caller's restored afterwards), so that a model drawing random
+    numbers in eval mode draws the same ones in the oracle forward and in the trace: Reformer's LSH attention draws
+    its hashing rotations every forward unless ``config.hash_seed`` is set.
+
+    Example:
+        >>> with same_random_draws(torch.device("cpu")):
+        ...     a = torch.rand(2)
+        >>> with same_random_draws(torch.device("cpu")):
+        ...     b = torch.rand(2)
+        >>> torch.equal(a, b)
+        True
+    """
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.random.default_generator.manual_seed(seed)
+        for each in devices:
+            with torch.cuda.device(each):
+                torch.cuda.manual_seed(seed)
+        yield
+
+
 def _tol(dtype: torch.dtype) -> float:
     # fp32: same kernels, same order -> differences are rounding only (transformers' eager-vs-eager 1e-5);
     # half precisions get torch.testing's bf16 rtol scale.
@@ -70,6 +95,18 @@ class ValidationReport:
 def _scaled(err: float, ref: torch.Tensor, tol: float) -> float:
     """Error in units of the tolerance, relative to the reference's magnitude."""
     return err / (tol * max(1.0, float(ref.float().abs().max())))
+
+
+def hf_positions(tensor: torch.Tensor | None, prefix_positions: int) -> torch.Tensor | None:
+    """``tensor`` ``(batch, positions, ...)`` at the positions HF's outputs keep: all of them, or those after the
+    ``prefix_positions`` a model prepends inside its forward (CPM-Ant's learned prompt,
+    ``Architecture.prefix_positions``), which HF drops from its hidden states and logits.
+
+    Example:
+        >>> hf_positions(torch.arange(5)[None], 2).tolist()
+        [[2, 3, 4]]
+    """
+    return tensor if tensor is None or not prefix_positions else tensor[:, prefix_positions:]
 
 
 def residual_pairs(hidden_states: Sequence[torch.Tensor], first_input: torch.Tensor, outputs: Sequence[torch.Tensor],
@@ -130,7 +167,7 @@ def validate_model(model: StandardizedModel, text: str = PROBE_TEXT, raise_on_er
     embedded: list[torch.Tensor] = []  # HF's own input-embedding output (a plain torch hook: independent of nnsight)
     handle = hf.get_input_embeddings().register_forward_hook(lambda module, args, out: embedded.append(out))
     try:
-        with original_attention(hf):
+        with original_attention(hf), same_random_draws(device):  # the trace below draws the same (Reformer's LSH)
             reference = hf(input_ids=ids, output_hidden_states=True)
     finally:
         handle.remove()
@@ -147,14 +184,19 @@ def validate_model(model: StandardizedModel, text: str = PROBE_TEXT, raise_on_er
         )
     saved: dict[str, object] = {}  # filled inside the trace (nnsight 0.8 pushes back only saved names)
     outputs: list[torch.Tensor] = []
-    with model.trace(ids):
+    with same_random_draws(device), model.trace(ids):
         saved["first_input"] = model.layers_input[0].save()
         for i in range(n):
             outputs.append(model.layers_output[i].save())
         if arch.head_chain is not None:  # else project_on_vocab is refused with a clear error
             saved["lens"] = model.project_on_vocab(outputs[-1]).save()
         saved["logits"] = model.logits.save()
-    first_input, lens, logits = saved["first_input"], saved.get("lens"), saved["logits"]
+    # the standardized tensors hold every position the layers see; HF keeps the input's only (the last ones where
+    # the model prepends positions of its own, CPM-Ant's prompt): compare those
+    p = arch.prefix_positions
+    first_input, lens = hf_positions(saved["first_input"], p), hf_positions(saved.get("lens"), p)
+    logits = saved["logits"]
+    outputs = [hf_positions(o, p) for o in outputs]
     for check, (ours, theirs) in residual_pairs(
         hidden_states, first_input, outputs, embedded[0] if embedded else None, tol
     ).items():
