@@ -319,8 +319,11 @@ def test_ctrl_c_prints_one_line_and_exits_130(tmp_path):
     so the process is still running (blocked opening it) whenever the signal comes after its "loading" line."""
     fifo = tmp_path / "lens.html"
     os.mkfifo(fifo)
+    # SIGINT as a terminal delivers it: a suite started in the background (`cmd &`, nohup) runs with SIGINT ignored,
+    # which its children inherit, and Python keeps an inherited SIG_IGN (no KeyboardInterrupt at all)
     proc = subprocess.Popen([sys.executable, "-m", "unilens", "lens", CLEAN, "--model", "llama", "--html", str(fifo)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=REPO)  # fmt: skip
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=REPO,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     try:
         first = proc.stderr.readline()  # printed after the import, as loading starts
         assert first.startswith("loading"), first
