@@ -894,9 +894,10 @@ def _register_resid(plan: ResidPlan, setup: HookPointSetup) -> None:
         x = args[0] if args else kwargs["hidden_states"]
         shaped = setup.unflatten(x)  # (batch, seq, hidden)
         new, edited = group.run("resid_mid", shaped)
-        if new is x or not (edited or group.routes_grad("resid_mid", new)):
+        routed = group.routes_grad("resid_mid", new)
+        if new is x or not (edited or routed):
             return None  # x itself: edited in place, or read where the forward's graph already runs through it
-        if new is shaped and not group.routes_grad("resid_mid", new):
+        if new is shaped and not routed:
             return None  # edited in place through a view: the residual the layer adds later is this same tensor
         new = new.reshape(x.shape)
         group.state["delta"] = new - x
